@@ -1,0 +1,76 @@
+"""Process groups for the megatron backend: torch.distributed + megatron's model-parallel state.
+
+Launch with torchrun (it sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT); a plain `python`
+run is world size 1 on a private loopback rendezvous. The backend is gloo on CPU and NCCL on GPU.
+The data-parallel degree is what is left: world = TP * PP * DP (experts: EP divides TP * DP).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, Field
+
+from trainer.megatron.cpu_patches import apply_patches
+
+
+class ParallelConfig(BaseModel):
+    """Megatron parallel degrees; data parallelism takes the remaining ranks."""
+
+    tensor_parallel: int = Field(default=1, ge=1, description="Tensor-parallel degree (TP): attention heads and FFN columns split over ranks")
+    pipeline_parallel: int = Field(default=1, ge=1, description="Pipeline-parallel degree (PP): layers split into stages")
+    expert_parallel: int = Field(default=1, ge=1, description="Expert-parallel degree (EP): MoE experts split over ranks")
+    seed: int = Field(default=0, description="Seed for weight initialisation and megatron's RNG tracker")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_parallel(config: ParallelConfig) -> None:
+    """Start torch.distributed (if needed) and megatron's model-parallel groups."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    apply_patches()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain python: a world of one on loopback
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    world = dist.get_world_size()
+    model_parallel = config.tensor_parallel * config.pipeline_parallel
+    if world % model_parallel:
+        raise SystemExit(f"flywheel train: error: world size {world} is not a multiple of TP*PP = {model_parallel}")
+    if config.expert_parallel > 1 and (world // config.pipeline_parallel) % config.expert_parallel:
+        raise SystemExit(f"flywheel train: error: expert_parallel {config.expert_parallel} must divide TP*DP = {world // config.pipeline_parallel}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=config.tensor_parallel,
+        pipeline_model_parallel_size=config.pipeline_parallel,
+        expert_model_parallel_size=config.expert_parallel,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
