@@ -81,6 +81,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]
             help_text += f" (default: {default!r})"
         kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
         origin = get_origin(tp)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("positional"):  # e.g. `flywheel eval compare RUN_A RUN_B`
+            item_type = get_args(tp)[0] if origin in (list, tuple) and get_args(tp) else tp
+            parser.add_argument(dest, nargs="*" if origin in (list, tuple) else "?", default=argparse.SUPPRESS,
+                                type=item_type if item_type in (int, float, str, Path) else str, help=help_text,
+                                metavar=name.upper())
+            continue
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is Literal:
