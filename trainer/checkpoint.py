@@ -1,0 +1,93 @@
+"""Checkpoints: an HF folder `flywheel serve --model` loads, plus what `--resume` needs to continue exactly.
+
+    run_dir/checkpoints/step_000040/
+        config.json, model.safetensors, tokenizer files     <- policy.save_hf (servable as is)
+        trainer_state/rank0.pt                               <- optimizer, scheduler, torch RNG (per rank)
+        trainer_state/state.json                             <- TrainState: step, cursor, trained ids, pushed version
+    run_dir/checkpoints/latest                               <- name of the newest complete checkpoint
+
+A checkpoint is written into a temporary folder and renamed, and `latest` is rewritten last, so a
+crash mid-save leaves the previous checkpoint as the one resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+MAX_REMEMBERED_IDS = 200_000
+
+
+class TrainState(BaseModel):
+    """Everything besides weights and optimizer that a resumed run needs."""
+
+    step: int = Field(default=0, description="Optimizer steps completed")
+    pushed_version: int = Field(default=0, description="Last weight version pushed to the server (0: the served checkpoint)")
+    trained_ids: list[str] = Field(default_factory=list, description="Recent queue record ids already trained (idempotency)")
+    dropped_stale: int = Field(default=0, description="Rollouts dropped for being older than max_staleness")
+    skipped_duplicates: int = Field(default=0, description="Redelivered records skipped because they were already trained")
+    tokens_trained: int = Field(default=0, description="Target tokens trained on so far")
+
+    def remember(self, ids: list[str]) -> None:
+        self.trained_ids.extend(ids)
+        del self.trained_ids[:-MAX_REMEMBERED_IDS]
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(run_dir: Path, policy, optimizer, scheduler, state: TrainState, keep: int = 2) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{state.step:06d}"
+    tmp = root / f".tmp_step_{state.step:06d}"
+    if _rank() == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    policy.save_hf(tmp)  # every rank calls it: model-parallel backends gather inside
+    (tmp / "trainer_state").mkdir(parents=True, exist_ok=True)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+               tmp / "trainer_state" / f"rank{_rank()}.pt")
+    if _rank() == 0:
+        (tmp / "trainer_state" / "state.json").write_text(state.model_dump_json())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        (root / "latest.tmp").write_text(final.name)
+        os.replace(root / "latest.tmp", root / "latest")
+        for old in sorted(root.glob("step_*"))[:-keep]:
+            shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if path.exists() else None
+
+
+def load_trainer_state(checkpoint: Path, optimizer, scheduler) -> TrainState:
+    """Restore optimizer, scheduler and RNG in place; return the TrainState."""
+    blob = torch.load(checkpoint / "trainer_state" / f"rank{_rank()}.pt", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    _set_rng_state(blob["rng"])
+    return TrainState.model_validate(json.loads((checkpoint / "trainer_state" / "state.json").read_text()))

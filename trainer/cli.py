@@ -1,0 +1,57 @@
+"""`flywheel train`: CPT / SFT / DPO / GRPO on files or the rollout queue; `plot` and `convert` subcommands.
+
+    flywheel train --objective sft --data chats.jsonl --model tiny-qwen3 --run-dir runs/sft --max-steps 50
+    flywheel train --config loop.yaml --resume              # continue the latest checkpoint in run_dir
+    flywheel train plot runs/sft                            # PNG curves into runs/sft/plots/
+    flywheel train convert ...                              # HF <-> megatron (trainer/megatron/convert.py)
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from trainer.config import TrainConfig
+
+Config = TrainConfig
+
+
+def run(config: TrainConfig) -> int:
+    from trainer.data import DataError
+    from trainer.train import train
+
+    try:
+        state = train(config)
+    except DataError as exc:
+        raise SystemExit(f"flywheel train: error: {exc}") from None
+    print(f"trained {state.step} steps, {state.tokens_trained} tokens; checkpoints in {Path(config.run_dir) / 'checkpoints'}")
+    return 0
+
+
+class PlotConfig(BaseModel):
+    """Plot a run's metrics.jsonl as PNG curves."""
+
+    run_dir: Path = Field(description="Run directory holding metrics.jsonl", json_schema_extra={"positional": True})
+    out_dir: Path | None = Field(default=None, description="Where the PNGs go (default: RUN_DIR/plots)")
+
+
+def run_plot(config: PlotConfig) -> int:
+    """Write PNG curves (loss, reward, KL, LR, throughput) of a training run."""
+    from trainer.plot import plot_run
+
+    for path in plot_run(config.run_dir, config.out_dir):
+        print(path)
+    return 0
+
+
+SUBCOMMANDS: dict = {"plot": (PlotConfig, run_plot)}
+
+# The megatron developer owns conversion; expose it when their module is there.
+# It must expose Config (pydantic) and run(config) like any subcommand module.
+if importlib.util.find_spec("trainer.megatron") is not None and importlib.util.find_spec("trainer.megatron.convert") is not None:
+    _convert = importlib.import_module("trainer.megatron.convert")
+    if hasattr(_convert, "Config") and hasattr(_convert, "run"):
+        SUBCOMMANDS["convert"] = (_convert.Config, _convert.run)

@@ -1,0 +1,103 @@
+"""One optimizer step's forward/backward per objective, accumulated over token-budget micro-batches.
+
+Each function takes the step's samples, splits them into micro-batches of at most
+`micro_batch_tokens`, and calls backward on each micro-batch's share of the step loss (normalised
+by step-wide counts), so the accumulated gradient equals the gradient of the full-batch loss.
+They return the step's metrics; the optimizer step itself is the recipe's (trainer/train.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.config import TrainConfig
+from trainer.data import PreferencePair, Sample, collate, micro_batches
+from trainer.losses import dpo_loss, grpo_loss, nll_loss, sequence_sums
+
+
+def _logprobs(policy, batch, temperature: float = 1.0) -> torch.Tensor:
+    return policy.forward_logprobs(batch.input_ids, batch.position_ids, batch.targets, temperature=temperature)
+
+
+def counted_tokens(sample: Sample) -> int:
+    return sum(sample.loss_mask[1:])
+
+
+def nll_backward(policy, samples: list[Sample], config: TrainConfig, pad_id: int) -> dict:
+    """CPT / SFT: token-mean NLL over every counted token of the step."""
+    total = sum(counted_tokens(s) for s in samples)
+    loss_sum = 0.0
+    for group in micro_batches(samples, config.micro_batch_tokens):
+        batch = collate(group, pad_id, pack=config.pack)
+        loss = nll_loss(_logprobs(policy, batch), batch.mask, num_tokens=total)
+        loss.backward()
+        loss_sum += float(loss)
+    return {"loss": loss_sum, "tokens": total}
+
+
+def pair_logprob_sums(policy, pairs: list[PreferencePair], config: TrainConfig, pad_id: int) -> torch.Tensor:
+    """No-grad summed response logprobs, [n_pairs, 2] (chosen, rejected): the cached DPO reference."""
+    out = []
+    with torch.no_grad():
+        for group in micro_batches(pairs, config.micro_batch_tokens, size=_pair_size):
+            out.append(_pair_sums(policy, group, pad_id, config.pack))
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def _pair_size(pair: PreferencePair) -> int:
+    return len(pair.chosen.tokens) + len(pair.rejected.tokens)
+
+
+def _pair_sums(policy, pairs: list[PreferencePair], pad_id: int, pack: bool) -> torch.Tensor:
+    flat = [s for p in pairs for s in (p.chosen, p.rejected)]
+    batch = collate(flat, pad_id, pack=pack)
+    sums = sequence_sums(_logprobs(policy, batch), batch.mask, batch.seq_index, len(flat))
+    return sums.view(len(pairs), 2)
+
+
+def dpo_backward(policy, pairs: list[PreferencePair], reference: torch.Tensor, config: TrainConfig, pad_id: int) -> dict:
+    """DPO: mean sigmoid loss over the step's pairs; `reference` [n_pairs, 2] from pair_logprob_sums."""
+    n = len(pairs)
+    loss_sum, margins, start = 0.0, [], 0
+    for group in micro_batches(pairs, config.micro_batch_tokens, size=_pair_size):
+        sums = _pair_sums(policy, group, pad_id, config.pack)
+        ref = reference[start:start + len(group)]
+        loss, margin, _ = dpo_loss(sums[:, 0], sums[:, 1], ref[:, 0], ref[:, 1], beta=config.dpo.beta)
+        (loss * len(group) / n).backward()
+        loss_sum += float(loss) * len(group) / n
+        margins.append(margin)
+        start += len(group)
+    margin = torch.cat(margins)
+    tokens = sum(counted_tokens(p.chosen) + counted_tokens(p.rejected) for p in pairs)
+    return {"loss": loss_sum, "margin_mean": float(margin.mean()), "accuracy": float((margin > 0).float().mean()),
+            "tokens": tokens}
+
+
+def grpo_backward(policy, samples: list[Sample], config: TrainConfig, pad_id: int, reference=None) -> dict:
+    """GRPO: clipped token-level policy gradient on rollouts whose advantages are already set."""
+    g = config.grpo
+    lengths = torch.tensor([float(counted_tokens(s)) for s in samples])
+    norm = dict(num_tokens=float(lengths.sum()), num_seqs=len(samples), seq_lengths=lengths,
+                constant=float(g.dr_grpo_constant))
+    loss_sum, sums, first = 0.0, {"clip_fraction": 0.0, "ratio_mean": 0.0, "kl": 0.0, "tis_weight_mean": 0.0}, 0
+    for group in micro_batches(samples, config.micro_batch_tokens):
+        batch = collate(group, pad_id, pack=config.pack, first_index=first)
+        first += len(group)
+        proximal = ref = None
+        if g.tis_cap is not None:
+            with torch.no_grad():
+                proximal = _logprobs(policy, batch, g.temperature)
+        if reference is not None and g.kl_coef > 0:
+            with torch.no_grad():
+                ref = _logprobs(reference, batch, g.temperature)
+        logprobs = _logprobs(policy, batch, g.temperature)
+        loss, metrics = grpo_loss(logprobs, batch.behavior_logprobs, batch.advantages, batch.mask, batch.seq_index,
+                                  clip_low=g.clip_low, clip_high=g.clip_high, proximal_logprobs=proximal,
+                                  tis_cap=g.tis_cap, ref_logprobs=ref, kl_coef=g.kl_coef,
+                                  aggregation=g.aggregation, **norm)
+        loss.backward()
+        loss_sum += float(loss)
+        share = batch.num_tokens / max(norm["num_tokens"], 1.0)  # token-weighted average of the metrics
+        for k in sums:
+            sums[k] += metrics[k] * share
+    return {"loss": loss_sum, **sums, "tokens": int(norm["num_tokens"])}

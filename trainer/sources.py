@@ -1,0 +1,95 @@
+"""Where each optimizer step's samples come from: files (replayable by step number) or the rollout queue.
+
+A source answers `next_step(step, state) -> StepData`. File sources are pure functions of the
+step number and seed (trainer/data.take_step), so a resumed run replays exactly the batches it
+would have seen. The queue source (trainer/queue_source.py) reads live records and acks them
+only once a checkpoint holding their step is on disk (`ack_durable`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sampler.record import RolloutRecord
+from trainer.checkpoint import TrainState
+from trainer.config import TrainConfig
+from trainer.data import (DataError, load_dpo, load_rollouts, load_sft, load_text, rollout_sample, take_step)
+from trainer.losses import group_advantages
+
+
+@dataclass
+class StepData:
+    items: list  # Sample (cpt/sft/grpo) or PreferencePair (dpo)
+    indices: list[int] = field(default_factory=list)  # positions in the file dataset (DPO reference rows)
+    record_ids: list[str] = field(default_factory=list)  # queue records this step used (idempotency)
+    acks: list = field(default_factory=list)  # queue deliveries to ack once this step is durable
+    info: dict = field(default_factory=dict)  # per-step metrics of the data (reward_mean, dropped_stale, ...)
+
+
+def is_stale(record: RolloutRecord, current_version: int, max_staleness: int) -> bool:
+    """A rollout is stale when its oldest contributing version is more than max_staleness behind the policy."""
+    return current_version - record.policy_version > max_staleness
+
+
+def rollout_step(records: list[RolloutRecord], config: TrainConfig, state: TrainState) -> StepData:
+    """Drop stale records, set group-normalised advantages over this batch, build samples."""
+    fresh = [r for r in records if not is_stale(r, state.pushed_version, config.max_staleness)]
+    dropped = len(records) - len(fresh)
+    if not fresh:
+        return StepData([], record_ids=[r.id for r in records], info={"dropped_stale": dropped})
+    rewards = torch.tensor([r.reward for r in fresh])
+    adv, zero = group_advantages(rewards, [r.group_id for r in fresh], scale_by_std=config.grpo.scale_by_std)
+    samples = [rollout_sample(r, float(a), config.max_seq_len) for r, a in zip(fresh, adv)]
+    return StepData(samples, record_ids=[r.id for r in records],
+                    info={"reward_mean": float(rewards.mean()), "dropped_stale": dropped,
+                          "zero_variance_groups": zero, "completions": len(fresh)})
+
+
+class FileSource:
+    """A fixed dataset from files, batch_size items per step, reshuffled every epoch."""
+
+    def __init__(self, config: TrainConfig, tokenizer):
+        self.config = config
+        self.items: list = []
+        for path in config.data:
+            if config.objective == "sft":
+                self.items += load_sft(path, tokenizer, config.max_seq_len)
+            elif config.objective == "cpt":
+                self.items += load_text(path, tokenizer, config.max_seq_len)
+            elif config.objective == "dpo":
+                self.items += load_dpo(path, tokenizer, config.max_seq_len)
+            else:
+                self.items += load_rollouts(path)
+        if not self.items:
+            raise DataError(f"empty dataset: {', '.join(map(str, config.data))}")
+        if config.objective == "grpo":
+            # a file holds whole groups: normalise each over all of its members once, then shuffle freely
+            rewards = torch.tensor([r.reward for r in self.items])
+            self.advantages, self.zero_variance_groups = group_advantages(
+                rewards, [r.group_id for r in self.items], scale_by_std=config.grpo.scale_by_std)
+
+    def next_step(self, step: int, state: TrainState) -> StepData:
+        indices = take_step(len(self.items), step, self.config.batch_size, self.config.seed)
+        chosen = [self.items[i] for i in indices]
+        if self.config.objective == "grpo":
+            keep = [i for i in indices
+                    if not is_stale(self.items[i], state.pushed_version, self.config.max_staleness)]
+            samples = [rollout_sample(self.items[i], float(self.advantages[i]), self.config.max_seq_len) for i in keep]
+            rewards = [self.items[i].reward for i in keep]
+            info = {"dropped_stale": len(indices) - len(keep), "completions": len(keep),
+                    "zero_variance_groups": self.zero_variance_groups}
+            if rewards:
+                info["reward_mean"] = sum(rewards) / len(rewards)
+            return StepData(samples, indices=keep, info=info)
+        return StepData(chosen, indices=indices)
+
+    def ack_durable(self, acks: list) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def keep_alive(self, acks: list) -> None:
+        pass

@@ -1,0 +1,141 @@
+"""The training recipe: a plain loop over small pieces.
+
+    policy    = build_policy(...)                    trainer/backend.py (transformers | megatron)
+    source    = FileSource | QueueSource             trainer/sources.py, trainer/queue_source.py
+    per step:   data = source.next_step(step)        samples of this step (stale rollouts dropped)
+                *_backward(policy, data)             trainer/objectives.py: loss + backward per micro-batch
+                clip, optimizer.step, schedule.step
+                push weights every K steps           trainer/push.py (version = last pushed + 1)
+                checkpoint every N steps, then ack   trainer/checkpoint.py (queue records acked once durable)
+                log metrics                          trainer/metrics.py (JSONL + TensorBoard) and the progress bar
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from trainer.backend import build_policy
+from trainer.checkpoint import TrainState, latest_checkpoint, load_trainer_state, save_checkpoint
+from trainer.config import TrainConfig
+from trainer.hf_backend import resolve_model_path
+from trainer.metrics import MetricsLog
+from trainer.objectives import dpo_backward, grpo_backward, nll_backward, pair_logprob_sums
+from trainer.optim import build_optimizer
+from trainer.push import WeightPusher
+from trainer.sources import FileSource
+
+
+def is_main_rank() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def make_source(config: TrainConfig, tokenizer):
+    if config.queue is not None:
+        from trainer.queue_source import QueueSource
+
+        return QueueSource(config)
+    return FileSource(config, tokenizer)
+
+
+def dpo_reference(policy, pairs, config: TrainConfig, pad_id: int) -> torch.Tensor:
+    """Summed reference logprobs of every pair, computed once from the starting weights and cached in run_dir.
+
+    On resume the policy has already moved, so the cache is the only valid reference: it must exist.
+    """
+    path = Path(config.run_dir) / "dpo_reference.pt"
+    if path.exists():
+        cached = torch.load(path)
+        if cached.shape[0] == len(pairs):
+            return cached
+    if config.resume and latest_checkpoint(config.run_dir) is not None:
+        raise SystemExit(f"flywheel train: error: {path} is missing or stale; cannot resume DPO without its reference")
+    policy.train(False)
+    reference = pair_logprob_sums(policy, pairs, config, pad_id)
+    policy.train(True)
+    if is_main_rank():
+        torch.save(reference, path)
+    return reference
+
+
+def prepare_run_dir(config: TrainConfig) -> Path | None:
+    """Return the checkpoint to resume from (None: fresh start); refuse to silently overwrite a run."""
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None and not config.resume:
+        raise SystemExit(f"flywheel train: error: {run_dir} already holds checkpoints; pass --resume or use a new --run-dir")
+    (run_dir / "train_config.json").write_text(config.model_dump_json(indent=2))
+    return checkpoint
+
+
+def train(config: TrainConfig) -> TrainState:
+    checkpoint = prepare_run_dir(config)
+    torch.manual_seed(config.seed)
+    policy = build_policy(config.policy_config(checkpoint))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.model))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    optimizer, scheduler = build_optimizer(policy.parameters(), config)
+    state = load_trainer_state(checkpoint, optimizer, scheduler) if checkpoint else TrainState()
+
+    source = make_source(config, tokenizer)
+    reference_sums = dpo_reference(policy, source.items, config, pad_id) if config.objective == "dpo" else None
+    reference_policy = None
+    if config.objective == "grpo" and config.grpo.kl_coef > 0:
+        reference_policy = build_policy(config.policy_config())  # the starting weights, frozen
+        reference_policy.train(False)
+        for p in reference_policy.parameters():
+            p.requires_grad_(False)
+
+    pusher = WeightPusher(config)
+    log = MetricsLog(config.run_dir, enabled=is_main_rank())
+    bar = tqdm(total=config.max_steps, initial=state.step, desc=f"train {config.objective}", disable=not is_main_rank())
+    pending_ack: list = []
+    try:
+        for step in range(state.step, config.max_steps):
+            start = time.perf_counter()
+            data = source.next_step(step, state)
+            metrics = dict(data.info)
+            if data.items:
+                if config.objective in ("cpt", "sft"):
+                    metrics |= nll_backward(policy, data.items, config, pad_id)
+                elif config.objective == "dpo":
+                    metrics |= dpo_backward(policy, data.items, reference_sums[data.indices], config, pad_id)
+                else:
+                    metrics |= grpo_backward(policy, data.items, config, pad_id, reference_policy)
+                policy.finalize_grads()
+                metrics["grad_norm"] = policy.clip_grad_norm(config.grad_clip)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            scheduler.step()
+
+            state.step = step + 1
+            state.dropped_stale += metrics.get("dropped_stale", 0)
+            state.tokens_trained += metrics.get("tokens", 0)
+            state.remember(data.record_ids)
+            pending_ack += data.acks
+            source.keep_alive(pending_ack)
+            if pusher.due(state.step):
+                metrics |= pusher.push(policy, state.pushed_version + 1, state.step)
+                state.pushed_version += 1
+            if (config.save_every and state.step % config.save_every == 0) or state.step == config.max_steps:
+                save_checkpoint(config.run_dir, policy, optimizer, scheduler, state, keep=config.keep_checkpoints)
+                source.ack_durable(pending_ack)  # only now: the step that used them survives a crash
+                pending_ack = []
+            metrics["step_s"] = time.perf_counter() - start
+            metrics["tokens_per_s"] = metrics.get("tokens", 0) / metrics["step_s"]
+            if state.step % config.log_every == 0 or state.step == config.max_steps:
+                log.log(state.step, metrics)
+            bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "reward_mean", "kl", "tokens_per_s") if k in metrics})
+            bar.update(1)
+    finally:
+        bar.close()
+        log.close()
+        source.close()
+    return state
