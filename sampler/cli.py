@@ -1,0 +1,24 @@
+"""`flywheel sample {grpo,rejection,distill}`: generate scored rollouts into Redis / JSONL.
+
+    flywheel sample grpo --endpoint.base-url http://127.0.0.1:8000/v1 --prompts.task chain_sum --sampling.n 8
+    flywheel sample rejection --sampling.n 8 --keep best_k --k 2 --sft-output runs/sft.jsonl
+    flywheel sample distill --endpoint.base-url http://teacher:8000/v1 --output runs/distill.jsonl
+
+`flywheel sample` without a mode runs grpo. Every mode talks to the server only through the
+OpenAI API; see sampler/run.py for concurrency, sampler/rewards for the reward terms.
+"""
+
+from __future__ import annotations
+
+from sampler.distill import DistillConfig, run as run_distill
+from sampler.grpo import GrpoConfig, run as run_grpo
+from sampler.rejection import RejectionConfig, run as run_rejection
+
+Config = GrpoConfig
+run = run_grpo
+
+SUBCOMMANDS = {
+    "grpo": (GrpoConfig, run_grpo),
+    "rejection": (RejectionConfig, run_rejection),
+    "distill": (DistillConfig, run_distill),
+}

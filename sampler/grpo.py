@@ -1,0 +1,64 @@
+"""`flywheel sample grpo`: n samples per prompt, scored, pushed to the rollout queue as one group.
+
+A group is pushed whole (one XADD pipeline), so the learner sees every sample of a prompt together
+and can compute group-relative advantages. Groups whose rewards are all equal carry no GRPO signal
+(zero advantage for every sample); they are dropped by default and counted as `skipped`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from pydantic import Field
+
+from sampler.client import Endpoint
+from sampler.prompts import PromptItem, iter_prompts
+from sampler.queue import RolloutQueue
+from sampler.run import JsonlWriter, RunStats, SampleConfig, build_scorer, finish, for_each_prompt, score_group
+
+
+class GrpoConfig(SampleConfig):
+    """Sample groups for GRPO into the rollout queue."""
+
+    to_queue: bool = Field(default=True, description="Push groups to the Redis rollout queue")
+    output: Path | None = Field(default=None, description="Also append every kept record to this JSONL file")
+    drop_uniform_groups: bool = Field(default=True, description="Drop groups whose rewards are all equal (no learning signal)")
+
+
+async def sample_grpo(config: GrpoConfig) -> dict:
+    if not config.to_queue and config.output is None:
+        raise SystemExit("flywheel sample grpo: error: nothing to write: use --to-queue or --output")
+    scorer = build_scorer(config)
+    endpoint = Endpoint(config.endpoint, max_connections=config.concurrency)
+    queue = RolloutQueue(config.queue) if config.to_queue else None
+    writer = JsonlWriter(config.output)
+    stats = RunStats("grpo")
+
+    async def handle(item: PromptItem) -> None:
+        records = await score_group(scorer, await endpoint.sample(item, config.sampling), item)
+        stats.add(records)
+        if config.drop_uniform_groups and len({r.reward for r in records}) <= 1:
+            stats.skipped += len(records)
+        else:
+            if queue is not None:
+                await asyncio.to_thread(queue.put, records)  # blocks under backpressure
+            writer.write([r.to_json() for r in records])
+            stats.accepted += len(records)
+        if item.done is not None:
+            await asyncio.to_thread(item.done)
+
+    try:
+        await for_each_prompt(iter_prompts(config.prompts, config.queue), handle, config, stats, config.prompts.num_prompts)
+    finally:
+        writer.close()
+        await endpoint.close()
+    if queue is not None:
+        stats.extra["queue_backlog"] = queue.backlog()
+    return finish(stats, config)
+
+
+def run(config: GrpoConfig) -> int:
+    """Sample n completions per prompt, score them, push the groups to the rollout queue."""
+    asyncio.run(sample_grpo(config))
+    return 0

@@ -1,0 +1,117 @@
+"""Prompt sources for the sampler: a reasoning-gym task, a JSONL file, or the production capture stream.
+
+Every source yields PromptItems with a stable `id` (it becomes the records' group_id, and is what a
+resumed distill run uses to skip prompts already done):
+    gym:     '<task>:<seed>:<index>'
+    jsonl:   the line's "id" field, else '<file name>:<line number>'
+    capture: the capture's id
+JSONL lines hold "messages" (chat) or "prompt" (text), plus optional "answer", "task", "id".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+from pydantic import BaseModel, Field
+
+from sampler.queue import PromptQueue, QueueConfig
+
+
+class PromptSourceConfig(BaseModel):
+    """Where prompts come from."""
+
+    kind: Literal["gym", "jsonl", "capture"] = Field(default="gym", description="gym: a reasoning-gym task; jsonl: a file; capture: the production prompts stream")
+    task: str = Field(default="chain_sum", description="reasoning-gym task name (kind=gym)")
+    task_options: dict[str, Any] = Field(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+                                         description="reasoning-gym dataset options (kind=gym); the default is the easiest chain_sum")
+    seed: int = Field(default=0, description="reasoning-gym dataset seed (kind=gym)")
+    path: Path | None = Field(default=None, description="JSONL file of prompts (kind=jsonl)")
+    num_prompts: int | None = Field(default=64, ge=1, description="How many prompts to use (None: all of the file / forever for capture and gym)")
+    instruction: str = Field(default="\nThink briefly, then end your reply with 'Answer: <answer>'.",
+                             description="Appended to gym questions so the answer can be extracted")
+    system: str | None = Field(default=None, description="Optional system message put before every prompt")
+    capture_stream: str = Field(default="prompts", description="Redis stream of captured production requests (kind=capture)")
+    capture_group: str = Field(default="sampler", description="Consumer group the sampler reads the capture stream with")
+
+
+@dataclass
+class PromptItem:
+    """One prompt to sample: chat messages (or raw text), the reference answer, and where it came from."""
+
+    id: str
+    messages: list[dict[str, Any]] | None
+    prompt: str | None = None
+    answer: Any = None
+    task: str = ""
+    done: Callable[[], None] | None = field(default=None, repr=False)  # capture source: acks the entry; call after use
+
+
+def _with_system(messages: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
+    if system and not (messages and messages[0].get("role") == "system"):
+        return [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def gym_prompts(config: PromptSourceConfig) -> Iterator[PromptItem]:
+    import reasoning_gym
+
+    size = config.num_prompts or 100_000
+    try:
+        data = reasoning_gym.create_dataset(config.task, size=size, seed=config.seed, **config.task_options)
+    except Exception as exc:
+        raise SystemExit(f"flywheel sample: error: reasoning-gym task {config.task!r} with {config.task_options}: {exc}") from None
+    for index in range(size):
+        entry = data[index]
+        messages = [{"role": "user", "content": entry["question"] + config.instruction}]
+        yield PromptItem(id=f"{config.task}:{config.seed}:{index}", messages=_with_system(messages, config.system),
+                         answer=entry, task=config.task)
+
+
+def jsonl_prompts(config: PromptSourceConfig) -> Iterator[PromptItem]:
+    if config.path is None:
+        raise SystemExit("flywheel sample: error: --prompts.path is required with --prompts.kind jsonl")
+    if not config.path.is_file():
+        raise SystemExit(f"flywheel sample: error: prompts file not found: {config.path}")
+    count = 0
+    with config.path.open() as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SystemExit(f"flywheel sample: error: {config.path}:{number}: not JSON: {exc}") from None
+            if not isinstance(row, dict) or not ("messages" in row or "prompt" in row):
+                raise SystemExit(f"flywheel sample: error: {config.path}:{number}: needs a 'messages' or 'prompt' field")
+            messages = _with_system(row["messages"], config.system) if "messages" in row else None
+            yield PromptItem(id=str(row.get("id", f"{config.path.name}:{number}")), messages=messages,
+                             prompt=row.get("prompt"), answer=row.get("answer"), task=row.get("task", config.path.stem))
+            count += 1
+            if config.num_prompts and count >= config.num_prompts:
+                return
+
+
+def capture_prompts(config: PromptSourceConfig, queue: QueueConfig) -> Iterator[PromptItem]:
+    """Captured production requests; the caller calls `item.done()` once the group is pushed (at-least-once)."""
+    stream = PromptQueue(queue, stream=config.capture_stream, group=config.capture_group)
+    count = 0
+    while config.num_prompts is None or count < config.num_prompts:
+        for d in stream.get(count=1, block_s=1.0):
+            c = d.record
+            if c.status != 200 or (c.messages is None and not isinstance(c.prompt, str)):
+                stream.ack([d])  # errors and token-id prompts are not reusable as prompts
+                continue
+            yield PromptItem(id=c.id, messages=c.messages, prompt=c.prompt if c.messages is None else None,
+                             answer=None, task="production", done=lambda d=d: stream.ack([d]))
+            count += 1
+
+
+def iter_prompts(config: PromptSourceConfig, queue: QueueConfig) -> Iterator[PromptItem]:
+    if config.kind == "gym":
+        return gym_prompts(config)
+    if config.kind == "jsonl":
+        return jsonl_prompts(config)
+    return capture_prompts(config, queue)

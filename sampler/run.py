@@ -1,0 +1,174 @@
+"""What every sampling mode shares: the config core, bounded-concurrency prompt loop, scoring, progress, summary.
+
+Concurrency: up to `concurrency` prompts are in flight, each one request for n samples, so the
+server sees up to concurrency x n sequences: enough to keep vLLM's batch full. A new request is
+started as soon as one finishes (a semaphore, not fixed batches). Scoring runs in worker threads
+so a slow scorer (code execution, a remote judge) does not stall the requests in flight, and a
+queue push that blocks on backpressure holds its slot, which slows sampling down as intended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator
+
+from pydantic import BaseModel, Field
+from tqdm import tqdm
+
+from sampler.client import EndpointConfig, SamplingConfig
+from sampler.prompts import PromptItem, PromptSourceConfig
+from sampler.queue import QueueConfig
+from sampler.record import RolloutRecord
+from sampler.rewards import RewardSpec, WeightedScorer
+
+log = logging.getLogger("flywheel.sample")
+
+
+class SampleConfig(BaseModel):
+    """Settings shared by every `flywheel sample` mode."""
+
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig, description="The server to sample from")
+    prompts: PromptSourceConfig = Field(default_factory=PromptSourceConfig, description="Where prompts come from")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling parameters")
+    rewards: list[RewardSpec] | None = Field(default=None, description="Reward terms [{'name','weight','options'}] (default: reasoning_gym for gym prompts, math_verify otherwise)")
+    queue: QueueConfig = Field(default_factory=QueueConfig, description="Redis queue the records go to")
+    concurrency: int = Field(default=8, ge=1, description="Prompts in flight at once (each one request for n samples)")
+    max_errors: int = Field(default=10, ge=0, description="Stop after this many failed prompts (server errors, scorer crashes)")
+    summary_path: Path | None = Field(default=None, description="Also write the final summary as JSON here")
+    progress: bool = Field(default=True, description="Show a progress bar")
+
+
+def default_rewards(config: SampleConfig) -> list[RewardSpec]:
+    if config.rewards:
+        return config.rewards
+    name = "reasoning_gym" if config.prompts.kind == "gym" else "math_verify"
+    return [RewardSpec(name=name)]
+
+
+def build_scorer(config: SampleConfig) -> WeightedScorer:
+    try:
+        return WeightedScorer(default_rewards(config))
+    except ValueError as exc:  # ScorerError and pydantic errors on bad specs
+        raise SystemExit(f"flywheel sample: error: rewards: {exc}") from None
+
+
+def score_record(scorer: WeightedScorer, record: RolloutRecord, item: PromptItem) -> RolloutRecord:
+    rewards = scorer.score_all(record.completion, item.answer, prompt=record.prompt, messages=record.messages,
+                               task=record.task, completion_token_ids=record.completion_token_ids,
+                               finish_reason=record.finish_reason)
+    record.rewards = rewards
+    record.reward = record.total_reward()
+    return record
+
+
+async def score_group(scorer: WeightedScorer, records: list[RolloutRecord], item: PromptItem) -> list[RolloutRecord]:
+    return await asyncio.to_thread(lambda: [score_record(scorer, r, item) for r in records])
+
+
+@dataclass
+class RunStats:
+    """Counters for the progress bar and the final summary."""
+
+    mode: str
+    started: float = field(default_factory=time.monotonic)
+    prompts: int = 0
+    samples: int = 0
+    completion_tokens: int = 0
+    reward_sum: float = 0.0
+    accepted: int = 0
+    rejected: int = 0
+    skipped: int = 0
+    errors: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, records: list[RolloutRecord]) -> None:
+        self.prompts += 1
+        self.samples += len(records)
+        self.completion_tokens += sum(len(r.completion_token_ids) for r in records)
+        self.reward_sum += sum(r.reward for r in records)
+
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / max(1e-9, time.monotonic() - self.started)
+
+    def summary(self) -> dict[str, Any]:
+        return {"mode": self.mode, "prompts": self.prompts, "samples": self.samples, "accepted": self.accepted,
+                "rejected": self.rejected, "skipped": self.skipped, "errors": self.errors,
+                "mean_reward": round(self.reward_sum / self.samples, 4) if self.samples else None,
+                "completion_tokens": self.completion_tokens, "tokens_per_s": round(self.tokens_per_s(), 1),
+                "seconds": round(time.monotonic() - self.started, 2), **self.extra}
+
+
+async def for_each_prompt(items: Iterator[PromptItem], handle: Callable[[PromptItem], Awaitable[None]],
+                          config: SampleConfig, stats: RunStats, total: int | None) -> None:
+    """Run `handle` on every prompt with at most `config.concurrency` in flight."""
+    slots = asyncio.Semaphore(config.concurrency)
+    bar = tqdm(total=total, desc=f"sample {stats.mode}", unit="prompt", disable=not config.progress, dynamic_ncols=True)
+    tasks: set[asyncio.Task] = set()
+    failure: list[BaseException] = []
+
+    async def one(item: PromptItem) -> None:
+        try:
+            await handle(item)
+        except Exception as exc:
+            stats.errors += 1
+            log.warning("prompt %s failed: %s: %s", item.id, type(exc).__name__, exc)
+            if stats.errors > config.max_errors:
+                failure.append(exc)
+        finally:
+            slots.release()
+            bar.update(1)
+            mean = stats.reward_sum / stats.samples if stats.samples else 0.0
+            bar.set_postfix(reward=f"{mean:.3f}", tok_s=f"{stats.tokens_per_s():.0f}", kept=stats.accepted, err=stats.errors)
+
+    iterator = iter(items)
+    try:
+        while not failure:
+            await slots.acquire()
+            item = await asyncio.to_thread(next, iterator, None)  # a capture stream may block
+            if item is None:
+                slots.release()
+                break
+            task = asyncio.create_task(one(item))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+    finally:
+        bar.close()
+    if failure:
+        raise SystemExit(f"flywheel sample {stats.mode}: error: {stats.errors} prompts failed, last: {type(failure[-1]).__name__}: {failure[-1]}")
+
+
+def finish(stats: RunStats, config: SampleConfig) -> dict[str, Any]:
+    summary = stats.summary()
+    line = ", ".join(f"{k}={v}" for k, v in summary.items())
+    print(f"flywheel sample {stats.mode}: {line}", flush=True)
+    if config.summary_path:
+        config.summary_path.parent.mkdir(parents=True, exist_ok=True)
+        config.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+class JsonlWriter:
+    """Appends whole groups of lines at once and flushes, so a crash leaves at most one partial line."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a")
+
+    def write(self, lines: list[str]) -> None:
+        if self._file is not None and lines:
+            self._file.write("".join(line + "\n" for line in lines))
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
