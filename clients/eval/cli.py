@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import httpx
 from pydantic import BaseModel, Field
 
+from clients.endpoint import served_model
 from clients.eval.datasets import LOADERS, DatasetError, EvalItem, load_benchmark, load_collection
 
 
@@ -81,24 +81,6 @@ def load_items(config: Config) -> dict[str, list[EvalItem]]:
     return out
 
 
-def resolve_model(config: Config) -> str:
-    """Check the endpoint answers (one clear error if not) and pick the model name."""
-    url = config.base_url.rstrip("/") + "/models"
-    try:
-        r = httpx.get(url, headers={"Authorization": f"Bearer {config.api_key}"}, timeout=15)
-        r.raise_for_status()
-        served = [m["id"] for m in r.json().get("data", [])]
-    except httpx.HTTPError as exc:
-        raise _fail(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
-    except (ValueError, KeyError, TypeError):
-        raise _fail(f"{url} did not answer like an OpenAI API (GET /models)") from None
-    if config.model:
-        return config.model
-    if not served:
-        raise _fail(f"{url} lists no models; pass --model")
-    return served[0]
-
-
 def evaluate(config: Config, model: str, out_dir: Path, items: dict[str, list[EvalItem]]) -> dict:
     from clients.eval.report import write_run
     from clients.eval.runner import QuerySettings, grade, query_all
@@ -136,7 +118,7 @@ def run(config: Config) -> int:
     if config.n_samples < max(config.pass_k):
         raise _fail(f"--n-samples {config.n_samples} is smaller than the largest --pass-k {max(config.pass_k)}")
     items = load_items(config)  # bad benchmark names fail before any request
-    model = resolve_model(config)
+    model = served_model(config.base_url, config.model, "eval", config.api_key)
     base_dir = config.output_dir or Path("runs/eval") / time.strftime("%Y%m%d-%H%M%S")
     if not config.watch:
         summary = evaluate(config, model, base_dir, items)

@@ -113,22 +113,20 @@ def _sampling(s: QuerySettings) -> dict[str, Any]:
 
 async def generate(client: httpx.AsyncClient, sample: Sample, s: QuerySettings) -> None:
     item = sample.item
+    body = _sampling(s)
     if s.prompt_format == "chat":
-        sample.prompt = chat_messages(item, s)
-        body = {**_sampling(s), "messages": sample.prompt}
+        path, sample.prompt = "/chat/completions", chat_messages(item, s)
+        body["messages"] = sample.prompt
         if s.chat_template:
             body["chat_template"] = s.chat_template
-        resp = await _post(client, "/chat/completions", body)
-        choices = sorted(resp.json()["choices"], key=lambda c: c["index"])
-        sample.completions = [c["message"].get("content") or "" for c in choices]
     else:
-        sample.prompt = text_prompt(item, s)
-        body = {**_sampling(s), "prompt": sample.prompt}
+        path, sample.prompt = "/completions", text_prompt(item, s)
+        body["prompt"] = sample.prompt
         if item.stop:
             body["stop"] = item.stop
-        resp = await _post(client, "/completions", body)
-        choices = sorted(resp.json()["choices"], key=lambda c: c["index"])
-        sample.completions = [c["text"] for c in choices]
+    resp = await _post(client, path, body)
+    choices = sorted(resp.json()["choices"], key=lambda c: c["index"])
+    sample.completions = [(c["message"].get("content") or "") if "message" in c else c["text"] for c in choices]
     sample.finish_reasons = [c.get("finish_reason") for c in choices]
     sample.policy_version = _version(resp)
 

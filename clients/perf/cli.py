@@ -23,6 +23,7 @@ from typing import Literal
 import httpx
 from pydantic import BaseModel, Field
 
+from clients.endpoint import served_model
 from clients.perf.load import LoadTarget, RequestResult, closed_loop, open_loop, send_request
 from clients.perf.metrics import summarize
 from clients.perf.prompts import LocalTokenizer, Prompt, ServerTokenizer, dataset_prompts, synthetic_prompts
@@ -53,23 +54,6 @@ class Config(BaseModel):
     timeout_s: float = Field(default=600.0, description="Per-request timeout in seconds")
     output_dir: Path | None = Field(default=None, description="Where results go (default runs/perf/<timestamp>)")
     plots: bool = Field(default=True, description="Write PNG plots")
-
-
-def served_model(base_url: str, model: str | None) -> str:
-    url = base_url.rstrip("/") + "/models"
-    try:
-        r = httpx.get(url, timeout=15)
-        r.raise_for_status()
-        served = [m["id"] for m in r.json().get("data", [])]
-    except httpx.HTTPError as exc:
-        raise _fail(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
-    except (ValueError, KeyError, TypeError):
-        raise _fail(f"{url} did not answer like an OpenAI API (GET /models)") from None
-    if model:
-        return model
-    if not served:
-        raise _fail(f"{url} lists no models; pass --model")
-    return served[0]
 
 
 def build_prompts(config: Config, model: str, num: int) -> list[Prompt]:
@@ -143,7 +127,7 @@ def run(config: Config) -> int:
         raise _fail("--input-len and --output-len must be >= 1")
     if any(p < 1 for p in config.parallel) or any(r <= 0 for r in config.rate):
         raise _fail("--parallel values must be >= 1 and --rate values > 0")
-    model = served_model(config.base_url, config.model)
+    model = served_model(config.base_url, config.model, "perf")
     target = LoadTarget(base_url=config.base_url, model=model, endpoint=config.endpoint, ignore_eos=config.ignore_eos,
                         temperature=config.temperature, timeout_s=config.timeout_s)
     runs, by_label = run_all(config, target)

@@ -1,0 +1,25 @@
+"""What eval and perf ask an OpenAI-compatible endpoint before they start: is it there, what does it serve."""
+
+from __future__ import annotations
+
+import httpx
+
+
+def served_model(base_url: str, model: str | None, command: str, api_key: str = "EMPTY") -> str:
+    """GET {base_url}/models: the model to request (`model` if given, else the first one served).
+
+    An endpoint that does not answer, or not like an OpenAI API, is a one-line user error."""
+    url = base_url.rstrip("/") + "/models"
+    try:
+        r = httpx.get(url, headers={"Authorization": f"Bearer {api_key}"}, timeout=15)
+        r.raise_for_status()
+        served = [m["id"] for m in r.json().get("data", [])]
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"flywheel {command}: error: cannot reach {url}: {type(exc).__name__}: {exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise SystemExit(f"flywheel {command}: error: {url} did not answer like an OpenAI API (GET /models)") from None
+    if model:
+        return model
+    if not served:
+        raise SystemExit(f"flywheel {command}: error: {url} lists no models; pass --model")
+    return served[0]
