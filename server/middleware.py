@@ -1,0 +1,151 @@
+"""Flywheel's ASGI middleware around vLLM's app: auth and policy-version stamping.
+
+Pure ASGI (no BaseHTTPMiddleware) so that streaming responses pass through untouched except
+for the bytes we add, and the per-request overhead stays a few microseconds.
+
+Auth:
+  - admin requests (anything that changes server state: every non-GET route outside the OpenAI
+    API, including vLLM's dev routes when enabled, and everything under /flywheel/admin) need
+    `Authorization: Bearer <admin token>`;
+  - with an API key configured, the OpenAI routes need `Bearer <api key>` (the admin token works too).
+  Failures are OpenAI-style JSON error bodies.
+
+Versions (see shared/DESIGN.md): every response carries
+  x-flywheel-policy-version:  the version serving when the response started
+  x-flywheel-policy-versions: every version served between the request's arrival and then
+                              (more than one when a push happened mid-request with pause mode keep)
+Non-streaming completion bodies get a top-level "policy_versions" list; each streamed chunk
+gets "policy_version" (the version serving when that chunk left the server).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.policy import PolicyState
+
+OPENAI_PREFIXES = ("/v1/", "/v2/", "/inference/", "/tokenize", "/detokenize", "/invocations", "/pooling",
+                   "/classify", "/score", "/rerank")
+STAMPED_PATHS = ("/v1/completions", "/v1/chat/completions")
+VERSION_HEADER = b"x-flywheel-policy-version"
+VERSIONS_HEADER = b"x-flywheel-policy-versions"
+
+
+def openai_error(status: int, message: str, type_: str, code: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code or status}}).encode()
+
+
+async def send_json_error(send: Send, status: int, message: str, type_: str) -> None:
+    body = openai_error(status, message, type_)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def is_admin_request(method: str, path: str) -> bool:
+    if path.startswith("/flywheel/admin"):
+        return True
+    if method in ("GET", "HEAD", "OPTIONS"):
+        return False
+    return not path.startswith(OPENAI_PREFIXES)
+
+
+class _Tokens:
+    """Constant-time comparison of bearer tokens."""
+
+    def __init__(self, *tokens: str | None):
+        self._hashes = [hashlib.sha256(t.encode()).digest() for t in tokens if t]
+
+    def __bool__(self) -> bool:
+        return bool(self._hashes)
+
+    def match(self, headers: Headers) -> bool:
+        scheme, _, value = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not value:
+            return False
+        digest = hashlib.sha256(value.strip().encode()).digest()
+        return any(secrets.compare_digest(digest, h) for h in self._hashes)
+
+
+class FlywheelMiddleware:
+    def __init__(self, app: ASGIApp, policy: PolicyState, admin_token: str, api_key: str | None = None):
+        self.app = app
+        self.policy = policy
+        self.admin = _Tokens(admin_token)
+        self.users = _Tokens(api_key, admin_token) if api_key else _Tokens()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+        headers = Headers(scope=scope)
+        if is_admin_request(scope["method"], path):
+            if not self.admin.match(headers):
+                await send_json_error(send, 401, "admin route: missing or wrong `Authorization: Bearer <admin token>`",
+                                      "authentication_error")
+                return
+        elif self.users and path.startswith(OPENAI_PREFIXES) and not self.users.match(headers):
+            await send_json_error(send, 401, "missing or wrong API key (`Authorization: Bearer <api key>`)",
+                                  "authentication_error")
+            return
+        if self.policy.broken and path.startswith(OPENAI_PREFIXES):
+            await send_json_error(send, 503, f"not serving: {self.policy.broken}; push a complete set of weights",
+                                  "service_unavailable")
+            return
+        await self.app(scope, receive, self._stamping(send, path))
+
+    def _stamping(self, send: Send, path: str) -> Send:
+        policy = self.policy
+        start = policy.version
+        stamp_body = path in STAMPED_PATHS
+        state = {"mode": None, "buffer": [], "start": None}
+
+        async def stamped_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                versions = policy.versions_since(start)
+                headers = [(k, v) for k, v in message.get("headers", [])]
+                headers.append((VERSION_HEADER, str(policy.version).encode()))
+                headers.append((VERSIONS_HEADER, ",".join(map(str, versions)).encode()))
+                ctype = dict(headers).get(b"content-type", b"")
+                if stamp_body and message.get("status") == 200:
+                    if ctype.startswith(b"application/json"):
+                        state["mode"] = "json"
+                    elif ctype.startswith(b"text/event-stream"):
+                        state["mode"] = "sse"
+                message = {**message, "headers": headers}
+                if state["mode"] == "json":  # content-length changes: hold the start until the body is complete
+                    state["start"] = message
+                    return
+                await send(message)
+                return
+            if message["type"] == "http.response.body" and state["mode"] == "json":
+                state["buffer"].append(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                body = b"".join(state["buffer"])
+                try:
+                    obj = json.loads(body)
+                    obj["policy_versions"] = policy.versions_since(start)
+                    body = json.dumps(obj, separators=(",", ":")).encode()
+                except (ValueError, TypeError):
+                    pass  # not an object: pass through as it was
+                start_msg = state["start"]
+                start_msg["headers"] = [(k, v) for k, v in start_msg["headers"] if k != b"content-length"]
+                start_msg["headers"].append((b"content-length", str(len(body)).encode()))
+                await send(start_msg)
+                await send({"type": "http.response.body", "body": body})
+                return
+            if message["type"] == "http.response.body" and state["mode"] == "sse":
+                body = message.get("body", b"")
+                if body:
+                    tag = b'data: {"policy_version":' + str(policy.version).encode() + b","
+                    message = {**message, "body": body.replace(b"data: {", tag)}
+            await send(message)
+
+        return stamped_send

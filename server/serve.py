@@ -1,0 +1,161 @@
+"""`flywheel serve`: vLLM's own OpenAI server, with Flywheel's routes and middleware on the same app.
+
+We do not re-implement the OpenAI API: we build vLLM's argument namespace from ServeConfig, let
+vLLM's launcher build its app and engine, and hook its `build_app` to mount our middleware and
+routes before it starts serving. vLLM owns signals and shutdown (SIGTERM/SIGINT stop uvicorn,
+then the engine-core process), so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from server.config import ServeConfig
+from server.models import OFFLINE_ENV, resolve_model
+
+Config = ServeConfig
+
+WORKER_EXTENSION = "server.weights.worker.WeightUpdateExtension"
+
+
+def on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def admin_token_for(config: ServeConfig) -> str:
+    """The configured token, or the one stored in <data_dir>/admin_token (created once, mode 600)."""
+    if config.admin_token:
+        return config.admin_token
+    path = config.data_dir / "admin_token"
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return token
+
+
+def engine_environment(config: ServeConfig, cpu: bool) -> dict[str, str]:
+    """Environment for vLLM and the processes it starts: offline, caches and sockets inside data_dir."""
+    data = config.data_dir.resolve()
+    env = dict(OFFLINE_ENV)
+    env["VLLM_CACHE_ROOT"] = str(data / "vllm-cache")
+    env["TMPDIR"] = str(data / "tmp")
+    env["VLLM_NO_USAGE_STATS"] = "1"
+    env["DO_NOT_TRACK"] = "1"
+    if cpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{config.kv_cache_gib:g}"
+    if config.dev_routes:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
+    return env
+
+
+def vllm_argv(config: ServeConfig, model_path: Path, served_name: str, cpu: bool) -> list[str]:
+    dtype = "float32" if (config.dtype == "auto" and cpu) else config.dtype
+    argv = [
+        "--model", str(model_path),
+        "--served-model-name", served_name,
+        "--host", config.host,
+        "--port", str(config.port),
+        "--dtype", dtype,
+        "--max-model-len", str(config.max_model_len),
+        "--max-num-seqs", str(config.max_num_seqs),
+        "--seed", str(config.seed),
+        "--logprobs-mode", config.logprobs_mode,
+        "--max-logprobs", str(config.max_logprobs),
+        "--tensor-parallel-size", str(config.tensor_parallel_size),
+        "--uvicorn-log-level", config.log_level,
+        "--generation-config", "vllm",  # sampling defaults come from the request, not the checkpoint
+        "--worker-extension-cls", WORKER_EXTENSION,  # importing it registers the "flywheel" backend
+        "--weight-transfer-config", '{"backend": "flywheel"}',
+    ]
+    argv.append("--enable-prefix-caching" if config.enable_prefix_caching else "--no-enable-prefix-caching")
+    if config.enforce_eager:
+        argv.append("--enforce-eager")
+    if not config.access_log:
+        argv.append("--disable-uvicorn-access-log")
+    if not cpu:
+        argv += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
+    return argv + list(config.vllm_args)
+
+
+def install(app, config: ServeConfig, model_path: Path, served_name: str, admin_token: str) -> None:
+    """Mount Flywheel's state, routes and middleware on vLLM's FastAPI app."""
+    from server.middleware import FlywheelMiddleware
+    from server.policy import PolicyState
+    from server.routes import router
+    from server.weights.routes import router as weights_router
+
+    policy = PolicyState(model=str(model_path), served_model_name=served_name)
+    app.state.flywheel_policy = policy
+    app.state.flywheel_config = config
+    app.state.flywheel_settings = {
+        "capture": {"enabled": bool(config.capture_redis_url), "stream": config.capture_stream,
+                    "rate": config.capture_rate, "redact": config.capture_redact},
+        "weights": {"transports": list(config.weight_transports), "max_push_bytes": config.max_push_bytes,
+                    "max_bucket_bytes": config.max_bucket_bytes},
+        "api_key_required": bool(config.api_key),
+    }
+    app.include_router(router)
+    app.include_router(weights_router)
+    # vLLM's SageMaker bootstrap builds the middleware stack early; Starlette rebuilds it lazily
+    # on the first request if we drop it, now including ours.
+    app.middleware_stack = None
+    if config.capture_redis_url:
+        from server.capture import CaptureMiddleware
+
+        app.add_middleware(CaptureMiddleware, redis_url=config.capture_redis_url, stream=config.capture_stream,
+                           rate=config.capture_rate, redact=config.capture_redact, policy=policy)
+    # added last = outermost: auth runs before anything else, stamping sees the final response
+    app.add_middleware(FlywheelMiddleware, policy=policy, admin_token=admin_token, api_key=config.api_key)
+
+
+def run(config: ServeConfig) -> int:
+    try:
+        model_path = resolve_model(config.model)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"flywheel serve: error: {exc}") from None
+    served_name = config.served_model_name or (config.model if "/" not in config.model else model_path.name)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    cpu = on_cpu()
+    env = engine_environment(config, cpu)
+    for key in ("VLLM_CACHE_ROOT", "TMPDIR"):
+        Path(env[key]).mkdir(parents=True, exist_ok=True)
+    os.environ.update(env)
+    admin_token = admin_token_for(config)
+
+    import uvloop
+    import vllm.entrypoints.launchers.api_server.entry as entry
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = make_arg_parser(FlexibleArgumentParser(prog="flywheel serve (vLLM)"))
+    args = parser.parse_args(vllm_argv(config, model_path, served_name, cpu))
+    configure_logging_from_args(args)
+    validate_parsed_serve_args(args)
+
+    vllm_build_app = entry.build_app
+
+    def build_app(args, supported_tasks=None, model_config=None):
+        app = vllm_build_app(args, supported_tasks, model_config)
+        install(app, config, model_path, served_name, admin_token)
+        return app
+
+    entry.build_app = build_app
+    print(f"[flywheel serve] {served_name} on http://{config.host}:{config.port}/v1 "
+          f"(admin token: {'given' if config.admin_token else config.data_dir / 'admin_token'})", file=sys.stderr, flush=True)
+    try:
+        uvloop.run(entry.run_server(args))
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,159 @@
+"""Client side of the weight update: what the trainer calls.
+
+    push_weights("http://127.0.0.1:8000", model.state_dict(), version=3, admin_token=token)
+
+`weights` is a dict of HF-named tensors (any device/dtype; float tensors are cast by the server
+to the served dtype) or an HF checkpoint folder (its safetensors files are sent as they are).
+Transports (see protocol.py): "shm" writes buckets to /dev/shm on this host and names them,
+"http" streams them; "auto" picks shm for a loopback URL, http otherwise. The push is
+all-or-nothing on the server: on any error this raises PushFailed and the server keeps serving
+the weights and version it had.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+import httpx
+
+from server.weights.protocol import ADMIN_PREFIX, SHA_HEADER
+
+Transport = Literal["auto", "shm", "http"]
+DEFAULT_BUCKET_BYTES = 512 * 2**20
+
+
+class PushFailed(RuntimeError):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"weight push failed ({status}): {message}")
+        self.status = status
+        self.message = message
+
+
+def is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bucketize(weights: dict, bucket_bytes: int) -> Iterator[dict]:
+    """Split a state dict into dicts of contiguous CPU tensors of about bucket_bytes each."""
+    bucket, size = {}, 0
+    for name, tensor in weights.items():
+        t = tensor.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = {}, 0
+        bucket[name] = t
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _dedupe_tied(weights: dict) -> dict:
+    """safetensors refuses tensors that share memory (tied embeddings): send one copy of each storage."""
+    seen, out = set(), {}
+    for name, t in weights.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        out[name] = t
+    return out
+
+
+def _raise_for(resp: httpx.Response) -> dict:
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {"error": {"message": resp.text[:500]}}
+    if resp.status_code >= 400:
+        err = body.get("error", body)
+        raise PushFailed(resp.status_code, err.get("message", str(err)) if isinstance(err, dict) else str(err))
+    return body
+
+
+def _write_buckets(weights: dict | Path, folder: Path, bucket_bytes: int) -> list[Path]:
+    from safetensors.torch import save_file
+
+    if isinstance(weights, (str, Path)):
+        return sorted(Path(weights).glob("*.safetensors"))
+    paths = []
+    for i, bucket in enumerate(bucketize(_dedupe_tied(weights), bucket_bytes)):
+        path = folder / f"bucket-{i:05d}.safetensors"
+        save_file(bucket, str(path))
+        paths.append(path)
+    return paths
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(8 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_chunks(path: Path, chunk: int = 8 << 20) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while data := fh.read(chunk):
+            yield data
+
+
+def push_weights(url: str, weights: dict | str | os.PathLike, version: int, admin_token: str, *,
+                 transport: Transport = "auto", pause_mode: Literal["keep", "wait", "abort"] = "keep",
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, source: str = "", timeout: float = 600.0) -> dict:
+    """Push a full set of weights as `version`; returns the server's summary (version, tensors, bytes, seconds)."""
+    url = url.rstrip("/").removesuffix("/v1")
+    if transport == "auto":
+        transport = "shm" if is_loopback(url) and os.access("/dev/shm", os.W_OK) else "http"
+    if isinstance(weights, (str, os.PathLike)):
+        weights = Path(weights)
+        if not any(weights.glob("*.safetensors")):
+            raise FileNotFoundError(f"no safetensors files in {weights}")
+    headers = {"authorization": f"Bearer {admin_token}"}
+    t0 = time.perf_counter()
+    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
+    folder = Path(tempfile.mkdtemp(prefix="flywheel-push-", dir=base))
+    try:
+        with httpx.Client(timeout=timeout, headers=headers) as http:
+            paths = _write_buckets(weights, folder, bucket_bytes)
+            t_written = time.perf_counter()
+            if transport == "shm":
+                body = {"version": version, "transport": "shm", "pause_mode": pause_mode, "source": source,
+                        "buckets": [{"path": str(p.resolve())} for p in paths]}
+            else:
+                push_id = uuid.uuid4().hex
+                buckets = []
+                for i, path in enumerate(paths):
+                    sha = _sha256(path)
+                    resp = http.put(f"{url}{ADMIN_PREFIX}/buckets/{push_id}/{i}", content=_file_chunks(path),
+                                    headers={SHA_HEADER: sha, "content-type": "application/octet-stream",
+                                             "content-length": str(path.stat().st_size)})
+                    _raise_for(resp)
+                    buckets.append({"index": i, "sha256": sha})
+                body = {"version": version, "transport": "http", "push_id": push_id, "pause_mode": pause_mode,
+                        "source": source, "buckets": buckets}
+            t_sent = time.perf_counter()
+            result = _raise_for(http.post(f"{url}{ADMIN_PREFIX}/push", json=body))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    result["client_seconds"] = {"serialize": round(t_written - t0, 4), "send": round(t_sent - t_written, 4),
+                                "total": round(time.perf_counter() - t0, 4)}
+    result["transport"] = transport
+    return result

@@ -1,0 +1,162 @@
+"""HTTP side of the weight update (admin only; the middleware checks the token).
+
+PUT  /flywheel/admin/weights/buckets/{push_id}/{index}   stage one bucket (raw safetensors bytes)
+POST /flywheel/admin/weights/push                        commit a push (PushRequest JSON)
+See server/weights/protocol.py for the semantics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+from server.routes import error, policy_of
+from server.weights.protocol import ADMIN_PREFIX, SHA_HEADER, PushError, PushRequest, checkpoint_manifest, validate_buckets
+
+router = APIRouter()
+
+
+def staging_root(request: Request) -> Path:
+    """Where HTTP buckets are staged: tmpfs when the host has one (no disk I/O on the way)."""
+    state = request.app.state
+    if not hasattr(state, "flywheel_staging"):
+        base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else state.flywheel_config.data_dir
+        state.flywheel_staging = Path(tempfile.mkdtemp(prefix="flywheel-stage-", dir=base))
+    return state.flywheel_staging
+
+
+def served_manifest(request: Request):
+    state = request.app.state
+    if not hasattr(state, "flywheel_manifest"):
+        model_dir = Path(policy_of(request).model)
+        config = json.loads((model_dir / "config.json").read_text())
+        state.flywheel_manifest = (checkpoint_manifest(model_dir), bool(config.get("tie_word_embeddings", False)))
+    return state.flywheel_manifest
+
+
+@router.put(ADMIN_PREFIX + "/buckets/{push_id}/{index}")
+async def stage_bucket(push_id: str, index: int, request: Request) -> JSONResponse:
+    config = request.app.state.flywheel_config
+    if "http" not in config.weight_transports:
+        return error(400, "this server does not accept the http weight transport")
+    if not push_id.replace("-", "").replace("_", "").isalnum() or len(push_id) > 64 or not 0 <= index < 100_000:
+        return error(400, "push_id must be 1-64 of [A-Za-z0-9_-] and index in [0, 100000)")
+    expected = request.headers.get(SHA_HEADER, "").lower()
+    if len(expected) != 64:
+        return error(400, f"header {SHA_HEADER} (hex sha256 of the bucket) is required")
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > config.max_bucket_bytes:
+        return error(413, f"bucket of {declared} bytes exceeds max_bucket_bytes={config.max_bucket_bytes}")
+    folder = staging_root(request) / push_id
+    folder.mkdir(exist_ok=True)
+    final = folder / f"bucket-{index:05d}.safetensors"
+    part = final.with_suffix(".part")
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(part, "wb") as fh:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > config.max_bucket_bytes:
+                    raise PushError(413, f"bucket exceeds max_bucket_bytes={config.max_bucket_bytes}")
+                digest.update(chunk)
+                fh.write(chunk)
+        if digest.hexdigest() != expected:
+            raise PushError(400, f"bucket {index}: checksum mismatch ({size} bytes received, sha256 {digest.hexdigest()[:12]}... != {expected[:12]}...)")
+    except ClientDisconnect:
+        part.unlink(missing_ok=True)
+        return error(400, "client disconnected mid-bucket; nothing was applied")
+    except PushError as exc:
+        part.unlink(missing_ok=True)
+        return error(exc.status, exc.message)
+    part.rename(final)
+    final.with_suffix(".sha256").write_text(expected)
+    return JSONResponse({"push_id": push_id, "index": index, "bytes": size, "sha256": expected})
+
+
+def _bucket_paths(push: PushRequest, request: Request) -> list[str]:
+    config = request.app.state.flywheel_config
+    if push.transport not in config.weight_transports:
+        raise PushError(400, f"transport {push.transport!r} is not enabled on this server ({config.weight_transports})")
+    if push.transport == "shm":
+        paths = [b.path for b in push.buckets]
+        if any(p is None or not os.path.isabs(p) for p in paths):
+            raise PushError(400, "shm transport: every bucket needs an absolute `path`")
+        return paths
+    if not push.push_id:
+        raise PushError(400, "http transport: `push_id` is required")
+    folder = staging_root(request) / push.push_id
+    paths = []
+    for b in push.buckets:
+        if b.index is None or not b.sha256:
+            raise PushError(400, "http transport: every bucket needs `index` and `sha256`")
+        path = folder / f"bucket-{b.index:05d}.safetensors"
+        sidecar = path.with_suffix(".sha256")
+        if not path.is_file() or not sidecar.is_file():
+            raise PushError(400, f"bucket {b.index} of push {push.push_id} was not uploaded (or its upload failed)")
+        if sidecar.read_text().strip() != b.sha256.lower():
+            raise PushError(400, f"bucket {b.index}: staged checksum differs from the one in the commit")
+        paths.append(str(path))
+    return paths
+
+
+@router.post(ADMIN_PREFIX + "/push")
+async def push(body: PushRequest, request: Request) -> JSONResponse:
+    """Validate the whole push, then apply it under a pause; all-or-nothing."""
+    policy = policy_of(request)
+    engine = request.app.state.engine_client
+    config = request.app.state.flywheel_config
+    t0 = time.perf_counter()
+    try:
+        async with policy.update_lock:
+            if body.version <= policy.version:
+                raise PushError(409, f"version {body.version} is not newer than the served version {policy.version}")
+            paths = _bucket_paths(body, request)
+            total = sum(os.path.getsize(p) for p in paths if os.path.exists(p))
+            if total > config.max_push_bytes:
+                raise PushError(413, f"push of {total} bytes exceeds max_push_bytes={config.max_push_bytes}")
+            manifest, tied = served_manifest(request)
+            summary = await asyncio.to_thread(validate_buckets, paths, manifest, tied)
+            t_valid = time.perf_counter()
+            # Past this point the engine is touched: shield it from a client that goes away.
+            timings = await asyncio.shield(_apply(engine, policy, body, paths))
+            policy.publish(body.version, source=body.source, transport=body.transport, **summary)
+    except PushError as exc:
+        policy.failed_pushes += 1
+        return error(exc.status, exc.message)
+    finally:
+        if body.transport == "http" and body.push_id:
+            shutil.rmtree(staging_root(request) / body.push_id, ignore_errors=True)
+    return JSONResponse({"version": policy.version, **summary,
+                         "seconds": {"validate": round(t_valid - t0, 4), **timings, "total": round(time.perf_counter() - t0, 4)}})
+
+
+async def _apply(engine, policy, body: PushRequest, paths: list[str]) -> dict:
+    t0 = time.perf_counter()
+    await engine.pause_generation(mode=body.pause_mode)
+    t_paused = time.perf_counter()
+    try:
+        try:
+            await engine.start_weight_update()
+            await engine.update_weights(WeightTransferUpdateRequest(update_info={"files": paths}))
+            await engine.finish_weight_update(str(body.version))
+            # stale KV computed by the old weights must not be reused for new prompts
+            await engine.reset_prefix_cache(reset_running_requests=False)
+        except Exception as exc:
+            # The reload had started: the weights may be half old, half new. Refuse to serve them.
+            policy.broken = f"weight update to version {body.version} failed while applying: {exc}"
+            raise PushError(500, policy.broken) from None
+    finally:
+        await engine.resume_generation()
+    t_done = time.perf_counter()
+    return {"pause": round(t_paused - t0, 4), "apply": round(t_done - t_paused, 4)}

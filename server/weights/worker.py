@@ -1,0 +1,111 @@
+"""Worker side of the weight update: Flywheel's backend in vLLM's weight-transfer factory.
+
+This module is imported inside every vLLM worker process (it is the `--worker-extension-cls`),
+which registers `FileWeightTransferEngine` under the backend name "flywheel" so that
+`--weight-transfer-config '{"backend": "flywheel"}'` makes vLLM build it next to the model.
+
+The API process drives it through vLLM's own engine-client calls (start_weight_update,
+update_weights, finish_weight_update). One `update_weights` call carries the whole push, as the
+list of safetensors files that the API process already validated. The engine
+  1. maps every file and materialises every tensor first: a file that cannot be read fails here,
+     while the old weights are still untouched;
+  2. then reloads in place through vLLM's layerwise reload (model.load_weights on the
+     checkpoint-format names, then the per-layer post-processing);
+  3. on CPU, re-packs fused-MoE expert weights, which the in-place reload leaves unpacked
+     (outputs silently diverge otherwise: see shared/FIELD-NOTES.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from vllm.distributed.weight_transfer.base import WeightTransferEngine
+from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+BACKEND = "flywheel"
+
+
+@dataclass
+class FileInitInfo:
+    """No rendezvous is needed: buckets are files named in each update."""
+
+
+@dataclass
+class FileUpdateInfo:
+    files: list[str] = field(default_factory=list)
+
+
+def repack_cpu_moe(model: torch.nn.Module) -> int:
+    """Re-run the CPU fused-MoE pre-packing after an in-place reload. Returns the layers re-packed.
+
+    vLLM runs `fused_experts.process_weights_after_loading` (pad + prepack into the grouped-gemm
+    layout) only when the MoE kernel is first built; on a weight update it skips it, so the
+    freshly loaded checkpoint-layout experts would be read as if packed.
+    """
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    except ImportError:  # a GPU build without the CPU kernels
+        return 0
+    count = 0
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts):
+            experts.process_weights_after_loading(module)
+            count += 1
+    return count
+
+
+class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo]):
+    init_info_cls = FileInitInfo
+    update_info_cls = FileUpdateInfo
+    supports_draft_weight_update = False
+
+    def init_transfer_engine(self, init_info: FileInitInfo) -> None:
+        pass
+
+    def start_weight_update(self) -> None:
+        pass  # the reload starts only once every tensor of the push has been read
+
+    def finish_weight_update(self) -> None:
+        pass
+
+    def update_weights(self, update_info: dict) -> None:
+        # The base class calls torch.accelerator.synchronize(), which raises on CPU.
+        self.receive_weights(self.parse_update_info(update_info))
+        if self.device.type != "cpu":
+            torch.accelerator.synchronize()
+
+    def receive_weights(self, update_info: FileUpdateInfo) -> None:
+        from vllm.model_executor.model_loader.reload.layerwise import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+
+        tensors: list[tuple[str, torch.Tensor]] = []
+        for path in update_info.files:  # 1. read everything before touching the model
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    tensors.append((name, f.get_tensor(name)))
+        initialize_layerwise_reload(self.model)  # 2. vLLM's in-place reload
+        self.model.load_weights(iter(tensors))
+        finalize_layerwise_reload(self.model, self.model_config)
+        repack_cpu_moe(self.model)  # 3.
+
+    def shutdown(self) -> None:
+        pass
+
+
+class WeightUpdateExtension:
+    """Mixed into vLLM's Worker class (`--worker-extension-cls`); importing it registers the backend."""
+
+    def flywheel_weight_checksum(self) -> dict[str, float]:
+        """Cheap fingerprint of the live weights (sum of each parameter), for tests and debugging."""
+        model = self.model_runner.get_model()
+        return {name: float(p.detach().float().sum()) for name, p in model.named_parameters()}
+
+
+if BACKEND not in WeightTransferEngineFactory._registry:
+    WeightTransferEngineFactory.register_engine(BACKEND, FileWeightTransferEngine)
