@@ -31,7 +31,7 @@ def nll_backward(policy, samples: list[Sample], config: TrainConfig, pad_id: int
         batch = collate(group, pad_id, pack=config.pack)
         loss = nll_loss(_logprobs(policy, batch), batch.mask, num_tokens=total)
         loss.backward()
-        loss_sum += float(loss)
+        loss_sum += float(loss.detach())
     return {"loss": loss_sum, "tokens": total}
 
 
@@ -64,7 +64,7 @@ def dpo_backward(policy, pairs: list[PreferencePair], reference: torch.Tensor, c
         ref = reference[start:start + len(group)]
         loss, margin, _ = dpo_loss(sums[:, 0], sums[:, 1], ref[:, 0], ref[:, 1], beta=config.dpo.beta)
         (loss * len(group) / n).backward()
-        loss_sum += float(loss) * len(group) / n
+        loss_sum += float(loss.detach()) * len(group) / n
         margins.append(margin)
         start += len(group)
     margin = torch.cat(margins)
@@ -96,7 +96,7 @@ def grpo_backward(policy, samples: list[Sample], config: TrainConfig, pad_id: in
                                   tis_cap=g.tis_cap, ref_logprobs=ref, kl_coef=g.kl_coef,
                                   aggregation=g.aggregation, **norm)
         loss.backward()
-        loss_sum += float(loss)
+        loss_sum += float(loss.detach())
         share = batch.num_tokens / max(norm["num_tokens"], 1.0)  # token-weighted average of the metrics
         for k in sums:
             sums[k] += metrics[k] * share

@@ -96,8 +96,9 @@ def train(config: TrainConfig) -> TrainState:
     log = MetricsLog(config.run_dir, enabled=is_main_rank())
     bar = tqdm(total=config.max_steps, initial=state.step, desc=f"train {config.objective}", disable=not is_main_rank())
     pending_ack: list = []
+    last_step = config.max_steps if config.stop_after is None else min(config.max_steps, state.step + config.stop_after)
     try:
-        for step in range(state.step, config.max_steps):
+        for step in range(state.step, last_step):
             start = time.perf_counter()
             data = source.next_step(step, state)
             metrics = dict(data.info)
@@ -124,13 +125,13 @@ def train(config: TrainConfig) -> TrainState:
             if pusher.due(state.step):
                 metrics |= pusher.push(policy, state.pushed_version + 1, state.step)
                 state.pushed_version += 1
-            if (config.save_every and state.step % config.save_every == 0) or state.step == config.max_steps:
+            if (config.save_every and state.step % config.save_every == 0) or state.step == last_step:
                 save_checkpoint(config.run_dir, policy, optimizer, scheduler, state, keep=config.keep_checkpoints)
                 source.ack_durable(pending_ack)  # only now: the step that used them survives a crash
                 pending_ack = []
             metrics["step_s"] = time.perf_counter() - start
             metrics["tokens_per_s"] = metrics.get("tokens", 0) / metrics["step_s"]
-            if state.step % config.log_every == 0 or state.step == config.max_steps:
+            if state.step % config.log_every == 0 or state.step == last_step:
                 log.log(state.step, metrics)
             bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "reward_mean", "kl", "tokens_per_s") if k in metrics})
             bar.update(1)

@@ -12,18 +12,23 @@ import socket
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, Field
+from dataclasses import dataclass
 
 from trainer.megatron.cpu_patches import apply_patches
 
 
-class ParallelConfig(BaseModel):
-    """Megatron parallel degrees; data parallelism takes the remaining ranks."""
+@dataclass(frozen=True)
+class ParallelDegrees:
+    """Megatron parallel degrees; data parallelism takes the remaining ranks.
 
-    tensor_parallel: int = Field(default=1, ge=1, description="Tensor-parallel degree (TP): attention heads and FFN columns split over ranks")
-    pipeline_parallel: int = Field(default=1, ge=1, description="Pipeline-parallel degree (PP): layers split into stages")
-    expert_parallel: int = Field(default=1, ge=1, description="Expert-parallel degree (EP): MoE experts split over ranks")
-    seed: int = Field(default=0, description="Seed for weight initialisation and megatron's RNG tracker")
+    A plain dataclass (the user-facing, described config is trainer.backend.ParallelConfig) so that
+    bench/ can run on a machine without pydantic.
+    """
+
+    tensor_parallel: int = 1  # TP: attention heads and FFN columns split over ranks
+    pipeline_parallel: int = 1  # PP: layers split into stages
+    expert_parallel: int = 1  # EP: MoE experts split over ranks
+    seed: int = 0  # weight initialisation and megatron's RNG tracker
 
 
 def _free_port() -> int:
@@ -38,7 +43,7 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_parallel(config: ParallelConfig) -> None:
+def init_parallel(config: ParallelDegrees) -> None:
     """Start torch.distributed (if needed) and megatron's model-parallel groups."""
     from megatron.core import parallel_state, tensor_parallel
 
