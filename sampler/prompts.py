@@ -70,11 +70,14 @@ def gym_prompts(config: PromptSourceConfig) -> Iterator[PromptItem]:
                          answer=entry, task=config.task)
 
 
-def jsonl_prompts(config: PromptSourceConfig) -> Iterator[PromptItem]:
+def check_jsonl(config: PromptSourceConfig) -> None:
     if config.path is None:
         raise SystemExit("flywheel sample: error: --prompts.path is required with --prompts.kind jsonl")
     if not config.path.is_file():
         raise SystemExit(f"flywheel sample: error: prompts file not found: {config.path}")
+
+
+def jsonl_prompts(config: PromptSourceConfig) -> Iterator[PromptItem]:
     count = 0
     with config.path.open() as f:
         for number, line in enumerate(f, 1):
@@ -113,5 +116,6 @@ def iter_prompts(config: PromptSourceConfig, queue: QueueConfig) -> Iterator[Pro
     if config.kind == "gym":
         return gym_prompts(config)
     if config.kind == "jsonl":
+        check_jsonl(config)  # now, not at the first prompt
         return jsonl_prompts(config)
     return capture_prompts(config, queue)
