@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import httpx
+
 from trainer.config import TrainConfig
 
 
@@ -11,21 +13,40 @@ class WeightPusher:
     """Pushes the policy's HF-named weights to the server; a no-op when no endpoint is configured."""
 
     def __init__(self, config: TrainConfig):
-        self.url = config.push_url
+        self.url = (config.push_url or "").rstrip("/").removesuffix("/v1")
         self.every = config.push_every
         self.token = config.admin_token or ""
         self.enabled = bool(self.url) and self.every > 0
+        self.checked_server = False
 
     def due(self, step: int) -> bool:
         return self.enabled and step % self.every == 0
 
-    def push(self, policy, version: int, step: int) -> dict:
-        """Push and return metrics; raises on a refused push (the trainer must not believe a version it did not create)."""
+    def served_version(self) -> int | None:
+        try:
+            resp = httpx.get(f"{self.url}/flywheel/status", headers={"authorization": f"Bearer {self.token}"}, timeout=10)
+            return int(resp.json()["policy_version"]) if resp.status_code == 200 else None
+        except (httpx.HTTPError, KeyError, ValueError):
+            return None
+
+    def push(self, policy, last_version: int, step: int) -> tuple[int, dict]:
+        """Push as the next version; returns (version, metrics). Raises PushFailed on a refused push.
+
+        A run resumed from a checkpoint older than its last push would reuse a version the server
+        already has (and be refused): on the first push of a process, continue from the served
+        version when it is ahead of the checkpoint's.
+        """
         try:
             from server.weights.client import push_weights
         except ImportError:
             raise SystemExit("flywheel train: error: --push-url is set but server/weights/client.py is not available") from None
-        weights = policy.state_dict_hf()
+        if not self.checked_server:
+            self.checked_server = True
+            served = self.served_version()
+            if served is not None and served > last_version:
+                last_version = served
+        version = last_version + 1
         start = time.perf_counter()
-        push_weights(self.url, weights, version=version, admin_token=self.token, source=f"trainer step {step}")
-        return {"pushed_version": version, "push_s": time.perf_counter() - start}
+        push_weights(self.url, policy.state_dict_hf(), version=version, admin_token=self.token,
+                     source=f"trainer step {step}")
+        return version, {"pushed_version": version, "push_s": time.perf_counter() - start}

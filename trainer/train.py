@@ -123,8 +123,8 @@ def train(config: TrainConfig) -> TrainState:
             pending_ack += data.acks
             source.keep_alive(pending_ack)
             if pusher.due(state.step):
-                metrics |= pusher.push(policy, state.pushed_version + 1, state.step)
-                state.pushed_version += 1
+                state.pushed_version, push_metrics = pusher.push(policy, state.pushed_version, state.step)
+                metrics |= push_metrics
             if (config.save_every and state.step % config.save_every == 0) or state.step == last_step:
                 save_checkpoint(config.run_dir, policy, optimizer, scheduler, state, keep=config.keep_checkpoints)
                 source.ack_durable(pending_ack)  # only now: the step that used them survives a crash
