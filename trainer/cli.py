@@ -49,9 +49,7 @@ def run_plot(config: PlotConfig) -> int:
 
 SUBCOMMANDS: dict = {"plot": (PlotConfig, run_plot)}
 
-# The megatron developer owns conversion; expose it when their module is there.
-# It must expose Config (pydantic) and run(config) like any subcommand module.
-if importlib.util.find_spec("trainer.megatron") is not None and importlib.util.find_spec("trainer.megatron.convert") is not None:
-    _convert = importlib.import_module("trainer.megatron.convert")
-    if hasattr(_convert, "Config") and hasattr(_convert, "run"):
-        SUBCOMMANDS["convert"] = (_convert.Config, _convert.run)
+# The megatron developer owns conversion (trainer/megatron/convert_cli.py: Config + run); expose it when present.
+if importlib.util.find_spec("trainer.megatron") is not None and importlib.util.find_spec("trainer.megatron.convert_cli") is not None:
+    _convert = importlib.import_module("trainer.megatron.convert_cli")
+    SUBCOMMANDS["convert"] = (_convert.Config, _convert.run)

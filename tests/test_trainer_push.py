@@ -1,0 +1,60 @@
+"""The trainer pushes its weights to a real `flywheel serve` every K steps; the server then serves them.
+
+Uses its own server (the session `server` fixture must stay at version 0 for other tests).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import httpx
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.servers import start_server
+from trainer.config import TrainConfig
+from trainer.train import train
+
+PROMPT = "Once upon a time"
+
+
+def test_push_every_k_steps_serves_the_trained_weights(tmp_path, tiny_model):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": "the end " * 4}]}) + "\n"
+                            for i in range(4)))
+    # vLLM's ZMQ socket paths live under the server's data dir and must stay < 108 characters
+    serve_dir = Path(tempfile.mkdtemp(prefix="fwpush", dir="/tmp"))
+    with start_server(tiny_model, serve_dir) as server:
+        config = TrainConfig(objective="sft", model=str(tiny_model), data=[str(data)], run_dir=tmp_path / "run",
+                             max_seq_len=64, micro_batch_tokens=128, batch_size=4, lr=5e-3, max_steps=4,
+                             save_every=0, push_every=2, push_url=server.base_url, admin_token=server.admin_token)
+        state = train(config)
+        assert state.pushed_version == 2
+        status = httpx.get(server.url + "/flywheel/status", timeout=10).json()
+        assert status["policy_version"] == 2
+        rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r.get("pushed_version") for r in rows] == [None, 1, None, 2]
+        ckpt = config.run_dir / "checkpoints" / "step_000004"
+        assert json.loads((ckpt / "trainer_state" / "state.json").read_text())["pushed_version"] == 2
+
+        reply = httpx.post(server.base_url + "/completions", timeout=60, json={
+            "model": server.model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}).json()
+        served = reply["choices"][0]["token_ids"]
+    shutil.rmtree(serve_dir, ignore_errors=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+
+    def greedy(path):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        with torch.no_grad():
+            out = model.generate(ids, do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
+        return out[0, ids.shape[1]:].tolist()
+
+    assert served == greedy(ckpt)  # the server runs the weights of the last push (= final checkpoint)
+    assert served != greedy(tiny_model)  # ... not the ones it started with
