@@ -5,5 +5,13 @@
   model.py        HF config.json -> TransformerConfig + local layer spec (SDPA attention, grouped experts)
   attention.py    SDPA core attention for the local spec
   experts.py      grouped-GEMM experts and a host-sync-free token permutation
-  convert.py      HF <-> megatron weights, TP/EP/PP-sharded (`flywheel train convert`)
+  convert.py      HF <-> megatron weights, TP/EP/PP-sharded; convert_cli.py: `flywheel train convert`
+  policy.py       MegatronPolicy: the trainer's Policy protocol (trainer/backend.py)
 """
+
+
+def build_policy(config):
+    """trainer.backend.build_policy's entry point for `backend: megatron`."""
+    from trainer.megatron.policy import MegatronPolicy
+
+    return MegatronPolicy(config)

@@ -146,9 +146,18 @@ class Layout:
         self.sequential_experts = any(".local_experts." in n for n in names)
         self.local_experts = (arch.num_experts or 0) // self.ep_size
 
+    @classmethod
+    def offline(cls, arch: ModelArch, tp_rank: int, tp_size: int, ep_rank: int, ep_size: int) -> "Layout":
+        """A rank's layout without a process group (file conversion; PP=1, stacked experts)."""
+        layout = cls.__new__(cls)
+        layout.tp_rank, layout.tp_size, layout.ep_rank, layout.ep_size = tp_rank, tp_size, ep_rank, ep_size
+        layout.pp_size, layout.layer_offset, layout.num_local_layers = 1, 0, arch.num_layers
+        layout.sequential_experts, layout.local_experts = False, (arch.num_experts or 0) // ep_size
+        return layout
 
-def shard_full(full: dict[str, torch.Tensor], layout: Layout, names: set[str]) -> dict[str, torch.Tensor]:
-    """This rank's megatron state dict, restricted to `names` (the keys its model has)."""
+
+def shard_full(full: dict[str, torch.Tensor], layout: Layout, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """This rank's megatron state dict, restricted to `names` (the keys its model has; None: all)."""
     out = {}
     for name, t in full.items():
         m = _LAYER.match(name)
@@ -167,10 +176,21 @@ def shard_full(full: dict[str, torch.Tensor], layout: Layout, names: set[str]) -
                     continue
                 t = mine
             name = f"decoder.layers.{local}.{rest}"
-        if name not in names:
+        if names is not None and name not in names:
             continue
         out[name] = _tp_slice(t, _tp_dim(name), layout.tp_rank, layout.tp_size).contiguous()
     return out
+
+
+def join_shards(shards: dict[tuple[int, int], dict[str, torch.Tensor]], tp_size: int, ep_size: int) -> dict[str, torch.Tensor]:
+    """Offline inverse of shard_full (PP=1, stacked experts): {(tp_rank, ep_rank): dict} -> full dict."""
+    full = {}
+    for name in shards[(0, 0)]:
+        if ".mlp.experts." in name:  # experts: split over EP (replicated over TP)
+            full[name] = torch.cat([shards[(0, e)][name] for e in range(ep_size)])
+        else:  # everything else: split over TP (replicated over EP)
+            full[name] = _tp_join([shards[(t, 0)][name] for t in range(tp_size)], _tp_dim(name))
+    return full
 
 
 def _all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
@@ -179,14 +199,17 @@ def _all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
     return parts
 
 
-def gather_full(model, arch: ModelArch) -> dict[str, torch.Tensor]:
-    """Collective: every rank of the model-parallel group calls it and gets the full dict (on CPU)."""
+def gather_full(model, arch: ModelArch, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Collective: every rank of the model-parallel group calls it and gets the full dict (on CPU).
+
+    `tensors` defaults to the model's state dict; pass e.g. {name: param.grad} to gather gradients.
+    """
     from megatron.core import parallel_state as ps
 
     layout = Layout(model, arch)
     mine: dict[str, torch.Tensor] = {}
     experts: dict[str, list[torch.Tensor]] = {}
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if tensors is None else tensors).items():
         if name.endswith("_extra_state") or t is None:
             continue
         t = t.detach()
@@ -239,3 +262,13 @@ def load_hf_state_dict(model, hf: dict[str, torch.Tensor], arch: ModelArch) -> N
 def hf_state_dict(model, arch: ModelArch) -> dict[str, torch.Tensor]:
     """HF-named full state dict of a (possibly sharded) GPTModel; collective over model-parallel ranks."""
     return full_to_hf(gather_full(model, arch), arch)
+
+
+def __getattr__(name: str):
+    # `flywheel train convert` (Config/run) lives in convert_cli.py, which needs pydantic; loading it
+    # lazily keeps this module importable where pydantic is absent (the GPU benchmark image).
+    if name in ("Config", "run"):
+        from trainer.megatron import convert_cli
+
+        return getattr(convert_cli, name)
+    raise AttributeError(name)

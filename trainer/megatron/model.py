@@ -96,7 +96,8 @@ def arch_from_hf(hf_config) -> ModelArch:
                      norm_topk_prob=bool(hf_config.norm_topk_prob), moe_layers=moe_layers)
 
 
-def transformer_config(arch: ModelArch, parallel, dtype: torch.dtype = torch.float32, fused: bool = False):
+def transformer_config(arch: ModelArch, parallel, dtype: torch.dtype = torch.float32, fused: bool = False,
+                       recompute: bool = False):
     """megatron TransformerConfig equal to the HF model (no dropout, no fusions that need TE/apex).
 
     fused=True (GPU only) turns on megatron's torch.compile'd fusions that need neither TE nor apex:
@@ -121,6 +122,8 @@ def transformer_config(arch: ModelArch, parallel, dtype: torch.dtype = torch.flo
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         sequence_parallel=False,
     )
+    if recompute:  # gradient checkpointing: recompute every layer in backward
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if fused and not on_cpu:
         kwargs.update(bias_dropout_fusion=True, bias_activation_fusion=True,
                       cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native")
@@ -163,14 +166,14 @@ def layer_specs(config, attention: Literal["sdpa", "local"] = "sdpa",
 
 def build_gpt(arch: ModelArch, parallel, dtype: torch.dtype = torch.float32,
               attention: Literal["sdpa", "local"] = "sdpa", experts: Literal["grouped", "sequential"] = "grouped",
-              fused: bool = False):
+              fused: bool = False, recompute: bool = False):
     """This rank's GPTModel (its TP/EP shard, its pipeline stage), on the current device."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     if arch.vocab_size % parallel.tensor_parallel:
         raise ValueError(f"vocab size {arch.vocab_size} is not divisible by tensor_parallel={parallel.tensor_parallel}")
-    config = transformer_config(arch, parallel, dtype, fused)
+    config = transformer_config(arch, parallel, dtype, fused, recompute)
     model = GPTModel(
         config=config, transformer_layer_spec=layer_specs(config, attention, experts),
         vocab_size=arch.vocab_size, max_sequence_length=arch.max_position_embeddings,

@@ -1,0 +1,162 @@
+"""MegatronPolicy: the trainer's Policy protocol (trainer/backend.py) on a megatron-core GPTModel.
+
+Same config, same batch layout, same HF checkpoints as the transformers backend:
+- built from the HF folder (config.json -> GPTModel, weights through convert.py), TP/EP from
+  `PolicyConfig.parallel`, launched with torchrun (gloo on CPU, NCCL on GPU);
+- packed documents: a position-id restart starts a new document; the attention mask is then
+  block-diagonal causal. RoPE needs no per-document positions: it only sees i - j, which is the
+  same inside a document either way, and attention across documents is masked;
+- log-probs through megatron's vocab-parallel cross-entropy (exact under TP: no full-vocab gather);
+- gradients: megatron's DDP wrapper hard-codes CUDA, so `finalize_grads` does the reductions
+  itself: q/k-layernorm grads summed over TP (each rank saw only its heads), then the mean over
+  data-parallel replicas (expert weights over the expert-data-parallel group).
+Pipeline parallelism builds and converts but has no training schedule here: PP>1 is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from trainer.backend import IGNORE, PolicyConfig
+from trainer.megatron.convert import full_to_hf, gather_full, hf_state_dict, load_hf_state_dict
+from trainer.megatron.model import arch_from_hf, build_gpt
+from trainer.megatron.parallel import ParallelDegrees, device, init_parallel
+
+_TP_PARTIAL_GRADS = ("q_layernorm.weight", "k_layernorm.weight")
+
+
+def document_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """megatron attention mask [B, 1, T, T] (True = masked) for packed rows; None when no row is packed."""
+    restarts = position_ids[:, 1:] == 0
+    if not bool(restarts.any()):  # one host sync per forward; the causal fast path needs no mask
+        return None
+    doc = torch.cumsum(torch.cat([torch.ones_like(restarts[:, :1]), restarts], dim=1).int(), dim=1)
+    t = position_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (doc[:, :, None] == doc[:, None, :]) & causal
+    return ~allowed[:, None]
+
+
+class MegatronPolicy:
+    def __init__(self, config: PolicyConfig):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from trainer.hf_backend import resolve_model_path
+
+        if config.parallel.pipeline > 1:
+            raise SystemExit("flywheel train: error: the megatron backend has no pipeline schedule yet (use parallel.pipeline=1)")
+        self.path = resolve_model_path(config.model)
+        self.arch = arch_from_hf(self.path)
+        init_parallel(ParallelDegrees(config.parallel.tensor, config.parallel.pipeline, config.parallel.expert))
+        self.dtype = torch.bfloat16 if config.bf16 else torch.float32
+        self.model = build_gpt(self.arch, ParallelDegrees(config.parallel.tensor, 1, config.parallel.expert),
+                               dtype=self.dtype, recompute=config.gradient_checkpointing)
+        hf = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype)
+        load_hf_state_dict(self.model, {k: v.to(device()) for k, v in hf.state_dict().items()}, self.arch)
+        del hf
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model.train()
+
+    # -------------------------------------------------------------- forward
+
+    def forward_logprobs(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
+                         temperature: float = 1.0) -> torch.Tensor:
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        logits = self.model(input_ids, position_ids, document_mask(position_ids))  # [B, T, V / TP]
+        # a new fp32 tensor (the division copies): megatron's cross-entropy works in place on its input
+        scaled = logits.float() / temperature
+        logprobs = -vocab_parallel_cross_entropy(scaled, targets.clamp(min=0))
+        return logprobs.masked_fill(targets == IGNORE, 0.0)
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        return (p for p in self.model.parameters() if p.requires_grad)
+
+    def train(self, mode: bool = True) -> "MegatronPolicy":
+        self.model.train(mode)
+        return self
+
+    # -------------------------------------------------------------- gradients
+
+    def finalize_grads(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        tp_group = ps.get_tensor_model_parallel_group()
+        dp_group = ps.get_data_parallel_group()
+        expert_dp_group = ps.get_expert_data_parallel_group()
+        dp_size = dist.get_world_size(dp_group)
+        for name, p in self.model.named_parameters():
+            if p.grad is None:
+                continue
+            if ps.get_tensor_model_parallel_world_size() > 1 and name.endswith(_TP_PARTIAL_GRADS):
+                dist.all_reduce(p.grad, group=tp_group)
+            # Mean over data-parallel replicas. An expert sees the tokens of every rank of its EP
+            # group (the dispatcher gathers them), so its grad is already summed over those; summing
+            # the rest over the expert-DP group and dividing by the full DP size gives the same mean.
+            group = dp_group if getattr(p, "allreduce", True) else expert_dp_group
+            if dist.get_world_size(group) > 1:
+                dist.all_reduce(p.grad, group=group)
+            if dp_size > 1:
+                p.grad.div_(dp_size)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Global norm: TP-split tensors count on every TP rank, replicated ones once; experts on every EP rank."""
+        from megatron.core import parallel_state as ps
+
+        dev = device()
+        dense, expert = torch.zeros((), device=dev), torch.zeros((), device=dev)
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        grads = []
+        for p in self.parameters():
+            if p.grad is None:
+                continue
+            grads.append(p.grad)
+            sq = p.grad.float().pow(2).sum()
+            if not getattr(p, "allreduce", True):
+                expert += sq
+            elif getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+                dense += sq
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            dist.all_reduce(dense, group=ps.get_tensor_model_parallel_group())
+        if ps.get_expert_model_parallel_world_size() > 1:
+            dist.all_reduce(expert, group=ps.get_expert_model_parallel_group())
+        norm = math.sqrt(float(dense + expert))
+        if norm > max_norm > 0:
+            for g in grads:
+                g.mul_(max_norm / (norm + 1e-6))
+        return norm
+
+    def grads_hf(self) -> dict[str, torch.Tensor]:
+        """Gradients under HF names, gathered (collective); for tests and diagnostics."""
+        grads = {n: p.grad for n, p in self.model.named_parameters() if p.grad is not None}
+        return full_to_hf(gather_full(self.model, self.arch, grads), self.arch)
+
+    # -------------------------------------------------------------- HF checkpoints
+
+    def state_dict_hf(self) -> dict[str, torch.Tensor]:
+        state = hf_state_dict(self.model, self.arch)
+        if self.arch.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # same tensor as embed_tokens, as HFPolicy returns it
+        return state
+
+    def save_hf(self, directory: Path) -> None:
+        """Collective: every rank gathers, rank 0 writes the HF folder."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        state = hf_state_dict(self.model, self.arch)
+        if dist.get_rank() == 0:
+            directory = Path(directory)
+            directory.mkdir(parents=True, exist_ok=True)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.path), dtype=self.dtype)
+            model.load_state_dict(state, strict=True)
+            model.save_pretrained(directory, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
+            if (self.path / "generation_config.json").is_file():
+                shutil.copy2(self.path / "generation_config.json", directory / "generation_config.json")
+        dist.barrier()
