@@ -25,7 +25,7 @@ class ServeConfig(BaseModel):
     api_key: str | None = Field(default=None, description="If set, the OpenAI routes require `Authorization: Bearer <api-key>`")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="Weights/activations dtype; auto = float32 on CPU (bf16 is ~5x slower there), the checkpoint's on GPU")
     enforce_eager: bool = Field(default=True, description="Skip torch.compile/CUDA graphs: starts in ~40 s instead of ~90 s on CPU")
-    kv_cache_gib: float = Field(default=1.0, gt=0, description="KV cache size on CPU in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    kv_cache_gib: int = Field(default=1, ge=1, description="KV cache size on CPU in whole GiB (VLLM_CPU_KVCACHE_SPACE takes integers)")
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1, description="Fraction of GPU memory vLLM may take (GPU only)")
     max_model_len: int = Field(default=2048, gt=0, description="Maximum prompt + completion tokens per request")
     max_num_seqs: int = Field(default=64, gt=0, description="Maximum concurrently scheduled sequences")

@@ -51,7 +51,7 @@ def engine_environment(config: ServeConfig, cpu: bool) -> dict[str, str]:
     env["VLLM_NO_USAGE_STATS"] = "1"
     env["DO_NOT_TRACK"] = "1"
     if cpu:
-        env["VLLM_CPU_KVCACHE_SPACE"] = f"{config.kv_cache_gib:g}"
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)
     if config.dev_routes:
         env["VLLM_SERVER_DEV_MODE"] = "1"
     return env

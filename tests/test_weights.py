@@ -1,0 +1,226 @@
+"""Live weight updates against real servers: correctness vs a fresh server, atomicity, pause modes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from server.weights.client import PushFailed, push_weights
+from tests.servers import start_server
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "1 2 3 4", "Hello, my name is"]
+
+
+def perturbed_copy(src: Path, dst: Path, seed: int) -> Path:
+    """Checkpoint B: the same architecture as A with every weight moved a little."""
+    shutil.copytree(src, dst)
+    for file in dst.glob("*.safetensors"):
+        sd = load_file(file)
+        g = torch.Generator().manual_seed(seed)
+        save_file({k: v + 0.05 * v.std() * torch.randn(v.shape, generator=g) for k, v in sd.items()}, str(file))
+    return dst
+
+
+def greedy(url: str, model: str) -> list[tuple[list[int], list[float]]]:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+    out = []
+    for prompt in PROMPTS:
+        c = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0, logprobs=1,
+                                      extra_body={"return_token_ids": True}).choices[0]
+        out.append((c.model_extra["token_ids"], c.logprobs.token_logprobs))
+    return out
+
+
+def assert_same(a, b, tol=1e-4):
+    for (ids_a, lp_a), (ids_b, lp_b) in zip(a, b):
+        assert ids_a == ids_b
+        assert max(abs(x - y) for x, y in zip(lp_a, lp_b)) <= tol
+
+
+def status(url: str) -> dict:
+    return httpx.get(url + "/flywheel/status").json()
+
+
+@pytest.fixture(scope="module", params=["tiny-qwen3", "tiny-qwen3-moe"])
+def family(request, tmp_path_factory):
+    """(A path, B path, reference outputs of a fresh server on B) for a dense and an MoE model."""
+    from server.models import resolve_model
+
+    a = resolve_model(request.param)
+    b = perturbed_copy(a, tmp_path_factory.mktemp("ckpt") / f"{request.param}-B", seed=7)
+    with start_server(b, tmp_path_factory.mktemp("fresh-b"), served_model_name="m") as fresh:
+        reference_b = greedy(fresh.url, "m")
+    return a, b, reference_b
+
+
+@pytest.fixture(scope="module")
+def served_a(family, tmp_path_factory):
+    a, b, reference_b = family
+    with start_server(a, tmp_path_factory.mktemp("serve-a"), served_model_name="m") as srv:
+        yield srv, a, b, reference_b
+
+
+def test_push_b_equals_fresh_b_and_push_a_restores_a(served_a):
+    srv, a, b, reference_b = served_a
+    reference_a = greedy(srv.url, "m")
+    assert reference_a != reference_b  # B really is a different model
+    result = push_weights(srv.url, load_file(next(b.glob("*.safetensors"))), 1, srv.admin_token, transport="shm")
+    assert result["version"] == 1 and result["transport"] == "shm"
+    assert_same(greedy(srv.url, "m"), reference_b)
+    # push A back over HTTP from the checkpoint folder: exactly A again
+    assert push_weights(srv.url, a, 2, srv.admin_token, transport="http")["version"] == 2
+    assert_same(greedy(srv.url, "m"), reference_a, tol=0.0)
+    st = status(srv.url)
+    assert st["policy_version"] == 2 and [u["version"] for u in st["updates"]] == [1, 2]
+
+
+def test_bad_pushes_are_refused_and_a_keeps_serving(served_a, tmp_path):
+    srv, a, b, _ = served_a
+    before_version = status(srv.url)["policy_version"]
+    before = greedy(srv.url, "m")
+    good = load_file(next(b.glob("*.safetensors")))
+    name = next(k for k in good if k.endswith("q_proj.weight"))
+    cases = {
+        "wrong shape": {**good, name: good[name][:, :-1].contiguous()},
+        "unknown name": {**good, "model.layers.99.mlp.up_proj.weight": torch.zeros(2, 2)},
+        "missing tensors": {k: v for k, v in good.items() if "layers.1." not in k},
+        "int where float": {**good, name: good[name].to(torch.int32)},
+    }
+    for label, weights in cases.items():
+        with pytest.raises(PushFailed) as info:
+            push_weights(srv.url, weights, before_version + 1, srv.admin_token)
+        assert info.value.status == 400, label
+    # a truncated bucket named over shm
+    whole = tmp_path / "whole.safetensors"
+    save_file(good, str(whole))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(whole.read_bytes()[:-1000])
+    r = httpx.post(srv.url + "/flywheel/admin/weights/push", headers=srv.admin_headers,
+                   json={"version": before_version + 1, "transport": "shm", "buckets": [{"path": str(cut)}]})
+    assert r.status_code == 400 and "truncated" in r.json()["error"]["message"]
+    # a bucket whose checksum does not match
+    r = httpx.put(srv.url + "/flywheel/admin/weights/buckets/p1/0", content=whole.read_bytes(),
+                  headers={**srv.admin_headers, "x-flywheel-sha256": "0" * 64})
+    assert r.status_code == 400 and "checksum" in r.json()["error"]["message"]
+    # stale and duplicate versions
+    with pytest.raises(PushFailed) as info:
+        push_weights(srv.url, good, before_version, srv.admin_token)
+    assert info.value.status == 409
+    # no token
+    r = httpx.post(srv.url + "/flywheel/admin/weights/push", json={"version": 99, "transport": "shm", "buckets": [{"path": "/x"}]})
+    assert r.status_code == 401
+    assert status(srv.url)["policy_version"] == before_version
+    assert_same(greedy(srv.url, "m"), before, tol=0.0)
+
+
+PUSHER = r"""
+import sys, time, httpx
+url, token, path = sys.argv[1:4]
+data = open(path, "rb").read()
+def body():
+    yield data[: len(data) // 2]
+    print("HALF", flush=True)
+    time.sleep(600)
+    yield data[len(data) // 2:]
+import hashlib
+httpx.put(url + "/flywheel/admin/weights/buckets/killed/0", content=body(), timeout=600,
+          headers={"authorization": "Bearer " + token, "x-flywheel-sha256": hashlib.sha256(data).hexdigest(),
+                   "content-length": str(len(data))})
+"""
+
+
+def test_pusher_killed_mid_transfer_changes_nothing(served_a, tmp_path):
+    srv, a, b, _ = served_a
+    before_version = status(srv.url)["policy_version"]
+    before = greedy(srv.url, "m")
+    bucket = tmp_path / "b.safetensors"
+    save_file(load_file(next(b.glob("*.safetensors"))), str(bucket))
+    proc = subprocess.Popen([sys.executable, "-c", PUSHER, srv.url, srv.admin_token, str(bucket)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "HALF"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    # the half bucket can never be committed, and nothing changed
+    r = httpx.post(srv.url + "/flywheel/admin/weights/push", headers=srv.admin_headers,
+                   json={"version": before_version + 1, "transport": "http", "push_id": "killed",
+                         "buckets": [{"index": 0, "sha256": "0" * 64}]})
+    assert r.status_code == 400 and "not uploaded" in r.json()["error"]["message"]
+    assert status(srv.url)["policy_version"] == before_version
+    assert_same(greedy(srv.url, "m"), before, tol=0.0)
+
+
+def _stream(url: str, out: list, started: threading.Event, max_tokens: int):
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
+    versions, text, finish = [], [], None
+    try:
+        for chunk in client.completions.create(model="m", prompt="Tell a long story", max_tokens=max_tokens,
+                                               temperature=1.0, stream=True, extra_body={"ignore_eos": True}):
+            started.set()
+            versions.append(chunk.model_extra.get("policy_version"))
+            if chunk.choices:
+                text.append(chunk.choices[0].text)
+                finish = chunk.choices[0].finish_reason or finish
+    except openai.APIError as exc:  # an aborted stream may end with an error event
+        finish = f"error: {exc}"
+    out.append({"versions": versions, "chunks": len(text), "finish": finish})
+
+
+def _streams_during_push(srv, weights, version, mode, n=4, max_tokens=400):
+    results, threads, events = [], [], []
+    for _ in range(n):
+        ev = threading.Event()
+        t = threading.Thread(target=_stream, args=(srv.url, results, ev, max_tokens))
+        t.start()
+        threads.append(t)
+        events.append(ev)
+    for ev in events:
+        assert ev.wait(120)
+    pushed = push_weights(srv.url, weights, version, srv.admin_token, pause_mode=mode)
+    for t in threads:
+        t.join(300)
+    return pushed, results
+
+
+def test_keep_mode_streams_complete_across_the_push(served_a):
+    srv, a, b, _ = served_a
+    v = status(srv.url)["policy_version"]
+    pushed, results = _streams_during_push(srv, b, v + 1, "keep")
+    assert pushed["version"] == v + 1
+    assert len(results) == 4
+    for r in results:
+        assert r["finish"] == "length" and r["chunks"] >= 400
+        assert set(r["versions"]) <= {v, v + 1}
+    # at least one stream was generated by both versions, and says so
+    assert any({v, v + 1} <= set(r["versions"]) for r in results)
+
+
+def test_wait_mode_drains_before_the_push(served_a):
+    srv, a, b, _ = served_a
+    v = status(srv.url)["policy_version"]
+    pushed, results = _streams_during_push(srv, a, v + 1, "wait", n=2, max_tokens=150)
+    assert pushed["version"] == v + 1
+    for r in results:
+        assert r["finish"] == "length"
+        assert set(r["versions"]) == {v}  # every token came from the old weights
+
+
+def test_abort_mode_aborts_in_flight(served_a):
+    srv, a, b, _ = served_a
+    v = status(srv.url)["policy_version"]
+    pushed, results = _streams_during_push(srv, b, v + 1, "abort", n=2, max_tokens=800)
+    assert pushed["version"] == v + 1
+    assert len(results) == 2
+    for r in results:
+        assert r["chunks"] < 800 and (r["finish"] == "abort" or r["finish"].startswith("error"))
