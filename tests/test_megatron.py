@@ -26,20 +26,15 @@ from trainer.backend import IGNORE, ParallelConfig, PolicyConfig  # noqa: E402
 from trainer.megatron.policy import document_mask  # noqa: E402
 
 
-def make_batch(vocab: int = 150000, packed: bool = False):
-    """2 rows of 16 tokens; packed: row 1 holds two documents (positions restart at 7).
-
-    The parity tests use unpacked rows: transformers 5.19's sdpa path does NOT keep packed documents
-    apart (measured: a position-id restart changes RoPE only; the second document still attends to
-    the first), while the megatron backend masks across documents (test_packed_documents_are_isolated).
-    """
+def make_batch(vocab: int = 150000, packed: bool = True):
+    """2 rows of 16 tokens; packed: row 1 holds two documents (positions restart at 7)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (2, 16), generator=g)
     second = torch.cat([torch.arange(7), torch.arange(9)]) if packed else torch.arange(16)
     pos = torch.stack([torch.arange(16), second])
     targets = torch.roll(ids, -1, dims=1)
     targets[:, -1] = IGNORE
-    targets[1, 5] = IGNORE  # a prompt-like position that wants no log-prob
+    targets[1, 6 if packed else 5] = IGNORE  # end of the first packed document / a prompt-like position
     return ids, pos, targets
 
 
@@ -65,7 +60,8 @@ def hf_reference(path: Path):
     grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
     ids, pos, _ = make_batch()
     with torch.no_grad():
-        logits = policy.model(input_ids=ids, position_ids=pos).logits
+        # use_cache=False as HFPolicy calls it: only then does HF derive the packed-document mask
+        logits = policy.model(input_ids=ids, position_ids=pos, use_cache=False).logits
     return {"logprobs": lp, "loss": loss, "grads": grads, "logits": logits,
             "state": {k: v.detach().clone() for k, v in policy.model.state_dict().items()}}
 
