@@ -266,6 +266,11 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.mask.sum())
 
+    def to(self, device: torch.device) -> "Batch":
+        moved = {k: getattr(self, k).to(device) for k in ("input_ids", "position_ids", "targets", "mask", "seq_index",
+                                                         "behavior_logprobs", "advantages")}
+        return Batch(**moved, keys=self.keys)
+
 
 def collate(samples: list[Sample], pad_id: int, pack: bool = True, first_index: int = 0) -> Batch:
     """Pack samples into one row (pack=True) or one padded row each. Target t = token t+1 of the same sample.

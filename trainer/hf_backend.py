@@ -40,6 +40,7 @@ class HFPolicy:
         dtype = torch.bfloat16 if config.bf16 else torch.float32
         # sdpa honours the packed-sequence mask transformers derives from position_ids.
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, attn_implementation="sdpa")
+        self.model.to("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
@@ -48,7 +49,9 @@ class HFPolicy:
 
     def forward_logprobs(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
                          temperature: float = 1.0) -> torch.Tensor:
-        logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        device = self.model.device
+        logits = self.model(input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False).logits
+        targets = targets.to(device)
         return token_logprobs(logits, targets, temperature)
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:

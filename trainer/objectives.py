@@ -15,6 +15,10 @@ from trainer.data import PreferencePair, Sample, collate, micro_batches
 from trainer.losses import dpo_loss, grpo_loss, nll_loss, sequence_sums
 
 
+def _device(policy) -> torch.device:
+    return next(iter(policy.parameters())).device
+
+
 def _logprobs(policy, batch, temperature: float = 1.0) -> torch.Tensor:
     return policy.forward_logprobs(batch.input_ids, batch.position_ids, batch.targets, temperature=temperature)
 
@@ -28,7 +32,7 @@ def nll_backward(policy, samples: list[Sample], config: TrainConfig, pad_id: int
     total = sum(counted_tokens(s) for s in samples)
     loss_sum = 0.0
     for group in micro_batches(samples, config.micro_batch_tokens):
-        batch = collate(group, pad_id, pack=config.pack)
+        batch = collate(group, pad_id, pack=config.pack).to(_device(policy))
         loss = nll_loss(_logprobs(policy, batch), batch.mask, num_tokens=total)
         loss.backward()
         loss_sum += float(loss.detach())
@@ -40,7 +44,7 @@ def pair_logprob_sums(policy, pairs: list[PreferencePair], config: TrainConfig, 
     out = []
     with torch.no_grad():
         for group in micro_batches(pairs, config.micro_batch_tokens, size=_pair_size):
-            out.append(_pair_sums(policy, group, pad_id, config.pack))
+            out.append(_pair_sums(policy, group, pad_id, config.pack).cpu())
     return torch.cat(out) if out else torch.zeros(0, 2)
 
 
@@ -50,7 +54,7 @@ def _pair_size(pair: PreferencePair) -> int:
 
 def _pair_sums(policy, pairs: list[PreferencePair], pad_id: int, pack: bool) -> torch.Tensor:
     flat = [s for p in pairs for s in (p.chosen, p.rejected)]
-    batch = collate(flat, pad_id, pack=pack)
+    batch = collate(flat, pad_id, pack=pack).to(_device(policy))
     sums = sequence_sums(_logprobs(policy, batch), batch.mask, batch.seq_index, len(flat))
     return sums.view(len(pairs), 2)
 
@@ -61,7 +65,7 @@ def dpo_backward(policy, pairs: list[PreferencePair], reference: torch.Tensor, c
     loss_sum, margins, start = 0.0, [], 0
     for group in micro_batches(pairs, config.micro_batch_tokens, size=_pair_size):
         sums = _pair_sums(policy, group, pad_id, config.pack)
-        ref = reference[start:start + len(group)]
+        ref = reference[start:start + len(group)].to(sums.device)
         loss, margin, _ = dpo_loss(sums[:, 0], sums[:, 1], ref[:, 0], ref[:, 1], beta=config.dpo.beta)
         (loss * len(group) / n).backward()
         loss_sum += float(loss.detach()) * len(group) / n
@@ -76,12 +80,12 @@ def dpo_backward(policy, pairs: list[PreferencePair], reference: torch.Tensor, c
 def grpo_backward(policy, samples: list[Sample], config: TrainConfig, pad_id: int, reference=None) -> dict:
     """GRPO: clipped token-level policy gradient on rollouts whose advantages are already set."""
     g = config.grpo
-    lengths = torch.tensor([float(counted_tokens(s)) for s in samples])
+    lengths = torch.tensor([float(counted_tokens(s)) for s in samples], device=_device(policy))
     norm = dict(num_tokens=float(lengths.sum()), num_seqs=len(samples), seq_lengths=lengths,
                 constant=float(g.dr_grpo_constant))
     loss_sum, sums, first = 0.0, {"clip_fraction": 0.0, "ratio_mean": 0.0, "kl": 0.0, "tis_weight_mean": 0.0}, 0
     for group in micro_batches(samples, config.micro_batch_tokens):
-        batch = collate(group, pad_id, pack=config.pack, first_index=first)
+        batch = collate(group, pad_id, pack=config.pack, first_index=first).to(_device(policy))
         first += len(group)
         proximal = ref = None
         if g.tis_cap is not None:
