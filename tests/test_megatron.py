@@ -4,7 +4,8 @@
 - megatron logits equal HF logits (dense with tied embeddings, MoE, Llama), both layer-spec variants
 - the same batch (with a packed row) and weights give the same per-token log-probs, loss and
   gradients on `backend: transformers` and `backend: megatron`, at world size 1 and, through
-  torchrun + gloo, with TP=2 (dense) and EP=2 (MoE); save_hf writes a folder HF reloads exactly.
+  torchrun + gloo, with TP=2 (dense) and EP=2 (MoE); save_hf writes a folder HF reloads exactly
+- SFT through trainer.train with backend megatron gives the transformers backend's losses step by step
 This file is also the torchrun worker (`python tests/test_megatron.py --worker ...`).
 """
 
@@ -135,6 +136,29 @@ def test_backends_agree_at_world_size_1(which, request, megatron_world, tmp_path
     policy.save_hf(tmp_path / "saved")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").state_dict()
     assert all(torch.equal(reloaded[k], ref["state"][k]) for k in ref["state"])
+
+
+def test_sft_training_gives_the_same_losses_on_both_backends(tiny_model, megatron_world, tmp_path):
+    """`flywheel train --backend megatron`: same config, same losses step by step, an HF checkpoint."""
+    import json
+
+    from trainer.config import TrainConfig
+    from trainer.train import train
+
+    rows = [{"messages": [{"role": "user", "content": f"count to {i + 3}"},
+                          {"role": "assistant", "content": " ".join(str(j) for j in range(i + 3))}]} for i in range(8)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    losses = {}
+    for backend in ("transformers", "megatron"):
+        config = TrainConfig(model=str(tiny_model), run_dir=tmp_path / backend, data=[str(data)], max_seq_len=64,
+                             micro_batch_tokens=128, batch_size=4, lr=3e-3, warmup_steps=0, save_every=3,
+                             max_steps=3, seed=1, backend=backend)
+        train(config)
+        losses[backend] = [json.loads(line)["loss"] for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses["megatron"]) == 3 and losses["megatron"][-1] < losses["megatron"][0]
+    assert max(abs(a - b) for a, b in zip(losses["transformers"], losses["megatron"])) < 1e-4
+    assert (tmp_path / "megatron" / "checkpoints" / "step_000003" / "config.json").is_file()
 
 
 def test_packed_documents_are_isolated(tiny_model, megatron_world):
