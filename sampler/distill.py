@@ -15,7 +15,6 @@ complete are skipped, so re-running the same command finishes the job without du
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -23,10 +22,10 @@ from pathlib import Path
 from pydantic import Field
 
 from sampler.client import Endpoint, EndpointConfig, SamplingConfig
-from sampler.prompts import PromptItem, iter_prompts
+from sampler.prompts import PromptItem
 from sampler.queue import RolloutQueue
 from sampler.record import RecordError, RolloutRecord
-from sampler.run import JsonlWriter, RunStats, SampleConfig, build_scorer, finish, for_each_prompt, score_group
+from sampler.run import JsonlWriter, RunStats, SampleConfig, build_scorer, finish, push, run_prompts, score_group
 
 log = logging.getLogger("flywheel.sample")
 
@@ -93,19 +92,9 @@ async def sample_distill(config: DistillConfig) -> dict:
             records = await score_group(scorer, records, item)
         stats.add(records)
         stats.accepted += len(records)
-        writer.write([r.to_json() for r in records])
-        if queue is not None:
-            await asyncio.to_thread(queue.put, records)
-        if item.done is not None:
-            await asyncio.to_thread(item.done)
+        await push(records, item, writer, queue)
 
-    try:
-        await for_each_prompt(iter_prompts(config.prompts, config.queue), handle, config, stats, config.prompts.num_prompts)
-    finally:
-        writer.close()
-        await teacher.close()
-        if student is not None:
-            await student.close()
+    await run_prompts(config, stats, handle, closing=[writer, teacher, student])
     return finish(stats, config)
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from pydantic import Field
 
 from sampler.client import Endpoint
-from sampler.prompts import PromptItem, iter_prompts
+from sampler.prompts import PromptItem
 from sampler.queue import RolloutQueue
-from sampler.run import JsonlWriter, RunStats, SampleConfig, build_scorer, finish, for_each_prompt, score_group
+from sampler.run import JsonlWriter, RunStats, SampleConfig, build_scorer, finish, push, run_prompts, score_group
 
 
 class GrpoConfig(SampleConfig):
@@ -40,19 +40,11 @@ async def sample_grpo(config: GrpoConfig) -> dict:
         stats.add(records)
         if config.drop_uniform_groups and len({r.reward for r in records}) <= 1:
             stats.skipped += len(records)
-        else:
-            if queue is not None:
-                await asyncio.to_thread(queue.put, records)  # blocks under backpressure
-            writer.write([r.to_json() for r in records])
-            stats.accepted += len(records)
-        if item.done is not None:
-            await asyncio.to_thread(item.done)
+            records = []
+        stats.accepted += len(records)
+        await push(records, item, writer, queue)
 
-    try:
-        await for_each_prompt(iter_prompts(config.prompts, config.queue), handle, config, stats, config.prompts.num_prompts)
-    finally:
-        writer.close()
-        await endpoint.close()
+    await run_prompts(config, stats, handle, closing=[writer, endpoint])
     if queue is not None:
         stats.extra["queue_backlog"] = queue.backlog()
     return finish(stats, config)

@@ -17,10 +17,10 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from sampler.client import Endpoint
-from sampler.prompts import PromptItem, iter_prompts
+from sampler.prompts import PromptItem
 from sampler.queue import RolloutQueue
 from sampler.record import RolloutRecord
-from sampler.run import JsonlWriter, RunStats, SampleConfig, build_scorer, finish, for_each_prompt, score_group
+from sampler.run import JsonlWriter, RunStats, SampleConfig, build_scorer, finish, push, run_prompts, score_group
 
 
 class PreferencePair(BaseModel):
@@ -80,23 +80,14 @@ async def sample_rejection(config: RejectionConfig) -> dict:
         kept_ids = {r.id for r in kept}
         stats.accepted += len(kept)
         stats.rejected += len(records) - len(kept)
-        sft.write([r.to_json() for r in kept])
         rejected.write([r.to_json() for r in records if r.id not in kept_ids])
         pair = select_pair(records, config.min_margin)
         if pair is not None:
             pairs.write([pair.model_dump_json()])
             stats.extra["pairs"] += 1
-        if queue is not None and kept:
-            await asyncio.to_thread(queue.put, kept)
-        if item.done is not None:
-            await asyncio.to_thread(item.done)
+        await push(kept, item, sft, queue)
 
-    try:
-        await for_each_prompt(iter_prompts(config.prompts, config.queue), handle, config, stats, config.prompts.num_prompts)
-    finally:
-        for w in (sft, pairs, rejected):
-            w.close()
-        await endpoint.close()
+    await run_prompts(config, stats, handle, closing=[sft, pairs, rejected, endpoint])
     return finish(stats, config)
 
 

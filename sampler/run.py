@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from sampler.client import EndpointConfig, SamplingConfig
-from sampler.prompts import PromptItem, PromptSourceConfig
+from sampler.prompts import PromptItem, PromptSourceConfig, iter_prompts
 from sampler.queue import QueueConfig
 from sampler.record import RolloutRecord
 from sampler.rewards import RewardSpec, WeightedScorer
@@ -142,6 +142,28 @@ async def for_each_prompt(items: Iterator[PromptItem], handle: Callable[[PromptI
         bar.close()
     if failure:
         raise SystemExit(f"flywheel sample {stats.mode}: error: {stats.errors} prompts failed, last: {type(failure[-1]).__name__}: {failure[-1]}")
+
+
+async def run_prompts(config: SampleConfig, stats: RunStats, handle: Callable[[PromptItem], Awaitable[None]],
+                      closing: list[Any]) -> None:
+    """Every prompt of the configured source through `handle`; then close writers and endpoints."""
+    try:
+        await for_each_prompt(iter_prompts(config.prompts, config.queue), handle, config, stats, config.prompts.num_prompts)
+    finally:
+        for thing in closing:
+            if thing is not None:
+                done = thing.close()
+                if asyncio.iscoroutine(done):
+                    await done
+
+
+async def push(records: list, item: PromptItem, writer: "JsonlWriter", queue: Any = None) -> None:
+    """Write a prompt's kept records to JSONL and the queue (blocking under backpressure), then ack its capture entry."""
+    writer.write([r.to_json() if isinstance(r, RolloutRecord) else r.model_dump_json() for r in records])
+    if queue is not None and records:
+        await asyncio.to_thread(queue.put, records)
+    if item.done is not None:
+        await asyncio.to_thread(item.done)
 
 
 def finish(stats: RunStats, config: SampleConfig) -> dict[str, Any]:
