@@ -33,7 +33,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -43,6 +46,51 @@ VLLM_BENCH = ("import sys\n"
               "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
               "from vllm.benchmarks.serve import add_cli_args, main\n"
               "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))\n")
+
+
+@contextmanager
+def start_bare_vllm(model_path: Path, workdir: Path, **overrides):
+    """A bare vLLM OpenAI server with the engine flags `flywheel serve` would use for the same
+    settings as tests.servers.start_server (without Flywheel's worker extension and weight-transfer
+    backend), under the same one-server lock."""
+    from server.config import ServeConfig
+    from server.serve import engine_environment, on_cpu, vllm_argv
+    from tests.servers import RunningServer, free_port, stop_server, vllm_lock
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = ServeConfig(model=str(model_path), port=free_port(), data_dir=workdir / "data", kv_cache_gib=1, max_model_len=1024,
+                         max_num_seqs=32, **overrides)
+    cpu = on_cpu()
+    name = model_path.name
+    argv = vllm_argv(config, model_path, name, cpu)
+    for flag in ("--worker-extension-cls", "--weight-transfer-config"):  # Flywheel's own additions
+        i = argv.index(flag)
+        del argv[i:i + 2]
+    env = {**os.environ, **engine_environment(config, cpu)}
+    for key in ("VLLM_CACHE_ROOT", "TMPDIR"):
+        Path(env[key]).mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "server.log"
+    with vllm_lock():
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", *argv], stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=REPO)
+        server = RunningServer(url=f"http://127.0.0.1:{config.port}", model=name, admin_token="", process=proc, log_path=log_path)
+        try:
+            deadline = time.time() + 600
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"bare vLLM exited with {proc.returncode}:\n{server.log_tail()}")
+                try:
+                    if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.time() > deadline:
+                    raise RuntimeError(f"bare vLLM did not become healthy:\n{server.log_tail()}")
+                time.sleep(1)
+            yield server
+        finally:
+            stop_server(proc)
 
 
 def our_load(base_url: str, model: str, tokenizer: str, args) -> dict:
@@ -87,7 +135,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from server.models import resolve_model
-    from tests.servers import start_bare_vllm, start_server
+    from tests.servers import start_server
 
     model_path = resolve_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="perf_overhead-"))

@@ -60,23 +60,32 @@ def test_mmlu_loglikelihood_matches_hf(server, tiny_model):
 
 
 def test_loglikelihood_forced_answer(server, tiny_model):
-    """Force the answer: the continuation with a token the model itself predicts after the context
-    must win, whatever the model is. Greedy-decode one token after the context, then rank it against
-    three other tokens by log-likelihood."""
+    """Force the answer: among continuations that are one token each, the one the model itself ranks
+    first after the context must win, whatever the (random) model is. The candidates come from the
+    server's top_logprobs for the next token, kept only when context+token tokenizes as the context's
+    tokens plus that one token (so the continuation is scored as exactly that token)."""
     from openai import OpenAI
+    from transformers import AutoTokenizer
 
     from clients.eval.datasets import EvalItem
 
     context = "The following is a multiple choice question.\nAnswer:"
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    base = tok.encode(context, add_special_tokens=False)
     client = OpenAI(base_url=server.base_url, api_key="x")
-    forced = client.completions.create(model=server.model, prompt=context, max_tokens=1, temperature=0).choices[0].text
-    others = [c for c in (" A", " B", " C", " D") if c != forced][:3]
-    choices = others[:1] + [forced] + others[1:]
-    item = EvalItem(id="forced", benchmark="t", prompt=context, answer=forced.strip(), scorer="loglikelihood_choice",
+    top = client.completions.create(model=server.model, prompt=context, max_tokens=1, temperature=0, logprobs=20).choices[0].logprobs.top_logprobs[0]
+    ranked = [t for t, _ in sorted(top.items(), key=lambda kv: -kv[1])]
+    single = [t for t in ranked if t and tok.encode(context + t, add_special_tokens=False) == base + tok.encode(t, add_special_tokens=False)
+              and len(tok.encode(t, add_special_tokens=False)) == 1]
+    assert len(single) >= 4, ranked
+    best, others = single[0], single[1:4]
+    choices = [others[0], best, others[1], others[2]]  # the forced answer is not first, so position cannot win
+    item = EvalItem(id="forced", benchmark="t", prompt=context, answer=best.strip(), scorer="loglikelihood_choice",
                     kind="loglikelihood", choices=choices)
     sample = asyncio.run(query_all([item], QuerySettings(base_url=server.base_url, model=server.model, prompt_format="completion")))[0]
     grade([sample])
-    assert sample.choice_logprobs.index(max(sample.choice_logprobs)) == 1
+    assert sample.choice_logprobs.index(max(sample.choice_logprobs)) == 1, (choices, sample.choice_logprobs)
+    assert sample.choice_logprobs[1] == pytest.approx(top[best], abs=1e-3)
     assert sample.score == 1.0
 
 
@@ -108,6 +117,7 @@ def test_eval_humaneval_pass_at_k_and_collection(server, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())["benchmarks"]
     he = summary["humaneval"]
+    assert he["errors"] == 0 and summary["mix"]["errors"] == 0
     assert he["n"] == 2 and he["pass@1"] <= he["pass@2"] and he["metric"] == "pass@1"
     assert set(summary["mix"]["members"]) == {"champ", "ifbench"} and summary["mix"]["n"] == 2
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

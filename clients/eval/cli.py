@@ -109,7 +109,7 @@ def _print_summary(summary: dict, out_dir: Path) -> None:
         table.add_column(col)
     for b, v in summary["benchmarks"].items():
         table.add_row(b, v["metric"], f"{v['score']:.4f}", f"{1.96 * v['stderr']:.4f}", str(v["n"]), str(v["errors"]))
-    Console().print(table)
+    Console(width=max(120, Console().width)).print(table)
 
 
 def run(config: Config) -> int:

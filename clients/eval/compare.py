@@ -54,7 +54,7 @@ def print_comparison(result: dict[str, Any], show_flips: int = 5) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(140, Console().width))
     table = Table(title=f"eval compare: A={result['run_a']}  B={result['run_b']}")
     for col in ("benchmark", "n", "A", "B", "B-A", "95% CI", "improved", "regressed"):
         table.add_column(col, justify="right" if col != "benchmark" else "left")

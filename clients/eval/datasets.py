@@ -167,7 +167,7 @@ def load_humaneval() -> list[EvalItem]:
                 f"```python\n{p['prompt']}```")
         items.append(EvalItem(id=task_id, benchmark="humaneval", prompt=chat, completion_prompt=p["prompt"],
                               answer={"task_id": task_id, "prompt": p["prompt"], "test": p["test"], "entry_point": p["entry_point"]},
-                              scorer="code_exec", stop=["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"],
+                              scorer="code_exec", stop=["\ndef ", "\nclass ", "\nif __name__", "\nprint("],  # the API takes 4 at most
                               meta={"entry_point": p["entry_point"]}))
     return items
 

@@ -30,7 +30,7 @@ def main() -> None:
         if chunk.usage is not None:  # the last chunk: no choices, just the token counts
             usage = chunk.usage
         for choice in chunk.choices:
-            if choice.delta.content is not None:
+            if choice.delta.content:  # the first chunk carries only the role, with empty content
                 first = first or time.perf_counter()
                 chunks += 1
                 sys.stdout.write(choice.delta.content)

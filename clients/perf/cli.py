@@ -118,7 +118,7 @@ def print_table(runs: list[dict]) -> None:
             v = r[key]
             cells.append(f"{100 * v:.1f}%" if key == "client_cpu_fraction" else str(v) if isinstance(v, int) else f"{v:.1f}")
         table.add_row(*cells)
-    Console().print(table)
+    Console(width=max(160, Console().width)).print(table)
     print("times in ms; TPOT excludes the first token; client CPU = the load generator's own CPU time / wall time")
 
 
