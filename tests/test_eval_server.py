@@ -21,14 +21,11 @@ def _flywheel(*args, timeout=300):
     return subprocess.run(FLYWHEEL + list(args), capture_output=True, text=True, timeout=timeout)
 
 
-def hf_continuation_logprobs(model_dir, context: str, continuations: list[str]) -> list[float]:
+def hf_continuation_logprobs(model, tok, context: str, continuations: list[str]) -> list[float]:
     """Independent reference: sum of HF transformers logprobs of the tokens of context+continuation
     that overlap the continuation's characters."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = []
     for cont in continuations:
         enc = tok(context + cont, return_offsets_mapping=True, add_special_tokens=False)
@@ -44,13 +41,18 @@ def hf_continuation_logprobs(model_dir, context: str, continuations: list[str]) 
 
 
 def test_mmlu_loglikelihood_matches_hf(server, tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     items = load_mmlu_dev()[:3]
     s = QuerySettings(base_url=server.base_url, model=server.model, prompt_format="completion")
     samples = asyncio.run(query_all(items, s))
     grade(samples)
     for sample in samples:
         assert sample.error is None, sample.error
-        ref = hf_continuation_logprobs(tiny_model, sample.prompt, sample.item.choices)
+        ref = hf_continuation_logprobs(model, tok, sample.prompt, sample.item.choices)
         assert sample.choice_logprobs == pytest.approx(ref, abs=2e-2)
         # the scorer picks the choice the model makes most likely
         ranked = sorted(range(len(ref)), key=lambda i: -ref[i])

@@ -107,6 +107,17 @@ def test_perf_cli_open_loop_with_server_tokenizer(server, tmp_path):
     assert run["mode"] == "open" and run["rate"] == 20 and run["completed"] == 5 and run["input_tokens"] == 60
 
 
+def test_perf_cli_dataset_prompts(server, tmp_path):
+    proc = subprocess.run(FLYWHEEL + ["perf", "--base-url", server.base_url, "--dataset", "mmlu-dev", "--parallel", "2", "--num-requests", "4",
+                                      "--output-len", "3", "--warmup", "0", "--no-plots", "--endpoint", "chat", "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    rows = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    assert run["completed"] == 4 and all(r["output_tokens"] == 3 for r in rows)
+    assert all(r["prompt_tokens"] > 40 for r in rows)  # real MMLU questions in the chat template, counted by the server
+
+
 def test_perf_cli_unreachable_url_is_one_line_error(tmp_path):
     proc = subprocess.run(FLYWHEEL + ["perf", "--base-url", "http://127.0.0.1:9/v1", "--output-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
