@@ -76,9 +76,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]
         if isinstance(tp, type) and issubclass(tp, BaseModel):
             _add_model_arguments(parser, tp, prefix=dest + ".")
             continue
-        default = field.get_default(call_default_factory=True)
-        if default is not None and not isinstance(default, BaseModel):
-            help_text += f" (default: {default!r})"
+XX
         kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
         origin = get_origin(tp)
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
