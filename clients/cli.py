@@ -76,7 +76,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]
         if isinstance(tp, type) and issubclass(tp, BaseModel):
             _add_model_arguments(parser, tp, prefix=dest + ".")
             continue
-XX
+        if field.is_required():
+            help_text += " (required)"
+        else:
+            default = field.get_default(call_default_factory=True)
+            if default is not None and not isinstance(default, BaseModel):
+                help_text += f" (default: {default!r})"
         kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
         origin = get_origin(tp)
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
