@@ -72,6 +72,13 @@ def vllm_lock():
             _held["fh"].close()
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the test process dies, even if it is SIGKILLed."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _flag(key: str, value) -> list[str]:
     flag = "--" + key.replace("_", "-")
     if isinstance(value, bool):
@@ -99,6 +106,7 @@ def start_server(model: str | os.PathLike, workdir: Path, **overrides):
     with vllm_lock():
         with open(log_path, "w") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_die_with_parent,
                                     cwd=Path(__file__).resolve().parents[1])
         server = RunningServer(url=f"http://127.0.0.1:{settings['port']}", model=served_name, admin_token=admin_token,
                                process=proc, log_path=log_path, api_key=settings.get("api_key"))
