@@ -8,8 +8,10 @@ then the engine-core process), so nothing is left running.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
+import tempfile
 import sys
 from pathlib import Path
 
@@ -47,7 +49,11 @@ def engine_environment(config: ServeConfig, cpu: bool) -> dict[str, str]:
     data = config.data_dir.resolve()
     env = dict(OFFLINE_ENV)
     env["VLLM_CACHE_ROOT"] = str(data / "vllm-cache")
-    env["TMPDIR"] = str(data / "tmp")
+    # vLLM puts its ZMQ IPC sockets in TMPDIR, and a unix socket path must stay under ~100 bytes.
+    tmp = data / "tmp"
+    if len(str(tmp)) > 60:
+        tmp = Path(tempfile.gettempdir()) / f"flywheel-{hashlib.sha1(str(data).encode()).hexdigest()[:10]}"
+    env["TMPDIR"] = str(tmp)
     env["VLLM_NO_USAGE_STATS"] = "1"
     env["DO_NOT_TRACK"] = "1"
     if cpu:
