@@ -17,10 +17,11 @@ from sampler.queue import PromptQueue
 pytestmark = pytest.mark.slow
 
 
-def test_real_server_captures_into_prompts_stream(tiny_model, tmp_path, redis_client, redis_url):
+def test_real_server_captures_into_prompts_stream(tiny_model, tmp_path_factory, redis_client, redis_url):
     from tests.servers import start_server
 
-    with start_server(tiny_model, tmp_path / "serve", capture_redis_url=redis_url, capture_rate=1.0) as srv:
+    # a short folder: vLLM's IPC socket paths live under it and must stay under the 107-byte unix limit
+    with start_server(tiny_model, tmp_path_factory.mktemp("cap"), capture_redis_url=redis_url, capture_rate=1.0) as srv:
         client = OpenAI(base_url=srv.base_url, api_key="none")
         reply = client.chat.completions.create(model=srv.model, messages=[{"role": "user", "content": "What is 2 + 2?"}],
                                                max_tokens=5, temperature=0.0)
