@@ -42,9 +42,12 @@ def rollout_step(records: list[RolloutRecord], config: TrainConfig, state: Train
     rewards = torch.tensor([r.reward for r in fresh])
     adv, zero = group_advantages(rewards, [r.group_id for r in fresh], scale_by_std=config.grpo.scale_by_std)
     samples = [rollout_sample(r, float(a), config.max_seq_len) for r, a in zip(fresh, adv)]
+    # how off-policy this step is: versions behind the last push, of the records actually trained
+    staleness = [state.pushed_version - r.policy_version for r in fresh]
     return StepData(samples, record_ids=[r.id for r in records],
                     info={"reward_mean": float(rewards.mean()), "dropped_stale": dropped,
-                          "zero_variance_groups": zero, "completions": len(fresh)})
+                          "zero_variance_groups": zero, "completions": len(fresh),
+                          "staleness_max": max(staleness), "staleness_mean": sum(staleness) / len(staleness)})
 
 
 class FileSource:

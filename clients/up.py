@@ -1,0 +1,399 @@
+"""`flywheel up`: the whole loop on one machine: redis, server, sampler, GRPO trainer, eval on version change.
+
+    flywheel up                                   # SmolLM2-135M-Instruct on easy chain_sum, 30 steps
+    flywheel up --config configs/loop.yaml        # every component's settings in one file
+    flywheel up --model tiny-qwen3 --max-steps 8  # any bundled model or HF folder
+    flywheel up --sync                            # generate, train, push, repeat (for comparison)
+    flywheel report runs/loop                     # the HTML report, on demand
+
+Every component runs as its own child process of `python -m clients.cli` (process boundaries are
+package boundaries), in its own process group, logging to run_dir/logs/NAME.log. `flywheel up`
+writes each child's full configuration to run_dir/config/NAME.yaml first (what ran is on disk,
+and a bad setting fails before anything starts). Redis keeps the queue in an AOF under
+run_dir/redis, the trainer checkpoints under run_dir/train: Ctrl-C or SIGTERM stops every child
+(SIGTERM to its group, then SIGKILL) and keeps that state; running `flywheel up` on the same
+run_dir again resumes (trainer --resume; the last checkpoint is pushed to the fresh server as the
+version it had, so rollouts and the trainer agree on version numbers).
+
+Async (default): the sampler generates with version v while the trainer trains on what is queued;
+the queue's backlog bound and the trainer's max_staleness bound how off-policy a step can be.
+Sync (--sync): rounds of [sampler makes exactly push_every steps of rollouts, exits] then
+[trainer trains push_every steps, pushes, checkpoints, exits]: generation and training never overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field
+
+from clients.loop_status import LoopStatus, status_table
+from sampler.queue import QueueConfig
+
+DEFAULT_REWARDS = [
+    # correctness of the last number in the reply: SmolLM2 rarely writes 'Answer:', so a strict format has no signal
+    {"name": "reasoning_gym", "weight": 1.0, "options": {"answer_format": "last_number"}},
+    # a small bonus for ending with the asked-for 'Answer: <n>' line, which it can learn
+    {"name": "format_regex", "weight": 0.2, "options": {"pattern": r".*Answer:\s*-?\d+\s*\.?\s*$"}},
+]
+EASY_CHAIN_SUM = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+
+
+class Config(BaseModel):
+    """Run the whole loop: redis, server, sampler, GRPO trainer and eval on version change, with a live view."""
+
+    run_dir: Path = Field(default=Path("runs/loop"), description="Run directory: configs, logs, redis AOF, checkpoints, metrics, eval history, report")
+    model: str = Field(default="smollm2-135m-instruct", description="Bundled model name (see `flywheel models`) or HF folder, served and trained")
+    redis_url: str | None = Field(default=None, description="Use this Redis instead of starting a local redis-server in run_dir/redis")
+    redis_server: str = Field(default="redis-server", description="redis-server binary to start when --redis-url is not given")
+    backend: Literal["transformers", "megatron"] = Field(default="transformers", description="Trainer backend")
+    sync: bool = Field(default=False, description="Generate, train, push, repeat (no overlap) instead of async")
+    max_steps: int = Field(default=30, gt=0, description="Optimizer steps of the whole run; the loop ends by itself after them")
+    push_every: int = Field(default=2, gt=0, description="Push weights to the server every K optimizer steps (one new policy version)")
+    max_staleness: int = Field(default=2, ge=0, description="The trainer drops rollouts more than this many versions behind its last push")
+    group_size: int = Field(default=8, ge=2, description="Completions per prompt (the GRPO group)")
+    batch_size: int = Field(default=16, gt=0, description="Completions per optimizer step (a multiple of group_size)")
+    max_backlog: int | None = Field(default=None, ge=1, description="Unacked rollouts the sampler may run ahead (default: 2 x batch_size x push_every)")
+    lr: float = Field(default=2e-6, gt=0, description="Trainer peak learning rate")
+    max_tokens: int = Field(default=96, gt=0, description="Maximum completion tokens per sample")
+    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature (the trainer uses the same)")
+    tis_cap: float | None = Field(default=2.0, gt=0, description="Truncated importance-sampling cap for off-policy correction (None: off)")
+    task: str = Field(default="chain_sum", description="reasoning-gym task the sampler draws prompts from")
+    task_options: dict[str, Any] = Field(default_factory=lambda: dict(EASY_CHAIN_SUM), description="reasoning-gym options of the task (default: 2-term, 1-digit chain_sum)")
+    rewards: list[dict[str, Any]] = Field(default_factory=lambda: [dict(r) for r in DEFAULT_REWARDS], description="Reward terms [{'name','weight','options'}] (default: last-number correctness + 0.2 format bonus)")
+    sampler_concurrency: int = Field(default=4, ge=1, description="Prompts the sampler keeps in flight (each one request for group_size samples)")
+    seed: int = Field(default=0, description="Seed of the training prompts (the eval set uses a far-away seed)")
+    eval: bool = Field(default=True, description="Evaluate every new policy version on a held-out set of the task")
+    eval_size: int = Field(default=20, ge=1, description="Held-out problems evaluated per version (greedy)")
+    eval_seed: int = Field(default=10_000_000, description="reasoning-gym seed of the held-out set (far from the training seeds)")
+    eval_wait_s: float = Field(default=300.0, ge=0, description="At the end, wait this long for eval to score the final version")
+    report: bool = Field(default=True, description="Write run_dir/report.html at the end")
+    live: bool | None = Field(default=None, description="Rich live view (default: when stdout is a terminal; else one status line per refresh)")
+    refresh_s: float = Field(default=2.0, gt=0, description="Seconds between status refreshes (also appended to run_dir/up/status.jsonl)")
+    startup_timeout_s: float = Field(default=900.0, gt=0, description="Give up when the server is not healthy after this long")
+    serve: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel serve` settings (ServeConfig fields), e.g. {max_num_seqs: 32}")
+    sample: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel sample grpo` settings (GrpoConfig fields), merged over up's")
+    train: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel train` settings (TrainConfig fields), merged over up's")
+    eval_settings: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel eval` settings (eval Config fields), merged over up's")
+
+
+def fail(message: str) -> SystemExit:
+    return SystemExit(f"flywheel up: error: {message}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- child processes
+
+
+class Child:
+    """One component: `python -m clients.cli COMMAND --config FILE` in its own process group."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.name, self.argv, self.log_path, self.env = name, argv, log_path, env
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Child":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as log:
+            log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.argv)}\n")
+            log.flush()
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, env={**os.environ, **(self.env or {})})
+        return self
+
+    def poll(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def state(self) -> str:
+        if self.proc is None:
+            return "-"
+        rc = self.proc.poll()
+        return "up" if rc is None else f"exit {rc}"
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM to the whole group (vLLM's engine, tokenizer workers...), SIGKILL what is left."""
+        if self.proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+            # the leader is gone; its group may not be: make sure of it
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                break
+
+    def log_tail(self, n: int = 15) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.is_file() else []
+        return "\n".join(lines[-n:])
+
+
+def cli_child(name: str, command: list[str], config_file: Path, run_dir: Path, env: dict[str, str] | None = None) -> Child:
+    argv = [sys.executable, "-m", "clients.cli", *command, "--config", str(config_file)]
+    return Child(name, argv, run_dir / "logs" / f"{name}.log", env)
+
+
+class Stop(Exception):
+    """SIGTERM (or SIGINT) arrived: stop the children, keep the state."""
+
+
+def _raise_stop(signum, frame):
+    raise Stop(signal.Signals(signum).name)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class Loop:
+    """Owns the run directory, the component configs and the children, from start to clean stop."""
+
+    def __init__(self, config: Config):
+        from clients.loop_configs import component_configs  # builds and validates every child's config
+
+        self.config = config
+        self.run_dir = config.run_dir.resolve()
+        for sub in ("config", "logs", "up", "redis", "eval"):
+            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.state_path = self.run_dir / "up" / "state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"launches": 0}
+        self.state["launches"] += 1
+        self.admin_token = self.state.setdefault("admin_token", secrets.token_urlsafe(18))
+        self.redis_url = config.redis_url or f"redis://127.0.0.1:{free_port()}/0"
+        self.server_port = int(config.serve.get("port") or free_port())
+        self.server_url = f"http://127.0.0.1:{self.server_port}"
+        self.configs = component_configs(config, self.run_dir, self.redis_url, self.server_port, self.state["launches"])
+        self.files = {name: self._write_config(name, values) for name, values in self.configs.items()}
+        self.children: dict[str, Child] = {}
+        self.secret_env = {"FLYWHEEL_SERVE_ADMIN_TOKEN": self.admin_token, "FLYWHEEL_TRAIN_ADMIN_TOKEN": self.admin_token}
+        self.state_path.write_text(json.dumps(self.state, indent=2))
+        self.state_path.chmod(0o600)
+
+    def _write_config(self, name: str, values: dict[str, Any]) -> Path:
+        path = self.run_dir / "config" / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(json.loads(json.dumps(values, default=str)), sort_keys=False))
+        return path
+
+    def _record_pids(self) -> None:
+        pids = {name: c.proc.pid for name, c in self.children.items() if c.proc is not None and c.poll() is None}
+        (self.run_dir / "up" / "pids.json").write_text(json.dumps(pids))
+
+    def start(self, name: str, child: Child) -> Child:
+        self.children[name] = child.start()
+        self._record_pids()
+        return child
+
+    # ------------------------------------------------------------ redis and server
+    def start_redis(self) -> None:
+        if self.config.redis_url:
+            return
+        binary = shutil.which(self.config.redis_server)
+        if binary is None:
+            raise fail(f"{self.config.redis_server} not found on PATH: install it (apt-get install redis-server) or pass --redis-url")
+        port = self.redis_url.rsplit(":", 1)[1].split("/")[0]
+        argv = [binary, "--port", port, "--bind", "127.0.0.1", "--dir", str(self.run_dir / "redis"),
+                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no"]
+        self.start("redis", Child("redis", argv, self.run_dir / "logs" / "redis.log"))
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=1)
+        deadline = time.time() + 30
+        while True:
+            try:
+                if client.ping():
+                    break
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                pass
+            if self.children["redis"].poll() is not None or time.time() > deadline:
+                raise fail(f"redis-server did not start; see {self.children['redis'].log_path}:\n{self.children['redis'].log_tail()}")
+            time.sleep(0.2)
+        client.close()
+
+    def start_server(self) -> None:
+        import httpx
+
+        child = self.start("server", cli_child("server", ["serve"], self.files["serve"], self.run_dir, self.secret_env))
+        deadline = time.time() + self.config.startup_timeout_s
+        print(f"flywheel up: starting the server on {self.server_url} (log: {child.log_path})", flush=True)
+        while True:
+            if child.poll() is not None:
+                raise fail(f"the server exited with {child.poll()}; see {child.log_path}:\n{child.log_tail()}")
+            try:
+                if httpx.get(self.server_url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise fail(f"the server was not healthy after {self.config.startup_timeout_s:.0f}s; see {child.log_path}")
+            time.sleep(1)
+        self.restore_served_version()
+
+    def restore_served_version(self) -> None:
+        """A fresh server serves the starting checkpoint as version 0: on resume, push the trainer's
+        latest checkpoint as the version it had, so records and trainer count versions alike."""
+        from clients.loop_configs import latest_train_state
+
+        found = latest_train_state(self.run_dir / "train")
+        if found is None or found[1].get("pushed_version", 0) <= 0:
+            return
+        from server.weights.client import push_weights
+
+        folder, state = found
+        version = int(state["pushed_version"])
+        push_weights(self.server_url, folder, version=version, admin_token=self.admin_token, source=f"flywheel up resume from {folder.name}")
+        print(f"flywheel up: resumed: pushed {folder.name} to the server as version {version}", flush=True)
+
+    # ------------------------------------------------------------ running
+    def run(self) -> int:
+        self.start_redis()
+        self.start_server()
+        if self.config.eval:
+            self.start("eval", cli_child("eval", ["eval"], self.files["eval"], self.run_dir))
+        status = LoopStatus(self.run_dir, self.server_url, QueueConfig(**self.configs["train"]["queue"]))
+        try:
+            return self._run_sync(status) if self.config.sync else self._run_async(status)
+        finally:
+            status.close()
+
+    def _run_async(self, status: LoopStatus) -> int:
+        self.start("trainer", cli_child("trainer", ["train"], self.files["train"], self.run_dir, self.secret_env))
+        self.start("sampler", cli_child("sampler", ["sample", "grpo"], self.files["sample"], self.run_dir))
+        return self._watch(status, until="trainer")
+
+    def _run_sync(self, status: LoopStatus) -> int:
+        from clients.loop_configs import latest_train_state, sync_sample_config, sync_train_config
+
+        while True:
+            found = latest_train_state(self.run_dir / "train")
+            step = found[1]["step"] if found else 0
+            if step >= self.config.max_steps:
+                return self._finish(status)
+            rnd = step // self.config.push_every
+            sample = self._write_config("sample_round", sync_sample_config(self.configs["sample"], self.config, rnd))
+            self.start("sampler", cli_child("sampler", ["sample", "grpo"], sample, self.run_dir))
+            if (rc := self._watch(status, until="sampler", finish=False)) != 0:
+                return rc
+            train = self._write_config("train_round", sync_train_config(self.configs["train"], self.config, found is not None))
+            self.start("trainer", cli_child("trainer", ["train"], train, self.run_dir, self.secret_env))
+            if (rc := self._watch(status, until="trainer", finish=False)) != 0:
+                return rc
+
+    def _watch(self, status: LoopStatus, until: str, finish: bool = True) -> int:
+        """Refresh the view until `until` exits (0: done); any child failing stops the loop."""
+        from rich.console import Console
+        from rich.live import Live
+
+        console = Console()
+        live_on = self.config.live if self.config.live is not None else console.is_terminal
+        title = f"flywheel up ({'sync' if self.config.sync else 'async'}) {self.run_dir}"
+        live = Live(console=console, refresh_per_second=2, transient=False) if live_on else None
+        status_log = (self.run_dir / "up" / "status.jsonl").open("a")
+        try:
+            if live:
+                live.start()
+            while True:
+                s = status.sample()
+                s["mode"] = "sync" if self.config.sync else "async"
+                status_log.write(json.dumps(s) + "\n")
+                status_log.flush()
+                states = {name: c.state() for name, c in self.children.items()}
+                if live:
+                    live.update(status_table(s, title, states))
+                else:
+                    print(f"[flywheel up] v={s.get('policy_version')} step={s.get('step')} produced={s.get('produced')} "
+                          f"acked={s.get('acked')} backlog={s.get('backlog')} reward={s.get('reward_mean')} "
+                          f"loss={s.get('train_loss')} eval={s.get('eval_score')}", flush=True)
+                for name, child in self.children.items():
+                    rc = child.poll()
+                    if rc is None:
+                        continue
+                    if name == until and rc == 0:
+                        self.children.pop(name)
+                        return self._finish(status) if finish else 0
+                    if rc == 0 and name == "sampler":  # a finite prompt file is used up: the trainer drains the queue
+                        self.children.pop(name)
+                        break
+                    if rc != 0 or name != until:
+                        print(f"flywheel up: {name} exited with {rc}; stopping the loop. Last lines of {child.log_path}:\n"
+                              f"{child.log_tail()}", file=sys.stderr, flush=True)
+                        return 1
+                time.sleep(self.config.refresh_s)
+        finally:
+            status_log.close()
+            if live:
+                live.stop()
+
+    def _finish(self, status: LoopStatus) -> int:
+        """Training is done: give eval time to score the last version, then record the final accounting."""
+        from clients.loop_status import last_json_line
+
+        final_version = status.sample().get("policy_version")
+        deadline = time.time() + self.config.eval_wait_s
+        while self.config.eval and "eval" in self.children and self.children["eval"].poll() is None and time.time() < deadline:
+            last = last_json_line(self.run_dir / "eval" / "history.jsonl") or {}
+            if final_version is None or last.get("version") == final_version:
+                break
+            time.sleep(self.config.refresh_s)
+        if "sampler" in self.children:  # no more production: the accounting below is a consistent snapshot
+            self.children["sampler"].stop()
+        final = status.sample()
+        (self.run_dir / "up" / "final.json").write_text(json.dumps(final, indent=2))
+        print(f"flywheel up: done: {final.get('step')} steps, policy version {final.get('policy_version')}, "
+              f"produced {final.get('produced')}, acked {final.get('acked')}, pending {final.get('pending')}, "
+              f"dead-lettered {final.get('dead_lettered')}", flush=True)
+        return 0
+
+    def stop_all(self) -> None:
+        # consumers first, then the server, Redis last (it flushes its AOF on SIGTERM)
+        for name in ("eval", "sampler", "trainer", "server", "redis"):
+            if name in self.children:
+                self.children[name].stop()
+        self._record_pids()
+
+
+def run(config: Config) -> int:
+    if config.batch_size % config.group_size:
+        raise fail(f"--batch-size {config.batch_size} must be a multiple of --group-size {config.group_size} (whole groups per step)")
+    loop = Loop(config)  # builds and validates every component's config first
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    code = 1
+    try:
+        code = loop.run()
+    except Stop as why:
+        print(f"flywheel up: {why}: stopping every component; state kept in {loop.run_dir} (run again to resume)", flush=True)
+        code = 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave orphans behind
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        loop.stop_all()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if config.report:
+        from clients.report import write_report
+
+        try:
+            print(f"flywheel up: report: {write_report(loop.run_dir)}", flush=True)
+        except Exception as exc:  # a report must never hide the loop's own outcome
+            print(f"flywheel up: could not write the report: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return code

@@ -1,0 +1,224 @@
+"""`flywheel up` end to end on CPU: real redis-server, real vLLM server, sampler, GRPO trainer, eval, report.
+
+The model is the tiny random Qwen3 and the reward is trivially learnable: the fraction of
+completion tokens equal to TARGET, on a prompt that ends in TARGET tokens (the tiny tied-embedding
+model copies tokens, so groups start with mixed rewards; measured in tests/test_trainer_grpo.py:
+0.06 -> ~0.3 in 12 steps at lr 3e-3). One `flywheel up` run checks as much as it can; killing the
+trainer and resuming costs a second server start and is marked slow.
+
+The loop's server is started by `flywheel up` itself, so the test holds tests/servers.py's vLLM
+lock around it: no other test run starts a server at the same time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from sampler.record import Reward
+from tests.servers import vllm_lock
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = 1000
+PROMPT_TEXT = " Areatusatusatus"  # tokens [8713, 1000, 1000, 1000] in the Qwen tokenizer
+MAX_STEPS, PUSH_EVERY, MAX_STALENESS, BATCH, GROUP = 12, 1, 2, 32, 8
+
+
+def target_fraction(completion: str, answer, completion_token_ids=None, **context) -> Reward:
+    """The learnable reward: share of completion tokens equal to TARGET."""
+    ids = completion_token_ids or []
+    return Reward(name="target_fraction", value=sum(t == TARGET for t in ids) / max(1, len(ids)))
+
+
+def loop_config(tmp_path: Path, tiny_model: Path, **extra) -> Path:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": PROMPT_TEXT}) + "\n" for i in range(5000)))
+    config = {
+        "run_dir": str(tmp_path / "run"), "model": str(tiny_model), "max_steps": MAX_STEPS, "push_every": PUSH_EVERY,
+        "max_staleness": MAX_STALENESS, "group_size": GROUP, "batch_size": BATCH, "lr": 1e-2, "max_tokens": 8,
+        "rewards": [{"name": "tests.test_loop:target_fraction"}], "sampler_concurrency": 4, "eval_size": 4,
+        "refresh_s": 1.0, "live": False, "eval_wait_s": 120,
+        "serve": {"max_model_len": 256, "max_num_seqs": 64, "kv_cache_gib": 1},
+        "sample": {"prompts": {"kind": "jsonl", "path": str(prompts), "num_prompts": None}},
+        "train": {"max_seq_len": 64, "micro_batch_tokens": 512, "min_lr_ratio": 1.0, "queue": {"claim_idle_s": 20}},
+        "eval_settings": {"max_tokens": 8, "poll_s": 1.0},
+        **extra,
+    }
+    path = tmp_path / "loop.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_up(config_path: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(log, "a") as fh:
+        return subprocess.Popen([sys.executable, "-m", "clients.cli", "up", "--config", str(config_path)],
+                                cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def server_url(run_dir: Path) -> str:
+    return f"http://127.0.0.1:{yaml.safe_load((run_dir / 'config' / 'serve.yaml').read_text())['port']}"
+
+
+def wait_for(predicate, timeout_s: float, proc: subprocess.Popen, log: Path, what: str):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise AssertionError(f"flywheel up exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def trainer_steps(run_dir: Path) -> list[dict]:
+    path = run_dir / "train" / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return list({r["step"]: r for r in rows}.values())
+
+
+class SdkTraffic(threading.Thread):
+    """Ordinary OpenAI SDK users on the loop's server: every answer and its policy-version header."""
+
+    def __init__(self, base_url: str, model: str):
+        super().__init__(daemon=True)
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=60)
+        self.model, self.stop, self.results = model, threading.Event(), []
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                raw = self.client.chat.completions.with_raw_response.create(
+                    model=self.model, messages=[{"role": "user", "content": "hello"}], max_tokens=4)
+                raw.parse()
+                self.results.append((raw.http_response.status_code, raw.headers.get("x-flywheel-policy-version")))
+            except Exception as exc:  # recorded, asserted on below
+                self.results.append((repr(exc), None))
+            time.sleep(0.5)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def check_finished_run(run_dir: Path, max_steps: int) -> tuple[list[dict], dict]:
+    """What every finished run must show: steps, versions, staleness, accounting, eval history, report."""
+    steps = sorted(trainer_steps(run_dir), key=lambda r: r["step"])
+    assert [r["step"] for r in steps] == list(range(1, max_steps + 1))
+    final = json.loads((run_dir / "up" / "final.json").read_text())
+    # the server's version advanced once per push: N/K times
+    assert final["policy_version"] == max_steps // PUSH_EVERY
+    pushed = [r["pushed_version"] for r in steps if "pushed_version" in r]
+    assert pushed == sorted(set(pushed)) and pushed[-1] == max_steps // PUSH_EVERY
+    # every trained record was within max_staleness of the trainer's last push
+    trained = [r for r in steps if r.get("completions")]
+    assert trained and all(r["staleness_max"] <= MAX_STALENESS for r in trained)
+    # Redis accounting balances: every produced rollout is acked (trained, or dropped as stale with
+    # its step), skipped as a duplicate, still pending (delivered, not yet durable), queued, or dead
+    assert final["produced"] == (final["acked"] + final["duplicates_skipped"] + final["pending"] + final["lag"]
+                                 + final["dead_lettered"]), final
+    assert final["produced"] >= max_steps * BATCH
+    state = json.loads((run_dir / "train" / "checkpoints" / (run_dir / "train" / "checkpoints" / "latest").read_text().strip()
+                        / "trainer_state" / "state.json").read_text())
+    # trained at most once: every step's records are distinct, and exactly batch_size per step
+    assert len(state["trained_ids"]) == len(set(state["trained_ids"])) == max_steps * BATCH
+    if (run_dir / "eval" / "history.jsonl").is_file():  # eval on version change: each version once, the last one included
+        versions = [json.loads(line)["version"] for line in (run_dir / "eval" / "history.jsonl").read_text().splitlines()]
+        assert versions[-1] == max_steps // PUSH_EVERY and versions == sorted(set(versions))
+    report = (run_dir / "report.html").read_text()
+    assert report.count("data:image/png;base64,") >= 3 and "produced" in report
+    return steps, final
+
+
+def test_loop_trains_pushes_and_serves(tmp_path, tiny_model):
+    config_path = loop_config(tmp_path, tiny_model)
+    run_dir, log = tmp_path / "run", tmp_path / "up.log"
+    with vllm_lock():
+        proc = start_up(config_path, log)
+        seen_pids: set[int] = set()
+        traffic = None
+        try:
+            url = wait_for(lambda: (run_dir / "config" / "serve.yaml").is_file() and server_url(run_dir), 60, proc, log, "configs")
+            wait_for(lambda: healthy(url), 600, proc, log, "the server")
+            traffic = SdkTraffic(url + "/v1", tiny_model.name)
+            traffic.start()
+            def progressed():
+                pids = run_dir / "up" / "pids.json"
+                if pids.is_file():
+                    seen_pids.update(json.loads(pids.read_text()).values())
+                steps = trainer_steps(run_dir)
+                return steps and max(r["step"] for r in steps) >= MAX_STEPS
+            wait_for(progressed, 900, proc, log, "all trainer steps")
+            traffic.stop.set()
+            traffic.join(60)
+            assert proc.wait(300) == 0, log.read_text()[-4000:]
+        finally:
+            if traffic is not None:
+                traffic.stop.set()
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(120)
+    assert seen_pids and not any(alive(pid) for pid in seen_pids)  # no orphans: every child's group is gone
+    steps, final = check_finished_run(run_dir, MAX_STEPS)
+    # the reward is learnable: its mean over the last steps is clearly above the first steps'
+    first = sum(r["reward_mean"] for r in steps[:2]) / 2
+    last = sum(r["reward_mean"] for r in steps[-2:]) / 2
+    assert last > first + 0.1, [round(r["reward_mean"], 3) for r in steps]
+    # production traffic on the same endpoint: only successful answers, each with a version header
+    assert len(traffic.results) >= 5
+    assert all(code == 200 and version is not None for code, version in traffic.results), traffic.results[:5]
+    assert len({v for _, v in traffic.results}) >= 2  # the users saw the policy change under them
+    for name in ("redis", "server", "sampler", "trainer", "eval"):
+        assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_trainer_killed_mid_run_resumes_without_loss_or_double_training(tmp_path, tiny_model):
+    config_path = loop_config(tmp_path, tiny_model, eval=False)
+    run_dir, log = tmp_path / "run", tmp_path / "up.log"
+    with vllm_lock():
+        proc = start_up(config_path, log)
+        try:
+            # killed mid-run: records delivered after the last checkpoint are pending and must come back
+            wait_for(lambda: any(r["step"] == 5 for r in trainer_steps(run_dir)), 900, proc, log, "step 5")
+            trainer_pid = json.loads((run_dir / "up" / "pids.json").read_text())["trainer"]
+            os.killpg(trainer_pid, signal.SIGKILL)
+            assert proc.wait(300) == 1  # a dead child stops the loop (and everything else) with an error
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(120)
+        proc = start_up(config_path, log)  # same run_dir: resumes
+        try:
+            assert proc.wait(900) == 0, log.read_text()[-4000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(120)
+    assert "resumed: pushed step_" in log.read_text()
+    steps, final = check_finished_run(run_dir, MAX_STEPS)
+    assert final["reclaimed"] >= 1 or final["duplicates_skipped"] >= 1  # the killed step's records came back
