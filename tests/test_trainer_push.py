@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,6 +22,9 @@ from trainer.train import train
 PROMPT = "Once upon a time"
 
 
+@pytest.mark.slow  # starts its own vLLM server (~1 min, plus waiting for the one-server lock)
+@pytest.mark.xfail(strict=True, reason="server bug seen 2026-12-01: after a push the tied lm_head keeps the start "
+                   "weights (served logprobs == checkpoint body + base embedding as head, to 7e-7)")
 def test_push_every_k_steps_serves_the_trained_weights(tmp_path, tiny_model):
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
@@ -42,19 +46,22 @@ def test_push_every_k_steps_serves_the_trained_weights(tmp_path, tiny_model):
         assert json.loads((ckpt / "trainer_state" / "state.json").read_text())["pushed_version"] == 2
 
         reply = httpx.post(server.base_url + "/completions", timeout=60, json={
-            "model": server.model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
-            "return_token_ids": True}).json()
-        served = reply["choices"][0]["token_ids"]
+            "model": server.model, "prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, "seed": 0, "logprobs": 0,
+            "ignore_eos": True, "return_token_ids": True}).json()
+        choice = reply["choices"][0]
+        served_ids, served_logprobs = choice["token_ids"], torch.tensor(choice["logprobs"]["token_logprobs"])
     shutil.rmtree(serve_dir, ignore_errors=True)
 
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
 
-    def greedy(path):
+    def logprobs_of(path):  # HF log-probabilities of the tokens the server sampled
         model = AutoModelForCausalLM.from_pretrained(path)
+        ids = torch.tensor([prompt_ids + served_ids])
         with torch.no_grad():
-            out = model.generate(ids, do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
-        return out[0, ids.shape[1]:].tolist()
+            logp = model(ids).logits[0, len(prompt_ids) - 1:-1].log_softmax(-1)
+        return logp.gather(-1, torch.tensor(served_ids)[:, None])[:, 0]
 
-    assert served == greedy(ckpt)  # the server runs the weights of the last push (= final checkpoint)
-    assert served != greedy(tiny_model)  # ... not the ones it started with
+    # the server runs the weights of the last push (= the final checkpoint), not the ones it started with
+    torch.testing.assert_close(served_logprobs, logprobs_of(ckpt), atol=0.01, rtol=0)
+    assert (served_logprobs - logprobs_of(tiny_model)).abs().max() > 0.1
