@@ -1,9 +1,9 @@
 """Flywheel's serving overhead vs bare vLLM, and our load tool vs vLLM's own serving benchmark (issue 6).
 
 One run, one server at a time (never both at once: 2 cores):
-  1. `flywheel serve` on the model; our perf tool's closed-loop load, `reps` times; then vLLM's
-     serving benchmark (vllm.benchmarks.serve, in-process in a child Python) on the same server
-     with the same load, `reps` times.
+  1. `flywheel serve` on the model; our perf tool's closed-loop load and vLLM's serving benchmark
+     (vllm.benchmarks.serve, in a child Python) on the same server with the same load, alternating,
+     `reps` times each.
   2. a bare vLLM server (`python -m vllm.entrypoints.launchers.api_server.entry`) with the same
      engine flags as `flywheel serve` builds (server.serve.vllm_argv) minus Flywheel's worker
      extension; our perf tool's load again, `reps` times.
@@ -142,9 +142,8 @@ def main() -> int:
     t0 = time.time()
     ours_fw, bench_fw, ours_bare = [], [], []
     with start_server(model_path, work / "flywheel") as srv:
-        for _ in range(args.reps):
+        for rep in range(args.reps):  # interleaved, so drift in the machine's load hits both alike
             ours_fw.append(our_load(srv.base_url, srv.model, str(model_path), args))
-        for rep in range(args.reps):
             bench_fw.append(vllm_bench(srv.url, srv.model, str(model_path), args, work, rep))
     with start_bare_vllm(model_path, work / "bare") as bare:
         for _ in range(args.reps):
