@@ -79,6 +79,9 @@ def loop_summary(run_dir: Path) -> dict[str, Any]:
     for key in ("policy_version", "produced", "acked", "pending", "lag", "dead_lettered", "duplicates_skipped"):
         if key in final:
             out[key] = final[key]
+    if all(k in final for k in ("produced", "acked", "duplicates_skipped", "pending", "lag", "dead_lettered")):
+        out["accounting_balanced"] = final["produced"] == (final["acked"] + final["duplicates_skipped"] + final["pending"]
+                                                           + final["lag"] + final["dead_lettered"])
     out["dropped_stale"] = sum(r.get("dropped_stale", 0) for r in steps)
     history = sorted(read_jsonl(run_dir / "eval" / "history.jsonl"), key=lambda h: h.get("version", 0))
     if history:
@@ -163,7 +166,7 @@ def write_report(run_dir: Path, output: Path | None = None) -> Path:
 <style>body{{font-family:sans-serif;max-width:1150px;margin:2em auto}}table{{border-collapse:collapse}}
 th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left}}figure{{display:inline-block;margin:8px}}</style></head>
 <body><h1>flywheel run {html.escape(str(run_dir))}</h1><h2>Summary</h2><table>{rows}</table>
-<p>produced = acked + pending + queued (never delivered) + dead-lettered; stale rollouts are acked with the step that dropped them.</p>
+<p>Accounting (from up/final.json, written when the loop ends by itself): produced = acked + duplicates_skipped + pending + lag (queued, never delivered) + dead_lettered; stale rollouts are acked with the step that dropped them (dropped_stale).</p>
 <h2>Curves</h2>{figures}</body></html>"""
     out = output or run_dir / "report.html"
     out.write_text(page)

@@ -31,7 +31,7 @@ from tests.servers import vllm_lock
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 1000
 PROMPT_TEXT = " Areatusatusatus"  # tokens [8713, 1000, 1000, 1000] in the Qwen tokenizer
-MAX_STEPS, PUSH_EVERY, MAX_STALENESS, BATCH, GROUP = 12, 1, 2, 32, 8
+MAX_STEPS, PUSH_EVERY, MAX_STALENESS, BATCH, GROUP = 12, 1, 1, 32, 8
 
 
 def target_fraction(completion: str, answer, completion_token_ids=None, **context) -> Reward:
@@ -45,7 +45,7 @@ def loop_config(tmp_path: Path, tiny_model: Path, **extra) -> Path:
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": PROMPT_TEXT}) + "\n" for i in range(5000)))
     config = {
         "run_dir": str(tmp_path / "run"), "model": str(tiny_model), "max_steps": MAX_STEPS, "push_every": PUSH_EVERY,
-        "max_staleness": MAX_STALENESS, "group_size": GROUP, "batch_size": BATCH, "lr": 1e-2, "max_tokens": 8,
+        "max_staleness": MAX_STALENESS, "group_size": GROUP, "batch_size": BATCH, "max_backlog": BATCH, "lr": 3e-3, "max_tokens": 8,
         "rewards": [{"name": "tests.test_loop:target_fraction"}], "sampler_concurrency": 4, "eval_size": 4,
         "refresh_s": 1.0, "live": False, "eval_wait_s": 120,
         "serve": {"max_model_len": 256, "max_num_seqs": 64, "kv_cache_gib": 1},
@@ -185,9 +185,9 @@ def test_loop_trains_pushes_and_serves(tmp_path, tiny_model):
     assert seen_pids and not any(alive(pid) for pid in seen_pids)  # no orphans: every child's group is gone
     steps, final = check_finished_run(run_dir, MAX_STEPS)
     # the reward is learnable: its mean over the last steps is clearly above the first steps'
-    first = sum(r["reward_mean"] for r in steps[:2]) / 2
-    last = sum(r["reward_mean"] for r in steps[-2:]) / 2
-    assert last > first + 0.1, [round(r["reward_mean"], 3) for r in steps]
+    first = sum(r["reward_mean"] for r in steps[:3]) / 3
+    last = sum(r["reward_mean"] for r in steps[-3:]) / 3
+    assert last > first + 0.05, [round(r["reward_mean"], 3) for r in steps]
     # production traffic on the same endpoint: only successful answers, each with a version header
     assert len(traffic.results) >= 5
     assert all(code == 200 and version is not None for code, version in traffic.results), traffic.results[:5]
@@ -196,29 +196,46 @@ def test_loop_trains_pushes_and_serves(tmp_path, tiny_model):
         assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0
 
 
+def run_until(config_path: Path, log: Path, run_dir: Path, step: int, pids: set[int]) -> subprocess.Popen:
+    """Start `flywheel up` and return it once the trainer has logged `step` (collecting child pids)."""
+    proc = start_up(config_path, log)
+
+    def reached():
+        if (run_dir / "up" / "pids.json").is_file():
+            pids.update(json.loads((run_dir / "up" / "pids.json").read_text()).values())
+        return any(r["step"] >= step for r in trainer_steps(run_dir))
+    wait_for(reached, 900, proc, log, f"step {step}")
+    return proc
+
+
 @pytest.mark.slow
-def test_trainer_killed_mid_run_resumes_without_loss_or_double_training(tmp_path, tiny_model):
+def test_trainer_killed_mid_run_then_sigterm_then_resume_loses_nothing_trains_nothing_twice(tmp_path, tiny_model):
     config_path = loop_config(tmp_path, tiny_model, eval=False)
     run_dir, log = tmp_path / "run", tmp_path / "up.log"
+    pids: set[int] = set()
     with vllm_lock():
-        proc = start_up(config_path, log)
+        # 1. the trainer dies mid-run: `flywheel up` stops everything else and exits 1
+        proc = run_until(config_path, log, run_dir, 4, pids)
         try:
-            # killed mid-run: records delivered after the last checkpoint are pending and must come back
-            wait_for(lambda: any(r["step"] == 5 for r in trainer_steps(run_dir)), 900, proc, log, "step 5")
-            trainer_pid = json.loads((run_dir / "up" / "pids.json").read_text())["trainer"]
-            os.killpg(trainer_pid, signal.SIGKILL)
-            assert proc.wait(300) == 1  # a dead child stops the loop (and everything else) with an error
+            os.killpg(json.loads((run_dir / "up" / "pids.json").read_text())["trainer"], signal.SIGKILL)
+            assert proc.wait(300) == 1
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(120)
-        proc = start_up(config_path, log)  # same run_dir: resumes
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert not any(alive(pid) for pid in pids)
+        # 2. resumed, then stopped by SIGTERM (what Ctrl-C does): exit 130, no orphans, state kept
+        proc = run_until(config_path, log, run_dir, 8, pids)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(300) == 130
+        assert not any(alive(pid) for pid in pids)
+        # 3. resumed again, to the end
+        proc = start_up(config_path, log)
         try:
             assert proc.wait(900) == 0, log.read_text()[-4000:]
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(120)
-    assert "resumed: pushed step_" in log.read_text()
+    assert log.read_text().count("resumed: pushed step_") == 2
     steps, final = check_finished_run(run_dir, MAX_STEPS)
-    assert final["reclaimed"] >= 1 or final["duplicates_skipped"] >= 1  # the killed step's records came back
+    assert final["reclaimed"] >= 1  # what was delivered but not checkpointed came back

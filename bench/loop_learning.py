@@ -1,0 +1,65 @@
+"""Learning on the real model: SmolLM2-135M-Instruct, GRPO through `flywheel up`, held-out eval before and after.
+
+Runs `flywheel up --config configs/loop.yaml` (easy chain_sum, last-number + format reward) for
+--steps optimizer steps. Eval runs `flywheel eval --watch` on a fixed-seed held-out set
+(RUN_DIR/eval/heldout.jsonl, seed 10,000,000: never a training prompt) once per policy version,
+so the first history line is the model before training (version 0) and the last one the final
+policy. Writes bench/results/loop_learning.json with both scores, the reward curve's first and
+last quarter, and the command; the numbers are whatever they are.
+
+    python bench/loop_learning.py --steps 30 [--run-dir runs/smollm2-grpo] [--eval-size 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from clients.report import loop_summary  # noqa: E402
+from tests.servers import vllm_lock  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/smollm2-grpo"))
+    parser.add_argument("--eval-size", type=int, default=50)
+    parser.add_argument("--extra", nargs="*", default=[], help="More `flywheel up` flags, e.g. --lr 5e-6")
+    args = parser.parse_args()
+    argv = [sys.executable, "-m", "clients.cli", "up", "--config", str(REPO / "configs" / "loop.yaml"),
+            "--run-dir", str(args.run_dir), "--max-steps", str(args.steps), "--eval-size", str(args.eval_size),
+            "--no-live", *args.extra]
+    start = time.time()
+    with vllm_lock():
+        rc = subprocess.call(argv, cwd=REPO)
+    summary = loop_summary(args.run_dir)
+    history = [json.loads(line) for line in (args.run_dir / "eval" / "history.jsonl").read_text().splitlines() if line.strip()] \
+        if (args.run_dir / "eval" / "history.jsonl").is_file() else []
+    history.sort(key=lambda h: h["version"])
+    score = lambda h: sum(h["scores"].values()) / len(h["scores"])
+    results = {"command": " ".join(["python", "bench/loop_learning.py", *sys.argv[1:]]), "machine": platform.node(),
+               "rc": rc, "wall_s": round(time.time() - start, 1), "steps": summary.get("steps"),
+               "eval_size": args.eval_size, "eval_versions": len(history)}
+    if history:
+        results |= {"eval_before_version": history[0]["version"], "eval_before": score(history[0]),
+                    "eval_after_version": history[-1]["version"], "eval_after": score(history[-1])}
+        results["after_vs_before_ratio"] = round(results["eval_after"] / results["eval_before"], 3) if results["eval_before"] else None
+    for key in ("reward_first_quarter", "reward_last_quarter", "optimizer_steps_per_hour", "rollouts_per_s", "dropped_stale"):
+        if summary.get(key) is not None:
+            results[key] = summary[key]
+    out = REPO / "bench" / "results" / "loop_learning.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Benchmark: `flywheel up` async vs `--sync`, the same model, steps and settings, in the same run.
+
+Runs the whole loop twice (each a real `flywheel up`: redis, server, sampler, trainer; eval off)
+and reads each run's own records (clients/report.py's loop_summary): optimizer steps per hour,
+rollouts/s, trainer tokens/s, server busy fraction (share of 1 s status samples with a request
+running). Writes bench/results/loop_throughput.json with flat keys; A_vs_B_ratio = A / B.
+
+    python bench/loop_throughput.py                                  # tiny-qwen3, learnable token reward
+    python bench/loop_throughput.py --model smollm2-135m-instruct --steps 6 --batch-size 16
+
+On tiny-qwen3 the reward is tests/test_loop.py's target-token fraction (the random model has no
+signal on real tasks); on any other model, `flywheel up`'s defaults (easy chain_sum, last number +
+format bonus). Note what --sync costs here: every round starts a sampler and a trainer process
+(imports + model load), which is part of the price of not overlapping on this design.
+The vLLM lock of tests/servers.py is held for the whole benchmark (one server on the machine at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from clients.report import loop_summary  # noqa: E402
+from tests.servers import vllm_lock  # noqa: E402
+
+
+def loop_config(args, run_dir: Path, prompts: Path, sync: bool) -> dict:
+    config = {"run_dir": str(run_dir), "model": args.model, "max_steps": args.steps, "push_every": args.push_every,
+              "batch_size": args.batch_size, "group_size": args.group_size, "max_staleness": 2, "eval": False,
+              "live": False, "refresh_s": 1.0, "sync": sync, "serve": {"max_model_len": 1024}}
+    if args.model == "tiny-qwen3":
+        config |= {"lr": 1e-2, "max_tokens": 8, "rewards": [{"name": "tests.test_loop:target_fraction"}],
+                   "sample": {"prompts": {"kind": "jsonl", "path": str(prompts), "num_prompts": None}},
+                   "train": {"max_seq_len": 64, "micro_batch_tokens": 512}}
+    return config
+
+
+def run_loop(config: dict, workdir: Path, name: str) -> tuple[dict, float, int]:
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    start = time.time()
+    with open(workdir / f"{name}.log", "w") as log:
+        rc = subprocess.call([sys.executable, "-m", "clients.cli", "up", "--config", str(path)], cwd=REPO,
+                             stdout=log, stderr=subprocess.STDOUT)
+    return loop_summary(Path(config["run_dir"])), time.time() - start, rc
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny-qwen3")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--push-every", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--workdir", type=Path, default=None, help="Keep the two run directories here (default: a temp dir)")
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loop-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    prompts = workdir / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": " Areatusatusatus"}) + "\n" for i in range(20000)))
+    results: dict = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": platform.node(),
+                     "cpus": __import__("os").cpu_count(), "python": platform.python_version(), "model": args.model,
+                     "steps": args.steps, "push_every": args.push_every, "batch_size": args.batch_size}
+    try:
+        import torch
+        import vllm
+
+        results["versions"] = f"torch {torch.__version__}, vllm {vllm.__version__}"
+    except Exception:
+        pass
+    with vllm_lock():
+        for mode in ("async", "sync"):
+            summary, wall, rc = run_loop(loop_config(args, workdir / mode, prompts, mode == "sync"), workdir, mode)
+            print(f"{mode}: rc={rc} wall={wall:.0f}s {summary}", flush=True)
+            results[f"{mode}_rc"] = rc
+            results[f"{mode}_wall_s"] = round(wall, 1)
+            for key in ("optimizer_steps_per_hour", "rollouts_per_s", "trainer_tokens_per_s", "server_busy_fraction",
+                        "server_tokens_per_s", "seconds", "steps", "dropped_stale"):
+                if summary.get(key) is not None:
+                    results[f"{mode}_{key}"] = round(summary[key], 3) if isinstance(summary[key], float) else summary[key]
+    for key in ("optimizer_steps_per_hour", "rollouts_per_s", "server_busy_fraction"):
+        a, s = results.get(f"async_{key}"), results.get(f"sync_{key}")
+        if a and s:
+            results[f"async_vs_sync_{key}_ratio"] = round(a / s, 3)
+    out = REPO / "bench" / "results" / "loop_throughput.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0 if results.get("async_rc") == 0 and results.get("sync_rc") == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
