@@ -11,7 +11,7 @@ list of safetensors files that the API process already validated. The engine
      while the old weights are still untouched;
   2. then reloads in place through vLLM's layerwise reload (model.load_weights on the
      checkpoint-format names, then the per-layer post-processing);
-  3. on CPU, re-packs fused-MoE expert weights, which the in-place reload leaves unpacked
+  3. re-ties a tied lm_head to the new embeddings, and on CPU re-packs fused-MoE expert weights, which the in-place reload leaves unpacked
      (outputs silently diverge otherwise: see shared/FIELD-NOTES.md).
 """
 
@@ -58,6 +58,27 @@ def repack_cpu_moe(model: torch.nn.Module) -> int:
     return count
 
 
+def retie_lm_head(model: torch.nn.Module, hf_config) -> bool:
+    """Tie the output head to the new embeddings after a reload.
+
+    The layerwise reload re-creates the embedding's parameter, but the tied lm_head loads no
+    weights of its own, so vLLM puts its old kernel tensors back: it would keep serving the
+    *old* embedding matrix (greedy text barely moves, logprobs do). Re-point it and re-run its
+    post-processing (on CPU that re-packs the GEMM weight).
+    """
+    if not getattr(hf_config, "tie_word_embeddings", False):
+        return False
+    lm_head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if lm_head is None or embed is None or lm_head is embed:
+        return False
+    lm_head.weight = embed.weight
+    method = getattr(lm_head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(lm_head)
+    return True
+
+
 class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo]):
     init_info_cls = FileInitInfo
     update_info_cls = FileUpdateInfo
@@ -92,6 +113,7 @@ class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo
         initialize_layerwise_reload(self.model)  # 2. vLLM's in-place reload
         self.model.load_weights(iter(tensors))
         finalize_layerwise_reload(self.model, self.model_config)
+        retie_lm_head(self.model, self.model_config.hf_config)
         repack_cpu_moe(self.model)  # 3.
 
     def shutdown(self) -> None:
