@@ -23,8 +23,6 @@ PROMPT = "Once upon a time"
 
 
 @pytest.mark.slow  # starts its own vLLM server (~1 min, plus waiting for the one-server lock)
-@pytest.mark.xfail(strict=True, reason="server bug seen 2026-12-01: after a push the tied lm_head keeps the start "
-                   "weights (served logprobs == checkpoint body + base embedding as head, to 7e-7)")
 def test_push_every_k_steps_serves_the_trained_weights(tmp_path, tiny_model):
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
