@@ -36,7 +36,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -55,7 +54,7 @@ def start_bare_vllm(model_path: Path, workdir: Path, **overrides):
     backend), under the same one-server lock."""
     from server.config import ServeConfig
     from server.serve import engine_environment, on_cpu, vllm_argv
-    from tests.servers import RunningServer, free_port, stop_server, vllm_lock
+    from tests.servers import free_port, launch
 
     workdir.mkdir(parents=True, exist_ok=True)
     config = ServeConfig(model=str(model_path), port=free_port(), data_dir=workdir / "data", kv_cache_gib=1, max_model_len=1024,
@@ -69,28 +68,9 @@ def start_bare_vllm(model_path: Path, workdir: Path, **overrides):
     env = {**os.environ, **engine_environment(config, cpu)}
     for key in ("VLLM_CACHE_ROOT", "TMPDIR"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
-    log_path = workdir / "server.log"
-    with vllm_lock():
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", *argv], stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=REPO)
-        server = RunningServer(url=f"http://127.0.0.1:{config.port}", model=name, admin_token="", process=proc, log_path=log_path)
-        try:
-            deadline = time.time() + 600
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"bare vLLM exited with {proc.returncode}:\n{server.log_tail()}")
-                try:
-                    if httpx.get(server.url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.time() > deadline:
-                    raise RuntimeError(f"bare vLLM did not become healthy:\n{server.log_tail()}")
-                time.sleep(1)
-            yield server
-        finally:
-            stop_server(proc)
+    with launch([sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", *argv], workdir, config.port,
+                name, env=env, what="bare vLLM") as server:
+        yield server
 
 
 def our_load(base_url: str, model: str, tokenizer: str, args) -> dict:

@@ -102,26 +102,35 @@ def start_server(model: str | os.PathLike, workdir: Path, **overrides):
     for key, value in settings.items():
         if value is not None:
             argv += _flag(key, value)
-    log_path = workdir / "server.log"
+    with launch(argv, workdir, settings["port"], served_name, admin_token=admin_token,
+                api_key=settings.get("api_key")) as server:
+        yield server
+
+
+@contextmanager
+def launch(argv: list[str], workdir: Path, port: int, model: str, admin_token: str = "", api_key: str | None = None,
+           env: dict | None = None, what: str = "flywheel serve"):
+    """Start a server process under the one-server lock, wait for /health, stop it on exit."""
+    log_path = Path(workdir) / "server.log"
     with vllm_lock():
         with open(log_path, "w") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=_die_with_parent,
+                                    preexec_fn=_die_with_parent, env=env,
                                     cwd=Path(__file__).resolve().parents[1])
-        server = RunningServer(url=f"http://127.0.0.1:{settings['port']}", model=served_name, admin_token=admin_token,
-                               process=proc, log_path=log_path, api_key=settings.get("api_key"))
+        server = RunningServer(url=f"http://127.0.0.1:{port}", model=model, admin_token=admin_token,
+                               process=proc, log_path=log_path, api_key=api_key)
         try:
             deadline = time.time() + STARTUP_TIMEOUT_S
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"flywheel serve exited with {proc.returncode}:\n{server.log_tail()}")
+                    raise RuntimeError(f"{what} exited with {proc.returncode}:\n{server.log_tail()}")
                 try:
                     if httpx.get(server.url + "/health", timeout=2).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
                 if time.time() > deadline:
-                    raise RuntimeError(f"flywheel serve did not become healthy in {STARTUP_TIMEOUT_S}s:\n{server.log_tail()}")
+                    raise RuntimeError(f"{what} did not become healthy in {STARTUP_TIMEOUT_S}s:\n{server.log_tail()}")
                 time.sleep(1)
             yield server
         finally:
