@@ -23,3 +23,23 @@ def served_model(base_url: str, model: str | None, command: str, api_key: str = 
     if not served:
         raise SystemExit(f"flywheel {command}: error: {url} lists no models; pass --model")
     return served[0]
+
+
+def wait_healthy(url: str, process, timeout_s: float) -> str | None:
+    """Poll GET {url}/health until 200 while `process` (a Popen) lives.
+
+    Returns None when healthy, else why not ("exited with N" or "not healthy after Ns")."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while True:
+        if process.poll() is not None:
+            return f"exited with {process.poll()}"
+        try:
+            if httpx.get(url.rstrip("/") + "/health", timeout=2).status_code == 200:
+                return None
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            return f"not healthy after {timeout_s:.0f}s"
+        time.sleep(1)

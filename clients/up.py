@@ -231,22 +231,13 @@ class Loop:
         client.close()
 
     def start_server(self) -> None:
-        import httpx
+        from clients.endpoint import wait_healthy
 
         child = self.start("server", cli_child("server", ["serve"], self.files["serve"], self.run_dir, self.secret_env))
-        deadline = time.time() + self.config.startup_timeout_s
         print(f"flywheel up: starting the server on {self.server_url} (log: {child.log_path})", flush=True)
-        while True:
-            if child.poll() is not None:
-                raise fail(f"the server exited with {child.poll()}; see {child.log_path}:\n{child.log_tail()}")
-            try:
-                if httpx.get(self.server_url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise fail(f"the server was not healthy after {self.config.startup_timeout_s:.0f}s; see {child.log_path}")
-            time.sleep(1)
+        problem = wait_healthy(self.server_url, child, self.config.startup_timeout_s)
+        if problem:
+            raise fail(f"the server {problem}; see {child.log_path}:\n{child.log_tail()}")
         self.restore_served_version()
 
     def restore_served_version(self) -> None:

@@ -13,12 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from clients.endpoint import wait_healthy
 
 LOCK = Path("/tmp/flywheel-vllm.lock")
 STARTUP_TIMEOUT_S = float(os.environ.get("FLYWHEEL_TEST_STARTUP_TIMEOUT", "420"))
@@ -120,18 +119,9 @@ def launch(argv: list[str], workdir: Path, port: int, model: str, admin_token: s
         server = RunningServer(url=f"http://127.0.0.1:{port}", model=model, admin_token=admin_token,
                                process=proc, log_path=log_path, api_key=api_key)
         try:
-            deadline = time.time() + STARTUP_TIMEOUT_S
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{what} exited with {proc.returncode}:\n{server.log_tail()}")
-                try:
-                    if httpx.get(server.url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.time() > deadline:
-                    raise RuntimeError(f"{what} did not become healthy in {STARTUP_TIMEOUT_S}s:\n{server.log_tail()}")
-                time.sleep(1)
+            problem = wait_healthy(server.url, proc, STARTUP_TIMEOUT_S)
+            if problem:
+                raise RuntimeError(f"{what} {problem}:\n{server.log_tail()}")
             yield server
         finally:
             stop_server(proc)
