@@ -182,12 +182,12 @@ def test_both_layer_specs_match_hf_logits(attention, experts, tiny_moe_model, me
 
     from trainer.megatron.convert import hf_state_dict, load_hf_state_dict
     from trainer.megatron.model import arch_from_hf, build_gpt
-    from trainer.megatron.parallel import ParallelDegrees, init_parallel
+    from trainer.megatron.parallel import init_parallel
 
-    init_parallel(ParallelDegrees())
+    init_parallel()
     hf = AutoModelForCausalLM.from_pretrained(tiny_moe_model).eval()
     arch = arch_from_hf(tiny_moe_model)
-    model = build_gpt(arch, ParallelDegrees(), attention=attention, experts=experts).eval()
+    model = build_gpt(arch, ParallelConfig(), attention=attention, experts=experts).eval()
     load_hf_state_dict(model, hf.state_dict(), arch)
     ids, pos, _ = make_batch()
     with torch.no_grad():

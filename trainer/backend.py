@@ -34,11 +34,34 @@ IGNORE = -100
 
 
 class ParallelConfig(BaseModel):
-    """Model-parallel degrees; only the megatron backend reads them (data parallel = world / (tp*pp*ep))."""
+    """Model-parallel degrees: the one parallel config of both backends, the CLI (`--parallel.tensor 2`),
+    YAML (`parallel: {tensor: 2}`) and the megatron internals (trainer/megatron/parallel.py, model.py).
 
-    tensor: int = Field(default=1, ge=1, description="Tensor-parallel degree (megatron only)")
-    pipeline: int = Field(default=1, ge=1, description="Pipeline-parallel degree (megatron only)")
-    expert: int = Field(default=1, ge=1, description="Expert-parallel degree for MoE models (megatron only)")
+    Only the megatron backend splits the model; the transformers backend runs one process and refuses
+    degrees above 1. Data parallelism takes the remaining ranks: world = tensor * pipeline * data, and
+    `expert` must divide tensor * data (experts are split over ranks that share a pipeline stage).
+    """
+
+    tensor: int = Field(default=1, ge=1, description="Tensor-parallel degree: attention heads, FFN columns and the vocabulary split over ranks (megatron only)")
+    pipeline: int = Field(default=1, ge=1, description="Pipeline-parallel degree: layers split into consecutive stages, trained with megatron's 1F1B schedule (megatron only)")
+    expert: int = Field(default=1, ge=1, description="Expert-parallel degree for MoE models: experts split over ranks (megatron only)")
+
+    # megatron's own names for the same three numbers (trainer/megatron/model.py and bench/ read them)
+    @property
+    def tensor_parallel(self) -> int:
+        return self.tensor
+
+    @property
+    def pipeline_parallel(self) -> int:
+        return self.pipeline
+
+    @property
+    def expert_parallel(self) -> int:
+        return self.expert
+
+    @property
+    def splits_model(self) -> bool:
+        return self.tensor * self.pipeline * self.expert > 1
 
 
 class PolicyConfig(BaseModel):
@@ -49,6 +72,7 @@ class PolicyConfig(BaseModel):
     bf16: bool = Field(default=False, description="Keep weights and compute in bfloat16 (slow on CPU: fp32 there)")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward to save memory")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Model-parallel degrees (megatron)")
+    seed: int = Field(default=0, description="Seed of torch's and megatron's model-parallel RNGs at build time")
 
 
 @runtime_checkable
@@ -93,6 +117,10 @@ def build_policy(config: PolicyConfig) -> Policy:
     """Build the configured backend's policy from an HF folder."""
     if config.backend == "transformers":
         from trainer.hf_backend import HFPolicy
+
+        if config.parallel.splits_model:
+            raise SystemExit(f"flywheel train: error: the transformers backend runs one process and cannot split the model "
+                             f"(parallel: {config.parallel.model_dump()}); use --backend megatron")
 
         return HFPolicy(config)
     if not megatron_available():

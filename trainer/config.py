@@ -91,4 +91,5 @@ class TrainConfig(BaseModel):
 
     def policy_config(self, model: str | Path | None = None) -> PolicyConfig:
         return PolicyConfig(backend=self.backend, model=str(model or self.model), bf16=self.bf16,
-                            gradient_checkpointing=self.gradient_checkpointing, parallel=self.parallel)
+                            gradient_checkpointing=self.gradient_checkpointing, parallel=self.parallel,
+                            seed=self.seed)

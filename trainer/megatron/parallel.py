@@ -9,26 +9,24 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from dataclasses import dataclass
 
 from trainer.megatron.cpu_patches import apply_patches
 
+if TYPE_CHECKING:
+    from trainer.backend import ParallelConfig
 
-@dataclass(frozen=True)
-class ParallelDegrees:
-    """Megatron parallel degrees; data parallelism takes the remaining ranks.
 
-    A plain dataclass (the user-facing, described config is trainer.backend.ParallelConfig) so that
-    bench/ can run on a machine without pydantic.
-    """
+def __getattr__(name: str):
+    # The old name of trainer.backend.ParallelConfig, still imported by bench/train_speed.py.
+    if name == "ParallelDegrees":
+        from trainer.backend import ParallelConfig
 
-    tensor_parallel: int = 1  # TP: attention heads and FFN columns split over ranks
-    pipeline_parallel: int = 1  # PP: layers split into stages
-    expert_parallel: int = 1  # EP: MoE experts split over ranks
-    seed: int = 0  # weight initialisation and megatron's RNG tracker
+        return ParallelConfig
+    raise AttributeError(name)
 
 
 def _free_port() -> int:
@@ -43,10 +41,16 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_parallel(config: ParallelDegrees) -> None:
-    """Start torch.distributed (if needed) and megatron's model-parallel groups."""
+def init_parallel(config: "ParallelConfig | None" = None, seed: int = 0) -> None:
+    """Start torch.distributed (if needed) and megatron's model-parallel groups (None: all degrees 1).
+
+    `seed` seeds torch and megatron's model-parallel RNG tracker (weight init, dropout).
+    """
     from megatron.core import parallel_state, tensor_parallel
 
+    from trainer.backend import ParallelConfig
+
+    config = config or ParallelConfig()
     apply_patches()
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain python: a world of one on loopback
@@ -56,20 +60,20 @@ def init_parallel(config: ParallelDegrees) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     world = dist.get_world_size()
-    model_parallel = config.tensor_parallel * config.pipeline_parallel
+    model_parallel = config.tensor * config.pipeline
     if world % model_parallel:
         raise SystemExit(f"flywheel train: error: world size {world} is not a multiple of TP*PP = {model_parallel}")
-    if config.expert_parallel > 1 and (world // config.pipeline_parallel) % config.expert_parallel:
-        raise SystemExit(f"flywheel train: error: expert_parallel {config.expert_parallel} must divide TP*DP = {world // config.pipeline_parallel}")
+    if config.expert > 1 and (world // config.pipeline) % config.expert:
+        raise SystemExit(f"flywheel train: error: expert_parallel {config.expert} must divide TP*DP = {world // config.pipeline}")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=config.tensor_parallel,
-        pipeline_model_parallel_size=config.pipeline_parallel,
-        expert_model_parallel_size=config.expert_parallel,
+        tensor_model_parallel_size=config.tensor,
+        pipeline_model_parallel_size=config.pipeline,
+        expert_model_parallel_size=config.expert,
     )
-    tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
-    torch.manual_seed(config.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
 
 
 def shutdown() -> None:

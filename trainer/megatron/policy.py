@@ -26,7 +26,7 @@ import torch.distributed as dist
 from trainer.backend import IGNORE, PolicyConfig
 from trainer.megatron.convert import full_to_hf, gather_full, hf_state_dict, load_hf_state_dict
 from trainer.megatron.model import arch_from_hf, build_gpt
-from trainer.megatron.parallel import ParallelDegrees, device, init_parallel
+from trainer.megatron.parallel import device, init_parallel
 
 _TP_PARTIAL_GRADS = ("q_layernorm.weight", "k_layernorm.weight")
 
@@ -53,9 +53,9 @@ class MegatronPolicy:
             raise SystemExit("flywheel train: error: the megatron backend has no pipeline schedule yet (use parallel.pipeline=1)")
         self.path = resolve_model_path(config.model)
         self.arch = arch_from_hf(self.path)
-        init_parallel(ParallelDegrees(config.parallel.tensor, config.parallel.pipeline, config.parallel.expert))
+        init_parallel(config.parallel, seed=config.seed)
         self.dtype = torch.bfloat16 if config.bf16 else torch.float32
-        self.model = build_gpt(self.arch, ParallelDegrees(config.parallel.tensor, 1, config.parallel.expert),
+        self.model = build_gpt(self.arch, config.parallel,
                                dtype=self.dtype, recompute=config.gradient_checkpointing)
         hf = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype)
         load_hf_state_dict(self.model, {k: v.to(device()) for k, v in hf.state_dict().items()}, self.arch)
