@@ -40,8 +40,17 @@ class TrainState(BaseModel):
         del self.trained_ids[:-MAX_REMEMBERED_IDS]
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        torch.distributed.barrier()
 
 
 def _rng_state() -> dict:
@@ -64,6 +73,7 @@ def save_checkpoint(run_dir: Path, policy, optimizer, scheduler, state: TrainSta
     (tmp / "trainer_state").mkdir(parents=True, exist_ok=True)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                tmp / "trainer_state" / f"rank{_rank()}.pt")
+    _barrier()  # every rank's state is in tmp before rank 0 renames it (else a rank's file can miss the rename)
     if _rank() == 0:
         (tmp / "trainer_state" / "state.json").write_text(state.model_dump_json())
         if final.exists():
@@ -73,6 +83,7 @@ def save_checkpoint(run_dir: Path, policy, optimizer, scheduler, state: TrainSta
         os.replace(root / "latest.tmp", root / "latest")
         for old in sorted(root.glob("step_*"))[:-keep]:
             shutil.rmtree(old)
+    _barrier()  # nobody reads `latest` or starts the next save before the rename
     return final
 
 
@@ -86,7 +97,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_trainer_state(checkpoint: Path, optimizer, scheduler) -> TrainState:
     """Restore optimizer, scheduler and RNG in place; return the TrainState."""
-    blob = torch.load(checkpoint / "trainer_state" / f"rank{_rank()}.pt", weights_only=False)
+    path = checkpoint / "trainer_state" / f"rank{_rank()}.pt"
+    if not path.is_file():
+        world = torch.distributed.get_world_size() if _distributed() else 1
+        raise SystemExit(f"flywheel train: error: {path} is missing: resume with the world size and parallel "
+                         f"degrees the checkpoint was written with (this run has {world} ranks)")
+    blob = torch.load(path, weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     _set_rng_state(blob["rng"])

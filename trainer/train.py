@@ -39,8 +39,46 @@ def make_source(config: TrainConfig, tokenizer):
     if config.queue is not None:
         from trainer.queue_source import QueueSource
 
-        return QueueSource(config)
-    return FileSource(config, tokenizer)
+        return RankZeroSource(QueueSource(config) if is_main_rank() else None)
+    return FileSource(config, tokenizer)  # a pure function of (step, seed): every rank computes the same batch
+
+
+class RankZeroSource:
+    """A live source (the queue) read by rank 0 only; every other rank gets rank 0's StepData.
+
+    Under torchrun every model-parallel rank must train the same records: one consumer reading the
+    queue per rank would hand each rank different records (and ack them from the wrong process).
+    Rank 0 reads, acks and keeps deliveries alive; the others receive the step's samples and ids.
+    """
+
+    def __init__(self, source):
+        self.source = source
+        self.items: list = []
+
+    def next_step(self, step: int, state: TrainState):
+        from trainer.sources import StepData
+
+        dist = torch.distributed
+        data = self.source.next_step(step, state) if self.source is not None else None
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return data
+        box = [None if data is None else StepData(data.items, data.indices, data.record_ids, [], data.info)]
+        dist.broadcast_object_list(box, src=0)
+        if data is not None:
+            return data  # rank 0 keeps its deliveries (acks)
+        return box[0]
+
+    def ack_durable(self, acks: list) -> None:
+        if self.source is not None:
+            self.source.ack_durable(acks)
+
+    def keep_alive(self, acks: list) -> None:
+        if self.source is not None:
+            self.source.keep_alive(acks)
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
 
 
 def dpo_reference(policy, pairs, config: TrainConfig, pad_id: int) -> torch.Tensor:

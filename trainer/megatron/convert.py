@@ -248,7 +248,11 @@ def load_hf_state_dict(model, hf: dict[str, torch.Tensor], arch: ModelArch) -> N
     layout = Layout(model, arch)
     own = model.state_dict()
     names = {n for n, t in own.items() if not n.endswith("_extra_state")}
-    shard = shard_full(hf_to_full(hf, arch), layout, names)
+    full = hf_to_full(hf, arch)
+    if arch.tie_word_embeddings and "output_layer.weight" in names:
+        # PP > 1: the last stage holds its own copy of the tied embedding as its output layer
+        full["output_layer.weight"] = full["embedding.word_embeddings.weight"]
+    shard = shard_full(full, layout, names)
     missing = sorted(names - set(shard))
     if missing:
         raise KeyError(f"HF weights do not cover megatron parameters {missing[:5]}")

@@ -10,7 +10,10 @@ Same config, same batch layout, same HF checkpoints as the transformers backend:
 - gradients: megatron's DDP wrapper hard-codes CUDA, so `finalize_grads` does the reductions
   itself: q/k-layernorm grads summed over TP (each rank saw only its heads), then the mean over
   data-parallel replicas (expert weights over the expert-data-parallel group).
-Pipeline parallelism builds and converts but has no training schedule here: PP>1 is refused.
+- pipeline parallelism: through megatron's 1F1B schedule (trainer/megatron/pipeline.py): a
+  forward-only pass gives every stage the log-probs, the recipe's backward records dloss/dlogprobs,
+  and `finalize_grads` runs the forward+backward schedule on the surrogate sum(logprobs * grad).
+  Tied embeddings: the last stage's copy of the embedding gets the first stage's grad and vice versa.
 """
 
 from __future__ import annotations
@@ -43,18 +46,30 @@ def document_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
     return ~allowed[:, None]
 
 
+def _logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p(targets) from vocab-parallel logits [B, T, V / TP] (exact under TP: no full-vocab gather)."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    # a new fp32 tensor (the division copies): megatron's cross-entropy works in place on its input
+    scaled = logits.float() / temperature
+    logprobs = -vocab_parallel_cross_entropy(scaled, targets.clamp(min=0))
+    return logprobs.masked_fill(targets == IGNORE, 0.0)
+
+
 class MegatronPolicy:
     def __init__(self, config: PolicyConfig):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from trainer.hf_backend import resolve_model_path
 
-        if config.parallel.pipeline > 1:
-            raise SystemExit("flywheel train: error: the megatron backend has no pipeline schedule yet (use parallel.pipeline=1)")
         self.path = resolve_model_path(config.model)
         self.arch = arch_from_hf(self.path)
         init_parallel(config.parallel, seed=config.seed)
         self.dtype = torch.bfloat16 if config.bf16 else torch.float32
+        if config.parallel.pipeline > 1:
+            from trainer.megatron.pipeline import apply_cpu_patches
+
+            apply_cpu_patches()
         self.model = build_gpt(self.arch, config.parallel,
                                dtype=self.dtype, recompute=config.gradient_checkpointing)
         hf = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype)
@@ -62,18 +77,32 @@ class MegatronPolicy:
         del hf
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model.train()
+        self.pipeline = None
+        self._pending: list = []  # PP: this step's micro-batches awaiting the forward+backward schedule
+        if config.parallel.pipeline > 1:
+            from trainer.megatron.pipeline import PipelineRunner
+
+            self.pipeline = PipelineRunner(self.model, _logprobs_from_logits, document_mask)
 
     # -------------------------------------------------------------- forward
 
     def forward_logprobs(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
                          temperature: float = 1.0) -> torch.Tensor:
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
+        if self.pipeline is not None:
+            return self._pipeline_logprobs(input_ids, position_ids, targets, temperature)
         logits = self.model(input_ids, position_ids, document_mask(position_ids))  # [B, T, V / TP]
-        # a new fp32 tensor (the division copies): megatron's cross-entropy works in place on its input
-        scaled = logits.float() / temperature
-        logprobs = -vocab_parallel_cross_entropy(scaled, targets.clamp(min=0))
-        return logprobs.masked_fill(targets == IGNORE, 0.0)
+        return _logprobs_from_logits(logits, targets, temperature)
+
+    def _pipeline_logprobs(self, input_ids, position_ids, targets, temperature: float) -> torch.Tensor:
+        from trainer.megatron.pipeline import MicroBatch
+
+        batch = MicroBatch(input_ids, position_ids, targets, temperature)
+        logprobs = self.pipeline.logprobs(batch)
+        if not torch.is_grad_enabled():
+            return logprobs
+        proxy = logprobs.requires_grad_(True)  # a leaf: the recipe's backward leaves dloss/dlogprobs in .grad
+        self._pending.append((batch, proxy))
+        return proxy
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         return (p for p in self.model.parameters() if p.requires_grad)
@@ -87,6 +116,8 @@ class MegatronPolicy:
     def finalize_grads(self) -> None:
         from megatron.core import parallel_state as ps
 
+        if self.pipeline is not None:
+            self._pipeline_backward()
         tp_group = ps.get_tensor_model_parallel_group()
         dp_group = ps.get_data_parallel_group()
         expert_dp_group = ps.get_expert_data_parallel_group()
@@ -105,6 +136,25 @@ class MegatronPolicy:
             if dp_size > 1:
                 p.grad.div_(dp_size)
 
+    def _pipeline_backward(self) -> None:
+        """Run the step's recorded micro-batches through the forward+backward schedule; sync tied embeddings."""
+        from megatron.core import parallel_state as ps
+
+        batches = []
+        for batch, proxy in self._pending:
+            if proxy.grad is not None:  # a forward whose result the loss did not use needs no backward
+                batch.grad = proxy.grad
+                batches.append(batch)
+        self._pending = []
+        if batches:
+            self.pipeline.backward(batches)
+        if self.arch.tie_word_embeddings and ps.is_rank_in_embedding_group():
+            # the first stage's embedding and the last stage's output layer are one HF tensor
+            weight = self.model.shared_embedding_or_output_weight()
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            dist.all_reduce(weight.grad, group=ps.get_embedding_group())
+
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global norm: TP-split tensors count on every TP rank, replicated ones once; experts on every EP rank."""
         from megatron.core import parallel_state as ps
@@ -118,6 +168,8 @@ class MegatronPolicy:
                 continue
             grads.append(p.grad)
             sq = p.grad.float().pow(2).sum()
+            if getattr(p, "shared", False):
+                continue  # PP + tied embeddings: the last stage's copy of the first stage's embedding counts once
             if not getattr(p, "allreduce", True):
                 expert += sq
             elif getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
@@ -126,6 +178,10 @@ class MegatronPolicy:
             dist.all_reduce(dense, group=ps.get_tensor_model_parallel_group())
         if ps.get_expert_model_parallel_world_size() > 1:
             dist.all_reduce(expert, group=ps.get_expert_model_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:  # each stage holds its own layers
+            total = torch.stack([dense, expert])
+            dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+            dense, expert = total[0], total[1]
         norm = math.sqrt(float(dense + expert))
         if norm > max_norm > 0:
             for g in grads:
