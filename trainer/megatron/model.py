@@ -116,6 +116,7 @@ def transformer_config(arch: ModelArch, parallel, dtype: torch.dtype = torch.flo
         tensor_model_parallel_size=parallel.tensor_parallel, pipeline_model_parallel_size=parallel.pipeline_parallel,
         expert_model_parallel_size=parallel.expert_parallel,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,  # what pipeline stages send each other; megatron requires it for PP > 1
         use_cpu_initialization=on_cpu, perform_initialization=True,
         # Fusions that need apex/TE (or CUDA JIT) are off; SDPA does the attention fusion.
         masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
