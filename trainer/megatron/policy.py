@@ -33,6 +33,13 @@ from trainer.megatron.parallel import device, init_parallel
 
 _TP_PARTIAL_GRADS = ("q_layernorm.weight", "k_layernorm.weight")
 
+MOE_WITH_TP_REFUSED = (
+    "flywheel train: error: a MoE model with parallel.tensor={tp} is not supported without TransformerEngine: "
+    "megatron-core 0.16.1's MoELayer refuses to train with tensor parallelism unless sequence parallelism is on, "
+    "and sequence parallelism needs a sequence-parallel norm that only TE/apex provide (the TE-free "
+    "WrappedTorchNorm asserts sequence_parallel is off). Split the experts with parallel.expert instead "
+    "(e.g. --parallel.expert {tp}), or use tensor parallelism on dense models.")
+
 
 def document_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
     """megatron attention mask [B, 1, T, T] (True = masked) for packed rows; None when no row is packed."""
@@ -64,6 +71,8 @@ class MegatronPolicy:
 
         self.path = resolve_model_path(config.model)
         self.arch = arch_from_hf(self.path)
+        if self.arch.is_moe and config.parallel.tensor > 1:
+            raise SystemExit(MOE_WITH_TP_REFUSED.format(tp=config.parallel.tensor))
         init_parallel(config.parallel, seed=config.seed)
         self.dtype = torch.bfloat16 if config.bf16 else torch.float32
         if config.parallel.pipeline > 1:
