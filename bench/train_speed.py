@@ -6,6 +6,11 @@ loaded into every variant, so every variant starts from the same weights:
   megatron       shipped: local spec as shipped (s x s attention, SequentialMLP experts)
                  fast:    SDPA core attention + GroupedExperts (grouped_mm) + sync-free permutation
                  fast_fused: fast + megatron's TE-free fusions (bias-dropout-add, SwiGLU, fused cross-entropy)
+                 compiled: fast + every transformer layer torch.compile'd (regional) + a compiled
+                           cross-entropy: inductor's Triton kernels in place of TE's fused RMSNorm,
+                           RoPE, SwiGLU, residual adds and router ops
+  transformers   *_compiled: the same regional compilation of HF's decoder layers, so the speed-up
+                 of compilation is not credited to megatron alone
 Before timing, each variant's loss on batch 0 is computed with the initial weights (loss parity).
 Then: AdamW, warm-up steps, timed steps between two CUDA events (no host sync inside the loop; a
 step never calls .item()), tokens/s, peak memory, MFU against a bf16 matmul rate measured in the
@@ -100,7 +105,7 @@ def _timed(fn, reps: int, device: torch.device) -> float:
 # ---------------------------------------------------------------- the two backends' loss functions
 
 
-def hf_model(config, init_sd, device, dtype, experts_impl: str | None):
+def hf_model(config, init_sd, device, dtype, experts_impl: str | None, compile_layers: bool = False):
     from transformers import AutoModelForCausalLM
 
     kwargs = {"attn_implementation": "sdpa", "dtype": dtype}
@@ -110,6 +115,10 @@ def hf_model(config, init_sd, device, dtype, experts_impl: str | None):
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     model.load_state_dict(init_sd)
     model.train()
+    if compile_layers:  # the same regional compilation as megatron_compiled, for an even comparison
+        for layer in model.model.layers:
+            layer.compile(dynamic=False)
+        model.model.norm.compile(dynamic=False)
 
     def loss_fn(ids, pos, targets):
         logits = model(input_ids=ids, position_ids=pos).logits
@@ -119,13 +128,15 @@ def hf_model(config, init_sd, device, dtype, experts_impl: str | None):
     return model, loss_fn
 
 
-def megatron_model(config, init_sd, dtype, attention: str, experts: str, fused: bool = False):
+def megatron_model(config, init_sd, dtype, attention: str, experts: str, fused: bool = False,
+                   compile_layers: bool = False):
     from trainer.megatron.convert import load_hf_state_dict
     from trainer.megatron.model import arch_from_hf, build_gpt
     from trainer.megatron.parallel import ParallelDegrees
 
     arch = arch_from_hf(config)
-    model = build_gpt(arch, ParallelDegrees(), dtype=dtype, attention=attention, experts=experts, fused=fused)
+    model = build_gpt(arch, ParallelDegrees(), dtype=dtype, attention=attention, experts=experts, fused=fused,
+                      compile_layers=compile_layers)
     load_hf_state_dict(model, {k: v.to(next(model.parameters()).device) for k, v in init_sd.items()}, arch)
     model.train()
 
@@ -152,11 +163,25 @@ def count_syncs(step, device) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def measure(build, batches, device, warmup: int, steps: int) -> dict:
+def top_kernels(step, device, n: int = 8) -> str:
+    """The n kernels that took the most device time in one step: 'name ms; name ms; ...'."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    attr = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, attr, 0), reverse=True)[:n]
+    return "; ".join(f"{e.key[:60]} {getattr(e, attr, 0) / 1000:.2f}ms" for e in rows)
+
+
+def measure(build, batches, device, warmup: int, steps: int, profile: bool = False) -> dict:
     model, loss_fn = build()
     ids, pos, targets = batches[0]
-    with torch.no_grad():
-        initial_loss = float(loss_fn(ids, pos, targets))
+    # with grad mode on, as in training: a compiled variant then compiles once, not twice
+    initial_loss = float(loss_fn(ids, pos, targets).detach())
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=device.type == "cuda")
 
@@ -177,11 +202,15 @@ def measure(build, batches, device, warmup: int, steps: int) -> dict:
     counter = iter(range(10 ** 9))
     elapsed = _timed(lambda: step(next(counter)), steps, device)
     tokens = ids.numel() * steps
+    top = top_kernels(step, device) if profile else None
     out = {"initial_loss": initial_loss, "ms_per_step": 1000 * elapsed / steps, "tokens_per_s": tokens / elapsed,
            "host_syncs_per_step": syncs, "params": sum(p.numel() for p in params)}
     if device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    if top:
+        out["top_kernels"] = top
     del model, opt, loss_fn
+    torch._dynamo.reset()  # compiled variants: each model compiles afresh (no recompile limit carried over)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -192,13 +221,17 @@ VARIANTS = {  # name -> (backend, options); dense models skip the expert-only va
     "transformers_sdpa": ("hf", dict(experts_impl=None), "dense"),
     "transformers_grouped_mm": ("hf", dict(experts_impl="grouped_mm"), "moe"),
     "transformers_eager": ("hf", dict(experts_impl="eager"), "moe"),
+    "transformers_sdpa_compiled": ("hf", dict(experts_impl=None, compile_layers=True), "dense"),
+    "transformers_grouped_mm_compiled": ("hf", dict(experts_impl="grouped_mm", compile_layers=True), "moe"),
     "megatron_shipped": ("megatron", dict(attention="local", experts="sequential"), "both"),
     "megatron_fast": ("megatron", dict(attention="sdpa", experts="grouped"), "both"),
     "megatron_fast_fused": ("megatron", dict(attention="sdpa", experts="grouped", fused=True), "both"),
+    "megatron_compiled": ("megatron", dict(attention="sdpa", experts="grouped", compile_layers=True), "both"),
 }
 
 
-def run_model(tag: str, size: dict, moe: bool, device, dtype, warmup: int, steps: int, slow_steps: int) -> dict:
+def run_model(tag: str, size: dict, moe: bool, device, dtype, warmup: int, steps: int, slow_steps: int,
+              variants: list[str] | None = None, profile: bool = False) -> dict:
     config = hf_config(size, moe)
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
@@ -217,14 +250,17 @@ def run_model(tag: str, size: dict, moe: bool, device, dtype, warmup: int, steps
     for name, (backend, opts, kind) in VARIANTS.items():
         if kind != "both" and kind != ("moe" if moe else "dense"):
             continue
+        if variants and name not in variants:
+            continue
         slow = name in ("transformers_eager", "megatron_shipped") and moe
         if backend == "hf":
-            build = lambda: hf_model(config, init_sd, device, dtype, opts["experts_impl"])  # noqa: E731
+            build = lambda: hf_model(config, init_sd, device, dtype, **opts)  # noqa: E731
         else:
             build = lambda: megatron_model(config, init_sd, dtype, **opts)  # noqa: E731
         t0 = time.time()
         try:
-            r = measure(build, batches, device, warmup=1 if slow else warmup, steps=slow_steps if slow else steps)
+            r = measure(build, batches, device, warmup=1 if slow else warmup, steps=slow_steps if slow else steps,
+                        profile=profile and not slow)
         except Exception as exc:  # report and go on: one broken variant must not lose the others' numbers
             traceback.print_exc()
             results[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -251,9 +287,10 @@ def flatten(tag: str, moe: bool, size: dict, results: dict, rate: float) -> dict
             flat[f"{tag}_{name}_{key}"] = value
         flat[f"{tag}_{name}_mfu_vs_measured_matmul"] = r["tokens_per_s"] * flops_tok / rate
         flat[f"{tag}_{name}_mfu_vs_nominal_989tflops"] = r["tokens_per_s"] * flops_tok / NOMINAL_H200_BF16_FLOPS
-        flat[f"{tag}_{name}_loss0_minus_{base}_loss0"] = r["initial_loss"] - results[base]["initial_loss"]
-    for meg in ("megatron_fast", "megatron_fast_fused", "megatron_shipped"):
-        for ref in (base, "transformers_eager"):
+        if base in results:
+            flat[f"{tag}_{name}_loss0_minus_{base}_loss0"] = r["initial_loss"] - results[base]["initial_loss"]
+    for meg in ("megatron_fast", "megatron_fast_fused", "megatron_shipped", "megatron_compiled"):
+        for ref in (base, "transformers_eager", base + "_compiled"):
             if ref in results and "error" not in results[ref] and "error" not in results.get(meg, {"error": 1}):
                 flat[f"{tag}_{meg}_vs_{ref}_ratio"] = results[meg]["tokens_per_s"] / results[ref]["tokens_per_s"]
     flat[f"{tag}_train_flops_per_token"] = flops_tok
@@ -267,10 +304,13 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--slow-steps", type=int, default=3, help="timed steps of the serial-expert variants")
+    parser.add_argument("--profile", action="store_true", help="record the top kernels of one step per variant")
+    parser.add_argument("--bf16", action="store_true", help="bf16 on the CPU too (the GPU always runs bf16)")
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="variants to run (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_speed.json")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.toy else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" or args.bf16 else torch.float32
     sizes = args.sizes or (["toy"] if args.toy else ["issue", "large"])
 
     from trainer.megatron.parallel import ParallelDegrees, init_parallel
@@ -291,7 +331,8 @@ def main() -> int:
         for moe in (False, True):
             tag = f"{size_name}_{'moe' if moe else 'dense'}"
             flat[f"{tag}_config"] = json.dumps({k: v for k, v in size.items() if moe or k not in ("experts", "topk", "moe_ffn")})
-            results = run_model(tag, size, moe, device, dtype, args.warmup, args.steps, args.slow_steps)
+            results = run_model(tag, size, moe, device, dtype, args.warmup, args.steps, args.slow_steps, args.variants,
+                                args.profile)
             flat.update(flatten(tag, moe, size, results, rate))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(flat, indent=1, sort_keys=False))  # partial results survive a timeout

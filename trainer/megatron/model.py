@@ -167,8 +167,14 @@ def layer_specs(config, attention: Literal["sdpa", "local"] = "sdpa",
 
 def build_gpt(arch: ModelArch, parallel, dtype: torch.dtype = torch.float32,
               attention: Literal["sdpa", "local"] = "sdpa", experts: Literal["grouped", "sequential"] = "grouped",
-              fused: bool = False, recompute: bool = False):
-    """This rank's GPTModel (its TP/EP shard, its pipeline stage), on the current device."""
+              fused: bool = False, recompute: bool = False, compile_layers: bool = False):
+    """This rank's GPTModel (its TP/EP shard, its pipeline stage), on the current device.
+
+    compile_layers=True compiles every transformer layer with torch.compile (regional compilation,
+    as torchtitan does): what TransformerEngine fuses on GPU (RMSNorm, RoPE, SwiGLU, residual adds,
+    the MoE router's softmax/top-k and permutation) becomes a few Triton kernels without TE. All
+    layers share one compiled graph (parameters are graph inputs), so it compiles once per layer kind.
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -184,4 +190,48 @@ def build_gpt(arch: ModelArch, parallel, dtype: torch.dtype = torch.float32,
     )
     if torch.cuda.is_available():
         model = model.cuda()
+    if compile_layers:
+        compile_transformer_layers(model)
     return model
+
+
+def _default_tp_group(tp_group, is_expert=False, check_initialized=True):
+    """megatron.core.utils.get_tensor_model_parallel_group_if_none without its per-call warning."""
+    from megatron.core import parallel_state
+
+    if not torch.distributed.is_initialized():
+        return None
+    if tp_group is not None or not parallel_state.is_initialized():
+        return tp_group
+    if is_expert:
+        return parallel_state.get_expert_tensor_parallel_group(check_initialized=check_initialized)
+    return parallel_state.get_tensor_model_parallel_group(check_initialized=check_initialized)
+
+
+def _cross_entropy(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Per-token loss [b, s] from logits [s, b, V] and labels [b, s] (megatron's layout and contract)."""
+    s, b, v = logits.shape
+    loss = F.cross_entropy(logits.float().view(-1, v), labels.transpose(0, 1).reshape(-1), reduction="none")
+    return loss.view(s, b).transpose(0, 1).contiguous()
+
+
+def compile_transformer_layers(model) -> None:
+    """torch.compile each decoder layer and the final norm in place (the module keeps its state dict)."""
+    decoder = getattr(model, "decoder", None)
+    if decoder is None:
+        raise ValueError("compile_transformer_layers needs a GPTModel with a decoder")
+    # megatron 0.16's RowParallelLinear warns on every forward that tp_group is None (a
+    # deprecation). A warning is a graph break dynamo cannot resume from inside megatron's
+    # offloading context, which would drop the rest of each layer back to eager: resolve the
+    # default group the same way, without the warning.
+    import megatron.core.tensor_parallel.layers as tp_layers
+
+    tp_layers.get_tensor_model_parallel_group_if_none = _default_tp_group
+    if model.config.tensor_model_parallel_size == 1 and hasattr(model, "compute_language_model_loss"):
+        # The vocabulary is not sharded: the loss is a plain cross-entropy, which inductor fuses
+        # (one pass over the logits, fp32 math, no fp32 copy of them kept for backward).
+        model.compute_language_model_loss = torch.compile(_cross_entropy, dynamic=False)
+    for layer in decoder.layers:
+        layer.compile(dynamic=False)
+    if getattr(decoder, "final_layernorm", None) is not None:
+        decoder.final_layernorm.compile(dynamic=False)
