@@ -89,10 +89,15 @@ def main() -> int:
                         "server_tokens_per_s", "seconds", "steps", "dropped_stale"):
                 if summary.get(key) is not None:
                     results[f"{mode}_{key}"] = round(summary[key], 3) if isinstance(summary[key], float) else summary[key]
-    for key in ("optimizer_steps_per_hour", "rollouts_per_s", "server_busy_fraction"):
+    for key, name in (("optimizer_steps_per_hour", "steps_per_hour"), ("rollouts_per_s", "rollouts_per_s"),
+                      ("server_busy_fraction", "server_busy_fraction")):
         a, s = results.get(f"async_{key}"), results.get(f"sync_{key}")
         if a and s:
-            results[f"async_vs_sync_{key}_ratio"] = round(a / s, 3)
+            results[f"async_vs_sync_{name}_ratio"] = round(a / s, 3)
+    results["goal_async_vs_sync_steps_per_hour_ratio"] = 1.5
+    results["goal_met"] = results.get("async_vs_sync_steps_per_hour_ratio", 0) >= 1.5
+    results["note"] = ("noisy: 2 CPU cores shared with other developers' tests and servers during the run; "
+                       "async and sync ran one after the other, so load may differ between them")
     out = REPO / "bench" / "results" / "loop_throughput.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

@@ -117,10 +117,14 @@ def component_configs(config, run_dir: Path, redis_url: str, server_port: int, l
 
 
 def sync_sample_config(sample: dict[str, Any], config, round_index: int) -> dict[str, Any]:
-    """One sync round: exactly push_every steps' worth of prompts (uniform groups kept so the count is exact)."""
+    """One sync round: exactly push_every steps' worth of prompts (uniform groups kept so the count is exact).
+
+    The whole round must fit under the queue's backlog bound: nothing is consumed until the sampler
+    has exited, so a smaller bound would block the sampler forever."""
     prompts = config.push_every * config.batch_size // config.group_size
+    backlog = max(sample["queue"]["max_backlog"], prompts * config.group_size)
     return deep_merge(sample, {"prompts": {"seed": sample["prompts"]["seed"] + round_index * prompts, "num_prompts": prompts},
-                               "drop_uniform_groups": False})
+                               "drop_uniform_groups": False, "queue": {"max_backlog": backlog}})
 
 
 def sync_train_config(train: dict[str, Any], config, resume: bool) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """What the running loop looks like right now, read from where each component already publishes it.
 
-    Redis            RolloutQueue.stats(): produced / acked / pending / lag / dead-lettered
+    Redis            RolloutQueue.stats(): produced / acked / pending / lag / dead-lettered, and the
+                     sampler's groups dropped as uniform (all rewards equal: no GRPO signal, never queued)
     the server       GET /flywheel/status (policy_version) and GET /metrics (vLLM's token counter, running requests)
     the trainer      run_dir/train/metrics.jsonl (step, loss, reward_mean, staleness, tokens/s, pushed version)
     eval             run_dir/eval/history.jsonl (score per policy version)
@@ -84,7 +85,8 @@ class LoopStatus:
             return {}
         return {"produced": s["produced"], "acked": s["acked"], "pending": s["pending"], "lag": s["lag"],
                 "backlog": s["backlog"], "dead_lettered": s["dead_lettered"],
-                "duplicates_skipped": s["duplicates_skipped"], "reclaimed": s["reclaimed"]}
+                "duplicates_skipped": s["duplicates_skipped"], "reclaimed": s["reclaimed"],
+                "dropped_uniform_groups": s["dropped_uniform_groups"], "dropped_uniform_rollouts": s["dropped_uniform_rollouts"]}
 
     def _trainer(self) -> dict[str, Any]:
         row = last_json_line(self.run_dir / "train" / "metrics.jsonl") or {}
@@ -137,6 +139,7 @@ def status_table(s: dict[str, Any], title: str, children: dict[str, str]) -> Tab
         ("trainer step / pushed", f"{_fmt(s.get('step'))} / {_fmt(s.get('train_pushed_version'))}"),
         ("rollouts produced / acked", f"{_fmt(s.get('produced'))} / {_fmt(s.get('acked'))}"),
         ("rollouts pending / queued / dead", f"{_fmt(s.get('pending'))} / {_fmt(s.get('lag'))} / {_fmt(s.get('dead_lettered'))}"),
+        ("groups dropped as uniform (rollouts)", f"{_fmt(s.get('dropped_uniform_groups'))} ({_fmt(s.get('dropped_uniform_rollouts'))})"),
         ("staleness max / mean (versions)", f"{_fmt(s.get('train_staleness_max'))} / {_fmt(s.get('train_staleness_mean'))}"),
         ("reward mean (last step)", _fmt(s.get("reward_mean"))),
         ("loss (last step)", _fmt(s.get("train_loss"))),

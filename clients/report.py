@@ -76,7 +76,8 @@ def loop_summary(run_dir: Path) -> dict[str, Any]:
         k = max(1, len(rewards) // 4)
         out["reward_first_quarter"] = _mean(rewards[:k])
         out["reward_last_quarter"] = _mean(rewards[-k:])
-    for key in ("policy_version", "produced", "acked", "pending", "lag", "dead_lettered", "duplicates_skipped"):
+    for key in ("policy_version", "produced", "acked", "pending", "lag", "dead_lettered", "duplicates_skipped",
+                "dropped_uniform_groups", "dropped_uniform_rollouts"):
         if key in final:
             out[key] = final[key]
     if all(k in final for k in ("produced", "acked", "duplicates_skipped", "pending", "lag", "dead_lettered")):
@@ -166,7 +167,7 @@ def write_report(run_dir: Path, output: Path | None = None) -> Path:
 <style>body{{font-family:sans-serif;max-width:1150px;margin:2em auto}}table{{border-collapse:collapse}}
 th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left}}figure{{display:inline-block;margin:8px}}</style></head>
 <body><h1>flywheel run {html.escape(str(run_dir))}</h1><h2>Summary</h2><table>{rows}</table>
-<p>Accounting (from up/final.json, written when the loop ends by itself): produced = acked + duplicates_skipped + pending + lag (queued, never delivered) + dead_lettered; stale rollouts are acked with the step that dropped them (dropped_stale).</p>
+<p>Accounting (from up/final.json, written when the loop ends by itself): produced = acked + duplicates_skipped + pending + lag (queued, never delivered) + dead_lettered; stale rollouts are acked with the step that dropped them (dropped_stale). Groups whose rewards were all equal (no GRPO signal) are dropped by the sampler before the queue: rollouts scored = produced + dropped_uniform_rollouts.</p>
 <h2>Curves</h2>{figures}</body></html>"""
     out = output or run_dir / "report.html"
     out.write_text(page)

@@ -313,7 +313,8 @@ class Loop:
                     live.update(status_table(s, title, states))
                 else:
                     print(f"[flywheel up] v={s.get('policy_version')} step={s.get('step')} produced={s.get('produced')} "
-                          f"acked={s.get('acked')} backlog={s.get('backlog')} reward={s.get('reward_mean')} "
+                          f"acked={s.get('acked')} backlog={s.get('backlog')} uniform_dropped={s.get('dropped_uniform_groups')} "
+                          f"reward={s.get('reward_mean')} "
                           f"loss={s.get('train_loss')} eval={s.get('eval_score')}", flush=True)
                 for name, child in self.children.items():
                     rc = child.poll()
@@ -352,7 +353,7 @@ class Loop:
         (self.run_dir / "up" / "final.json").write_text(json.dumps(final, indent=2))
         print(f"flywheel up: done: {final.get('step')} steps, policy version {final.get('policy_version')}, "
               f"produced {final.get('produced')}, acked {final.get('acked')}, pending {final.get('pending')}, "
-              f"dead-lettered {final.get('dead_lettered')}", flush=True)
+              f"dead-lettered {final.get('dead_lettered')}, groups dropped as uniform {final.get('dropped_uniform_groups')}", flush=True)
         return 0
 
     def stop_all(self) -> None:

@@ -2,7 +2,9 @@
 
 A group is pushed whole (one XADD pipeline), so the learner sees every sample of a prompt together
 and can compute group-relative advantages. Groups whose rewards are all equal carry no GRPO signal
-(zero advantage for every sample); they are dropped by default and counted as `skipped`.
+(zero advantage for every sample); they are dropped by default, counted as `skipped` in the summary
+and, with the queue on, as `dropped_uniform_groups` / `dropped_uniform_rollouts` in its Redis stats
+(so `flywheel up` and anyone reading the stats see how much sampling carried no signal).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ async def sample_grpo(config: GrpoConfig) -> dict:
         stats.add(records)
         if config.drop_uniform_groups and len({r.reward for r in records}) <= 1:
             stats.skipped += len(records)
+            if queue is not None:
+                await asyncio.to_thread(queue.count, dropped_uniform_groups=1, dropped_uniform_rollouts=len(records))
             records = []
         stats.accepted += len(records)
         await push(records, item, writer, queue)

@@ -22,6 +22,8 @@ Producer (the sampler)                     Consumer (the trainer)
   `outages`); records a producer holds stay in its memory until XADD succeeds. A group lost with
   a restarted, non-persistent Redis is re-created.
 - Stats live in Redis (hash `<stream>:stats`, plus live group info): `stats()` works from any process.
+  Producers add their own counters with `count(...)`: the GRPO sampler counts the groups it drops
+  as uniform (`dropped_uniform_groups`, `dropped_uniform_rollouts`: scored, never put).
 
 Entry format: field `r` = the payload bytes (RolloutRecord.to_bytes for rollouts; the capture
 format of server/capture.py for the prompts stream).
@@ -393,11 +395,25 @@ class StreamQueue:
             yield from self.get(count, block_s, seen)
 
     # ------------------------------------------------------------ stats
+    def count(self, **counters: int | float) -> None:
+        """Add to counters of the stats hash: a producer's own events (e.g. groups it dropped before put)."""
+        if not counters:
+            return
+
+        def send() -> None:
+            pipe = self.redis.pipeline(transaction=True)  # all or none: counters that belong together stay consistent
+            for key, n in counters.items():
+                self._count(pipe, key, n)
+            pipe.execute()
+
+        self._call("stats", send)
+
     def stats(self) -> dict[str, Any]:
         """Counters (produced, acked, dead_lettered, reclaimed, ...) and live state (pending, lag, backlog, length)."""
         counters = self._call("stats", lambda: self.redis.hgetall(self.stats_key))
         out: dict[str, Any] = {k: 0 for k in ("produced", "acked", "dead_lettered", "reclaimed", "nacked",
-                                              "duplicates_skipped", "backpressure_waits")}
+                                              "duplicates_skipped", "backpressure_waits",
+                                              "dropped_uniform_groups", "dropped_uniform_rollouts")}
         for k, v in counters.items():
             value = float(v)
             out[_s(k)] = int(value) if value.is_integer() else value

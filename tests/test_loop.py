@@ -126,15 +126,34 @@ def alive(pid: int) -> bool:
         return False
 
 
-def check_finished_run(run_dir: Path, max_steps: int) -> tuple[list[dict], dict]:
+def read_status(run_dir: Path) -> list[dict]:
+    path = run_dir / "up" / "status.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def kept_groups(run_dir: Path) -> list[list[float]]:
+    """Rewards of each group the sampler kept (run_dir/sampler/rollouts.jsonl). A group is written as
+    GROUP consecutive lines; its id is the prompt's, which a later launch or sync round reuses."""
+    groups: list[list[float]] = []
+    last = None
+    for line in (run_dir / "sampler" / "rollouts.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["group_id"] != last or len(groups[-1]) == GROUP:
+            groups.append([])
+        groups[-1].append(record["reward"])
+        last = record["group_id"]
+    return groups
+
+
+def check_finished_run(run_dir: Path, max_steps: int, push_every: int = PUSH_EVERY, drop_uniform: bool = True) -> tuple[list[dict], dict]:
     """What every finished run must show: steps, versions, staleness, accounting, eval history, report."""
     steps = sorted(trainer_steps(run_dir), key=lambda r: r["step"])
     assert [r["step"] for r in steps] == list(range(1, max_steps + 1))
     final = json.loads((run_dir / "up" / "final.json").read_text())
     # the server's version advanced once per push: N/K times
-    assert final["policy_version"] == max_steps // PUSH_EVERY
+    assert final["policy_version"] == max_steps // push_every
     pushed = [r["pushed_version"] for r in steps if "pushed_version" in r]
-    assert pushed == sorted(set(pushed)) and pushed[-1] == max_steps // PUSH_EVERY
+    assert pushed == sorted(set(pushed)) and pushed[-1] == max_steps // push_every
     # every trained record was within max_staleness of the trainer's last push
     trained = [r for r in steps if r.get("completions")]
     assert trained and all(r["staleness_max"] <= MAX_STALENESS for r in trained)
@@ -143,13 +162,25 @@ def check_finished_run(run_dir: Path, max_steps: int) -> tuple[list[dict], dict]
     assert final["produced"] == (final["acked"] + final["duplicates_skipped"] + final["pending"] + final["lag"]
                                  + final["dead_lettered"]), final
     assert final["produced"] >= max_steps * BATCH
+    # groups with all-equal rewards never reach the queue: counted in Redis by the sampler, in whole
+    # groups, never decreasing while the loop ran; every kept group on disk has mixed rewards
+    assert final["dropped_uniform_rollouts"] == final["dropped_uniform_groups"] * GROUP
+    assert final["produced"] % GROUP == 0
+    seen = [s["dropped_uniform_groups"] for s in read_status(run_dir) if "dropped_uniform_groups" in s]
+    assert seen and seen == sorted(seen) and seen[-1] <= final["dropped_uniform_groups"]
+    kept = kept_groups(run_dir)
+    assert len(kept) * GROUP >= final["produced"]  # written to JSONL just before each put
+    if drop_uniform:
+        assert all(len(set(rewards)) > 1 for rewards in kept)
+    else:
+        assert final["dropped_uniform_groups"] == 0
     state = json.loads((run_dir / "train" / "checkpoints" / (run_dir / "train" / "checkpoints" / "latest").read_text().strip()
                         / "trainer_state" / "state.json").read_text())
     # trained at most once: every step's records are distinct, and exactly batch_size per step
     assert len(state["trained_ids"]) == len(set(state["trained_ids"])) == max_steps * BATCH
     if (run_dir / "eval" / "history.jsonl").is_file():  # eval on version change: each version once, the last one included
         versions = [json.loads(line)["version"] for line in (run_dir / "eval" / "history.jsonl").read_text().splitlines()]
-        assert versions[-1] == max_steps // PUSH_EVERY and versions == sorted(set(versions))
+        assert versions[-1] == max_steps // push_every and versions == sorted(set(versions))
     report = (run_dir / "report.html").read_text()
     assert report.count("data:image/png;base64,") >= 3 and "produced" in report
     return steps, final
@@ -242,3 +273,32 @@ def test_trainer_killed_mid_run_then_sigterm_then_resume_loses_nothing_trains_no
     assert log.read_text().count("resumed: pushed step_") == 2
     steps, final = check_finished_run(run_dir, MAX_STEPS)
     assert final["reclaimed"] >= 1  # what was delivered but not checkpointed came back
+
+
+SYNC_STEPS, SYNC_PUSH_EVERY = 12, 2
+
+
+@pytest.mark.slow  # ~6 min: every round starts a sampler and a trainer process
+def test_sync_rounds_train_on_policy_data(tmp_path, tiny_model):
+    """`--sync`: rounds of [sampler makes exactly push_every steps of rollouts, exits], [trainer trains
+    them, pushes, exits]. Every trained rollout comes from the version being trained (staleness 0)."""
+    config_path = loop_config(tmp_path, tiny_model, sync=True, eval=False, max_steps=SYNC_STEPS, push_every=SYNC_PUSH_EVERY)
+    run_dir, log = tmp_path / "run", tmp_path / "up.log"
+    with vllm_lock():
+        proc = start_up(config_path, log)
+        try:
+            assert proc.wait(900) == 0, log.read_text()[-4000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(120)
+    steps, final = check_finished_run(run_dir, SYNC_STEPS, push_every=SYNC_PUSH_EVERY, drop_uniform=False)
+    rounds = SYNC_STEPS // SYNC_PUSH_EVERY
+    # exactly one round's rollouts per round, every one trained once: nothing left over, nothing dropped
+    assert final["produced"] == final["acked"] == SYNC_STEPS * BATCH and final["pending"] == final["lag"] == 0
+    assert all(r["staleness_max"] == 0 and r.get("dropped_stale", 0) == 0 for r in steps)
+    # one sampler and one trainer process per round, one after the other
+    for name in ("sampler", "trainer"):
+        assert (run_dir / "logs" / f"{name}.log").read_text().count("\n==== ") == rounds
+    rewards = [round(r["reward_mean"], 3) for r in steps if r.get("reward_mean") is not None]
+    print(f"sync reward_mean per step: {rewards}")
