@@ -34,11 +34,11 @@ from trainer.megatron.parallel import device, init_parallel
 _TP_PARTIAL_GRADS = ("q_layernorm.weight", "k_layernorm.weight")
 
 MOE_WITH_TP_REFUSED = (
-    "flywheel train: error: a MoE model with parallel.tensor={tp} is not supported without TransformerEngine: "
-    "megatron-core 0.16.1's MoELayer refuses to train with tensor parallelism unless sequence parallelism is on, "
-    "and sequence parallelism needs a sequence-parallel norm that only TE/apex provide (the TE-free "
-    "WrappedTorchNorm asserts sequence_parallel is off). Split the experts with parallel.expert instead "
-    "(e.g. --parallel.expert {tp}), or use tensor parallelism on dense models.")
+    "flywheel train: error: a MoE model with parallel.tensor={tp} cannot train yet: megatron-core 0.16.1's MoELayer "
+    "refuses tensor parallelism in training unless sequence parallelism is on, and the shipped TE-free norm "
+    "(WrappedTorchNorm) refuses sequence parallelism. A TE-free sequence-parallel build exists and matches HF "
+    "(trainer/megatron/sequence_parallel.py) but is not wired into the model builder yet. Split the experts with "
+    "parallel.expert instead (e.g. --parallel.expert {tp}), or use tensor parallelism on dense models.")
 
 
 def document_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
