@@ -121,7 +121,8 @@ def hf_model(config, init_sd, device, dtype, experts_impl: str | None, compile_l
         model.model.norm.compile(dynamic=False)
 
     def loss_fn(ids, pos, targets):
-        logits = model(input_ids=ids, position_ids=pos).logits
+        # use_cache=False: training keeps no KV cache (HF builds a DynamicCache otherwise)
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
         # what HF's ForCausalLMLoss does: fp32 cross-entropy over the logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
@@ -316,6 +317,8 @@ def main() -> int:
     from trainer.megatron.parallel import ParallelDegrees, init_parallel
 
     init_parallel(ParallelDegrees())
+    # the same generous recompile budget for both backends' compiled variants (8 by default)
+    torch._dynamo.config.recompile_limit = 32
     rate = matmul_rate(device, dtype)
     print(f"measured {dtype} matmul rate: {rate / 1e12:.1f} TFLOP/s on {device}", flush=True)
     import megatron.core
