@@ -4,7 +4,8 @@
 - megatron logits equal HF logits (dense with tied embeddings, MoE, Llama), both layer-spec variants
 - the same batch (with a packed row) and weights give the same per-token log-probs, loss and
   gradients on `backend: transformers` and `backend: megatron`, at world size 1 and, through
-  torchrun + gloo, with TP=2 (dense) and EP=2 (MoE); save_hf writes a folder HF reloads exactly
+  torchrun + gloo, with TP=2 (dense), EP=2 (MoE) and TP=2 (MoE, sequence-parallel); save_hf writes a
+  folder HF reloads exactly
 - SFT through trainer.train with backend megatron gives the transformers backend's losses step by step
 This file is also the torchrun worker (`python tests/test_megatron.py --worker ...`).
 """
@@ -244,7 +245,7 @@ def _worker(model: str, tensor: int, expert: int, out: Path) -> None:
     dist.barrier()
 
 
-@pytest.mark.parametrize("which,tensor,expert", [("dense-tied", 2, 1), ("moe", 1, 2)])
+@pytest.mark.parametrize("which,tensor,expert", [("dense-tied", 2, 1), ("moe", 1, 2), ("moe", 2, 1)])
 def test_backends_agree_under_torchrun(which, tensor, expert, request, tmp_path):
     path = _models(request)[which]
     out = tmp_path / "rank0.pt"

@@ -31,9 +31,3 @@ def test_every_parallel_field_is_described():
 def test_transformers_backend_refuses_model_parallel_degrees(tiny_model):
     with pytest.raises(SystemExit, match="transformers backend runs one process"):
         build_policy(PolicyConfig(backend="transformers", model=str(tiny_model), parallel=ParallelConfig(tensor=2)))
-
-
-def test_megatron_refuses_moe_with_tensor_parallelism_and_says_why(tiny_moe_model):
-    pytest.importorskip("megatron.core")
-    with pytest.raises(SystemExit, match="sequence parallelism.*--parallel.expert 2"):
-        build_policy(PolicyConfig(backend="megatron", model=str(tiny_moe_model), parallel=ParallelConfig(tensor=2)))

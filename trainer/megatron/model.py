@@ -139,6 +139,9 @@ def transformer_config(arch: ModelArch, parallel, dtype: torch.dtype = torch.flo
             moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
             moe_layer_freq=[1 if m else 0 for m in arch.moe_layers],
         )
+        if parallel.tensor_parallel > 1:  # megatron trains MoE under TP only with sequence parallelism
+            # (TE-free norms for it: trainer/megatron/sequence_parallel.py); experts stay whole per TP rank
+            kwargs.update(sequence_parallel=True, expert_tensor_parallel_size=1)
     return TransformerConfig(**kwargs)
 
 
@@ -162,6 +165,10 @@ def layer_specs(config, attention: Literal["sdpa", "local"] = "sdpa",
                 module=SyncFreeMoELayer, metainfo=mlp.metainfo,
                 submodules=MoESubmodules(experts=ModuleSpec(module=GroupedExperts),
                                          shared_experts=mlp.submodules.shared_experts))
+    if config.sequence_parallel:
+        from trainer.megatron.sequence_parallel import use_sequence_parallel_norms
+
+        use_sequence_parallel_norms(block)
     return block
 
 

@@ -71,6 +71,8 @@ def init_parallel(config: "ParallelConfig | None" = None, seed: int = 0) -> None
         tensor_model_parallel_size=config.tensor,
         pipeline_model_parallel_size=config.pipeline,
         expert_model_parallel_size=config.expert,
+        # experts are never split over TP (model.py: MoE + TP runs sequence-parallel with whole experts)
+        expert_tensor_parallel_size=1,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)

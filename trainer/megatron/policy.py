@@ -33,12 +33,6 @@ from trainer.megatron.parallel import device, init_parallel
 
 _TP_PARTIAL_GRADS = ("q_layernorm.weight", "k_layernorm.weight")
 
-MOE_WITH_TP_REFUSED = (
-    "flywheel train: error: a MoE model with parallel.tensor={tp} cannot train yet: megatron-core 0.16.1's MoELayer "
-    "refuses tensor parallelism in training unless sequence parallelism is on, and the shipped TE-free norm "
-    "(WrappedTorchNorm) refuses sequence parallelism. A TE-free sequence-parallel build exists and matches HF "
-    "(trainer/megatron/sequence_parallel.py) but is not wired into the model builder yet. Split the experts with "
-    "parallel.expert instead (e.g. --parallel.expert {tp}), or use tensor parallelism on dense models.")
 
 
 def document_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -63,6 +57,20 @@ def _logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperatu
     return logprobs.masked_fill(targets == IGNORE, 0.0)
 
 
+def pad_to_multiple(input_ids, position_ids, targets, multiple: int):
+    """Pad T to a multiple of `multiple` with a padding document of its own (positions restart, no targets)."""
+    pad = -input_ids.shape[1] % multiple
+    if not pad:
+        return input_ids, position_ids, targets
+    fill = lambda x, v: torch.cat([x, x.new_full((x.shape[0], pad), v)], dim=1)  # noqa: E731
+    positions = torch.cat([position_ids, torch.arange(pad, device=position_ids.device).expand(position_ids.shape[0], pad)], 1)
+    return fill(input_ids, 0), positions, fill(targets, IGNORE)
+
+
+def _is_expert(name: str, p: torch.nn.Parameter) -> bool:
+    return ".experts." in name or not getattr(p, "allreduce", True)
+
+
 class MegatronPolicy:
     def __init__(self, config: PolicyConfig):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -71,8 +79,6 @@ class MegatronPolicy:
 
         self.path = resolve_model_path(config.model)
         self.arch = arch_from_hf(self.path)
-        if self.arch.is_moe and config.parallel.tensor > 1:
-            raise SystemExit(MOE_WITH_TP_REFUSED.format(tp=config.parallel.tensor))
         init_parallel(config.parallel, seed=config.seed)
         self.dtype = torch.bfloat16 if config.bf16 else torch.float32
         if config.parallel.pipeline > 1:
@@ -97,10 +103,14 @@ class MegatronPolicy:
 
     def forward_logprobs(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
                          temperature: float = 1.0) -> torch.Tensor:
+        t = input_ids.shape[1]
+        if self.model.config.sequence_parallel:  # the sequence is split over TP ranks: pad T to a multiple
+            input_ids, position_ids, targets = pad_to_multiple(input_ids, position_ids, targets,
+                                                               self.model.config.tensor_model_parallel_size)
         if self.pipeline is not None:
-            return self._pipeline_logprobs(input_ids, position_ids, targets, temperature)
+            return self._pipeline_logprobs(input_ids, position_ids, targets, temperature)[:, :t]
         logits = self.model(input_ids, position_ids, document_mask(position_ids))  # [B, T, V / TP]
-        return _logprobs_from_logits(logits, targets, temperature)
+        return _logprobs_from_logits(logits, targets, temperature)[:, :t]
 
     def _pipeline_logprobs(self, input_ids, position_ids, targets, temperature: float) -> torch.Tensor:
         from trainer.megatron.pipeline import MicroBatch
@@ -134,12 +144,15 @@ class MegatronPolicy:
         for name, p in self.model.named_parameters():
             if p.grad is None:
                 continue
-            if ps.get_tensor_model_parallel_world_size() > 1 and name.endswith(_TP_PARTIAL_GRADS):
+            # q/k norms: each TP rank saw only its heads; sequence-parallel norms and router: only its rows
+            tp_partial = name.endswith(_TP_PARTIAL_GRADS) or getattr(p, "sequence_parallel", False)
+            if ps.get_tensor_model_parallel_world_size() > 1 and tp_partial:
                 dist.all_reduce(p.grad, group=tp_group)
             # Mean over data-parallel replicas. An expert sees the tokens of every rank of its EP
             # group (the dispatcher gathers them), so its grad is already summed over those; summing
             # the rest over the expert-DP group and dividing by the full DP size gives the same mean.
-            group = dp_group if getattr(p, "allreduce", True) else expert_dp_group
+            # (Experts are whole on every TP rank, so their replicas are the expert-DP group, not the DP group.)
+            group = expert_dp_group if _is_expert(name, p) else dp_group
             if dist.get_world_size(group) > 1:
                 dist.all_reduce(p.grad, group=group)
             if dp_size > 1:
