@@ -3,7 +3,7 @@
 SFT through trainer.train on tiny-qwen3 (2 layers: one per stage; tied embeddings, so the first
 stage's embedding and the last stage's output layer must stay one tensor) gives, step by step, the
 losses and gradient norms of PP=1 on the same batches, and the same final HF checkpoint.
-Each step accumulates over 2 micro-batches of different shapes (two schedule calls).
+Each step accumulates over more than one token-budget micro-batch (packed rows of varying length).
 This file is also the torchrun worker (`python tests/test_megatron_pipeline.py --worker ...`).
 """
 

@@ -48,9 +48,7 @@ def init_parallel(config: "ParallelConfig | None" = None, seed: int = 0) -> None
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    from trainer.backend import ParallelConfig
-
-    config = config or ParallelConfig()
+    tp, pp, ep = (1, 1, 1) if config is None else (config.tensor, config.pipeline, config.expert)
     apply_patches()
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain python: a world of one on loopback
@@ -60,17 +58,16 @@ def init_parallel(config: "ParallelConfig | None" = None, seed: int = 0) -> None
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     world = dist.get_world_size()
-    model_parallel = config.tensor * config.pipeline
-    if world % model_parallel:
-        raise SystemExit(f"flywheel train: error: world size {world} is not a multiple of TP*PP = {model_parallel}")
-    if config.expert > 1 and (world // config.pipeline) % config.expert:
-        raise SystemExit(f"flywheel train: error: expert_parallel {config.expert} must divide TP*DP = {world // config.pipeline}")
+    if world % (tp * pp):
+        raise SystemExit(f"flywheel train: error: world size {world} is not a multiple of TP*PP = {tp * pp}")
+    if ep > 1 and (world // pp) % ep:
+        raise SystemExit(f"flywheel train: error: parallel.expert={ep} must divide TP*DP = {world // pp}")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=config.tensor,
-        pipeline_model_parallel_size=config.pipeline,
-        expert_model_parallel_size=config.expert,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
         # experts are never split over TP (model.py: MoE + TP runs sequence-parallel with whole experts)
         expert_tensor_parallel_size=1,
     )

@@ -1,7 +1,7 @@
 """MegatronPolicy: the trainer's Policy protocol (trainer/backend.py) on a megatron-core GPTModel.
 
 Same config, same batch layout, same HF checkpoints as the transformers backend:
-- built from the HF folder (config.json -> GPTModel, weights through convert.py), TP/EP from
+- built from the HF folder (config.json -> GPTModel, weights through convert.py), TP/PP/EP from
   `PolicyConfig.parallel`, launched with torchrun (gloo on CPU, NCCL on GPU);
 - packed documents: a position-id restart starts a new document; the attention mask is then
   block-diagonal causal. RoPE needs no per-document positions: it only sees i - j, which is the
@@ -10,6 +10,8 @@ Same config, same batch layout, same HF checkpoints as the transformers backend:
 - gradients: megatron's DDP wrapper hard-codes CUDA, so `finalize_grads` does the reductions
   itself: q/k-layernorm grads summed over TP (each rank saw only its heads), then the mean over
   data-parallel replicas (expert weights over the expert-data-parallel group).
+- MoE with TP > 1 runs sequence-parallel (megatron requires it; TE-free norms in
+  sequence_parallel.py): T is padded to a multiple of TP, sequence-parallel grads summed over TP;
 - pipeline parallelism: through megatron's 1F1B schedule (trainer/megatron/pipeline.py): a
   forward-only pass gives every stage the log-probs, the recipe's backward records dloss/dlogprobs,
   and `finalize_grads` runs the forward+backward schedule on the surrogate sum(logprobs * grad).

@@ -7,15 +7,11 @@ partial sum per TP rank and must be all-reduced over TP (megatron's finalize_mod
 parameters flagged `sequence_parallel`; MegatronPolicy.finalize_grads does our reductions). The
 collectives SP uses (all_gather_into_tensor, reduce_scatter_tensor) run on gloo.
 
-Measured on CPU (tests/test_megatron_sequence_parallel.py): tiny-qwen3-moe at TP=2 with
-sequence_parallel=True, expert_tensor_parallel_size=1 and these norms gives HF's log-probs (~1e-6)
-and HF's gradients for all 25 tensors (~1e-6 relative) once sequence-parallel grads are summed over
-TP and expert grads over the expert-data-parallel group.
-
-Not wired into training yet: trainer/megatron/model.py's transformer_config/layer_specs would set
-sequence_parallel + expert_tensor_parallel_size=1 for MoE with TP > 1 and call
-`use_sequence_parallel_norms(block_spec)`; init_parallel would pass expert_tensor_parallel_size=1;
-MegatronPolicy would pad T to a multiple of TP and add the reductions above.
+Wired in: model.py turns on sequence_parallel with whole experts per TP rank
+(expert_tensor_parallel_size=1) for MoE with TP > 1 and calls `use_sequence_parallel_norms`;
+MegatronPolicy pads T to a multiple of TP and sums sequence-parallel grads over TP and expert grads
+over the expert-data-parallel group. Measured on CPU (tests/test_megatron_sequence_parallel.py,
+tests/test_megatron.py): tiny-qwen3-moe at TP=2 gives HF's log-probs, loss, gradients and clip norm.
 """
 
 from __future__ import annotations
@@ -50,7 +46,3 @@ def use_sequence_parallel_norms(block_spec) -> None:
             attention.k_layernorm = HeadRMSNorm
     block_spec.layer_norm = SequenceParallelRMSNorm
 
-
-def sequence_parallel_grads_to_sum(model) -> list[torch.nn.Parameter]:
-    """Parameters whose grads are partial per TP rank under sequence parallelism (norms, router)."""
-    return [p for p in model.parameters() if getattr(p, "sequence_parallel", False)]
