@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 
 def default_data_dir() -> Path:
@@ -34,7 +34,7 @@ class ServeConfig(BaseModel):
     logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = Field(default="processed_logprobs", description="Logprobs returned to clients: processed = after temperature/top-p, what GRPO's importance ratio needs")
     max_logprobs: int = Field(default=20, ge=0, description="Largest `top_logprobs` a request may ask for")
     enable_prefix_caching: bool = Field(default=True, description="Reuse KV of shared prompt prefixes (reset on every weight update)")
-    weight_transports: list[Literal["shm", "http"]] = Field(default_factory=lambda: ["shm", "http"], description="Weight-push transports this server accepts")
+    weight_transports: list[Literal["shm", "http", "nccl", "ipc"]] = Field(default_factory=lambda: ["shm", "http"], description="Weight-push transports this server accepts: shm/http buckets (any device), and at most one of vLLM's GPU engines, nccl or ipc (GPU only)")
     max_push_bytes: int = Field(default=64 * 2**30, gt=0, description="Largest total size of one weight push")
     max_bucket_bytes: int = Field(default=2 * 2**30, gt=0, description="Largest single bucket of a weight push over HTTP")
     capture_redis_url: str | None = Field(default=None, description="Capture production requests into this Redis (opt-in; off when unset)")
@@ -45,3 +45,25 @@ class ServeConfig(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Uvicorn log level")
     access_log: bool = Field(default=False, description="Log every HTTP request")
     vllm_args: list[str] = Field(default_factory=list, description="Extra raw vLLM engine/server flags, e.g. --vllm-args=--swap-space=0 (advanced)")
+
+    @field_validator("weight_transports")
+    @classmethod
+    def _one_gpu_engine(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one weight transport is needed")
+        if {"nccl", "ipc"} <= set(value):
+            raise ValueError("choose nccl or ipc, not both: vLLM holds one weight-transfer engine per worker")
+        return list(dict.fromkeys(value))
+
+    def weight_transfer_backend(self) -> str:
+        """The vLLM weight-transfer backend (--weight-transfer-config) that serves these transports.
+
+        "flywheel" reads shm/http buckets; "flywheel_nccl" / "flywheel_ipc" are vLLM's NCCL / CUDA-IPC
+        engines with Flywheel's bucket path and post-load fix-ups added (server/weights/worker_gpu.py).
+        """
+        gpu = [t for t in self.weight_transports if t in ("nccl", "ipc")]
+        return f"flywheel_{gpu[0]}" if gpu else "flywheel"
+
+    def weight_workers(self) -> int:
+        """Inference workers that receive a push: the NCCL group is 1 trainer rank + these."""
+        return self.tensor_parallel_size

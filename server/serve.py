@@ -9,6 +9,7 @@ then the engine-core process), so nothing is left running.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import tempfile
@@ -64,6 +65,9 @@ def engine_environment(config: ServeConfig, cpu: bool) -> dict[str, str]:
 
 
 def vllm_argv(config: ServeConfig, model_path: Path, served_name: str, cpu: bool) -> list[str]:
+    if cpu and config.weight_transfer_backend() != "flywheel":
+        raise ValueError(f"weight transports {config.weight_transports}: nccl and ipc are vLLM's GPU engines "
+                         f"and need a CUDA device; on CPU use shm and http")
     dtype = "float32" if (config.dtype == "auto" and cpu) else config.dtype
     argv = [
         "--model", str(model_path),
@@ -79,8 +83,8 @@ def vllm_argv(config: ServeConfig, model_path: Path, served_name: str, cpu: bool
         "--tensor-parallel-size", str(config.tensor_parallel_size),
         "--uvicorn-log-level", config.log_level,
         "--generation-config", "vllm",  # sampling defaults come from the request, not the checkpoint
-        "--worker-extension-cls", WORKER_EXTENSION,  # importing it registers the "flywheel" backend
-        "--weight-transfer-config", '{"backend": "flywheel"}',
+        "--worker-extension-cls", WORKER_EXTENSION,  # importing it registers Flywheel's backends
+        "--weight-transfer-config", json.dumps({"backend": config.weight_transfer_backend()}),
     ]
     argv.append("--enable-prefix-caching" if config.enable_prefix_caching else "--no-enable-prefix-caching")
     if config.enforce_eager:
@@ -106,7 +110,8 @@ def install(app, config: ServeConfig, model_path: Path, served_name: str, admin_
         "capture": {"enabled": bool(config.capture_redis_url), "stream": config.capture_stream,
                     "rate": config.capture_rate, "redact": config.capture_redact},
         "weights": {"transports": list(config.weight_transports), "max_push_bytes": config.max_push_bytes,
-                    "max_bucket_bytes": config.max_bucket_bytes},
+                    "max_bucket_bytes": config.max_bucket_bytes, "backend": config.weight_transfer_backend(),
+                    "workers": config.weight_workers()},
         "api_key_required": bool(config.api_key),
     }
     app.include_router(router)
@@ -146,7 +151,11 @@ def run(config: ServeConfig) -> int:
 
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(prog="flywheel serve (vLLM)"))
-    args = parser.parse_args(vllm_argv(config, model_path, served_name, cpu))
+    try:
+        argv = vllm_argv(config, model_path, served_name, cpu)
+    except ValueError as exc:
+        raise SystemExit(f"flywheel serve: error: {exc}") from None
+    args = parser.parse_args(argv)
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
 

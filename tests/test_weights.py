@@ -231,3 +231,23 @@ def test_abort_mode_aborts_in_flight(served_a):
     for r in results:
         assert r["chunks"] < 800 and (r["finish"] == "abort" or r["finish"].startswith("error"))
     assert status(srv.url)["paused"] is False  # the push resumed the engine it found paused
+
+
+def test_gpu_transport_commits_are_checked_like_bucket_pushes(served_a):
+    """nccl/ipc commits go through the same checks before the engine is touched (this CPU server enables neither)."""
+    srv, a, b, _ = served_a
+    v = status(srv.url)["policy_version"]
+    sd = load_file(next(a.glob("*.safetensors")))
+    tensors = {"names": list(sd), "dtype_names": [str(t.dtype).removeprefix("torch.") for t in sd.values()],
+               "shapes": [list(t.shape) for t in sd.values()]}
+    url = srv.url + "/flywheel/admin/weights/push"
+    r = httpx.post(url, headers=srv.admin_headers, json={"version": v, "transport": "nccl", "tensors": tensors})
+    assert r.status_code == 409  # stale version first, whatever the transport
+    r = httpx.post(url, headers=srv.admin_headers, json={"version": v + 1, "transport": "nccl", "tensors": tensors})
+    assert r.status_code == 400 and "not enabled" in r.json()["error"]["message"]
+    r = httpx.post(url, headers=srv.admin_headers, json={"version": v + 1, "transport": "ipc", "tensors": tensors})
+    assert r.status_code == 400 and "ipc_handles" in r.json()["error"]["message"]  # not a push at all
+    r = httpx.post(url, headers=srv.admin_headers, json={"version": v + 1, "transport": "rdma", "buckets": [{"path": "/x"}]})
+    assert r.status_code == 400 and "transport" in r.json()["error"]["message"]
+    st = status(srv.url)
+    assert st["policy_version"] == v and st["weights"]["backend"] == "flywheel" and st["weights"]["workers"] == 1

@@ -5,7 +5,10 @@
 `weights` is a dict of HF-named tensors (any device/dtype; float tensors are cast by the server
 to the served dtype) or an HF checkpoint folder (its safetensors files are sent as they are).
 Transports (see protocol.py): "shm" writes buckets to /dev/shm on this host and names them,
-"http" streams them; "auto" picks shm for a loopback URL, http otherwise. The push is
+"http" streams them; "auto" picks shm for a loopback URL, http otherwise; "nccl" and "ipc" move
+CUDA tensors through vLLM's own engines (gpu_client.py; nccl needs `sender=init_nccl(...)` once).
+A folder that already is safetensors is handed over as it is (shm) or streamed file by file
+(http): never re-serialised. The push is
 all-or-nothing on the server: on any error this raises PushFailed and the server keeps serving
 the weights and version it had.
 """
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import os
+import struct
 import shutil
 import tempfile
 import time
@@ -25,10 +30,12 @@ from typing import Literal
 from urllib.parse import urlparse
 
 import httpx
+import torch
 
-from server.weights.protocol import ADMIN_PREFIX, SHA_HEADER
+from server.weights.protocol import ADMIN_PREFIX, GPU_TRANSPORTS, SHA_HEADER, TORCH_DTYPES
 
-Transport = Literal["auto", "shm", "http"]
+Transport = Literal["auto", "shm", "http", "nccl", "ipc"]
+TRANSPORTS = ("auto", "shm", "http", *GPU_TRANSPORTS)
 DEFAULT_BUCKET_BYTES = 512 * 2**20
 
 
@@ -88,15 +95,33 @@ def _raise_for(resp: httpx.Response) -> dict:
     return body
 
 
-def _write_buckets(weights: dict | Path, folder: Path, bucket_bytes: int) -> list[Path]:
-    from safetensors.torch import save_file
+def write_safetensors(tensors: dict, path: Path) -> None:
+    """A safetensors file written straight from the tensors' memory: one copy, into the page cache.
 
+    (safetensors' save_file first builds the whole file as one bytes object: a second copy.)
+    """
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": TORCH_DTYPES[str(t.dtype).removeprefix("torch.")][0], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors.values():
+            if t.numel():
+                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+def _write_buckets(weights: dict | Path, folder: Path, bucket_bytes: int) -> list[Path]:
     if isinstance(weights, (str, Path)):
         return sorted(Path(weights).glob("*.safetensors"))
     paths = []
     for i, bucket in enumerate(bucketize(_dedupe_tied(weights), bucket_bytes)):
         path = folder / f"bucket-{i:05d}.safetensors"
-        save_file(bucket, str(path))
+        write_safetensors(bucket, path)
         paths.append(path)
     return paths
 
@@ -117,16 +142,36 @@ def _file_chunks(path: Path, chunk: int = 8 << 20) -> Iterator[bytes]:
 
 def push_weights(url: str, weights: dict | str | os.PathLike, version: int, admin_token: str, *,
                  transport: Transport = "auto", pause_mode: Literal["keep", "wait", "abort"] = "keep",
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, source: str = "", timeout: float = 600.0) -> dict:
-    """Push a full set of weights as `version`; returns the server's summary (version, tensors, bytes, seconds)."""
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, source: str = "", timeout: float = 600.0,
+                 sender=None) -> dict:
+    """Push a full set of weights as `version`; returns the server's summary (version, tensors, bytes, seconds).
+
+    sender: for transport="nccl", the NCCLSender that init_nccl() returned (the group is opened once).
+    """
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}; choose one of {TRANSPORTS}")
+    if pause_mode not in ("keep", "wait", "abort"):
+        raise ValueError(f"unknown pause_mode {pause_mode!r}; choose keep, wait or abort")
     url = url.rstrip("/").removesuffix("/v1")
+    headers = {"authorization": f"Bearer {admin_token}"}
+    if transport in GPU_TRANSPORTS:
+        if not isinstance(weights, dict):
+            raise ValueError(f"transport={transport!r} pushes a state dict of CUDA tensors, not a folder; "
+                             f"push a checkpoint folder with transport='shm' or 'http'")
+        from server.weights.gpu_client import push_gpu
+
+        t0 = time.perf_counter()
+        with httpx.Client(timeout=timeout, headers=headers) as http:
+            result = push_gpu(http, url, _dedupe_tied(weights), version, transport, pause_mode, source, sender)
+        result["client_seconds"] = {"total": round(time.perf_counter() - t0, 4)}
+        result["transport"] = transport
+        return result
     if transport == "auto":
         transport = "shm" if is_loopback(url) and os.access("/dev/shm", os.W_OK) else "http"
     if isinstance(weights, (str, os.PathLike)):
         weights = Path(weights)
         if not any(weights.glob("*.safetensors")):
             raise FileNotFoundError(f"no safetensors files in {weights}")
-    headers = {"authorization": f"Bearer {admin_token}"}
     t0 = time.perf_counter()
     base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
     folder = Path(tempfile.mkdtemp(prefix="flywheel-push-", dir=base))

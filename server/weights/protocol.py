@@ -17,6 +17,11 @@ Then POST /flywheel/admin/weights/push with a PushRequest (JSON) commits:
   3. only then: pause (keep | wait | abort), load all tensors in the worker, apply, re-pack what
      the CPU kernels pre-packed, reset the prefix cache, publish the version, resume.
 Steps 1-2 fail with a 4xx and leave the old weights and version serving.
+
+GPU transports (vLLM's own NCCL and CUDA-IPC engines, see server/weights/gpu.py) carry no buckets:
+the commit names every tensor (`tensors`: names, torch dtype names, shapes) and, for ipc, one
+CUDA-IPC handle per tensor; the same checks (version, names/shapes/dtypes against the manifest,
+completeness) run on that list before the engine is touched.
 """
 
 from __future__ import annotations
@@ -25,14 +30,19 @@ import json
 import os
 import struct
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+
+from server.weights.gpu import TORCH_DTYPES  # noqa: F401  (re-exported: the dtype table of every transport)
 
 ADMIN_PREFIX = "/flywheel/admin/weights"
 SHA_HEADER = "x-flywheel-sha256"
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 MAX_HEADER_BYTES = 100 * 2**20
+Transport = Literal["shm", "http", "nccl", "ipc"]
+GPU_TRANSPORTS = ("nccl", "ipc")
 
 
 class PushError(Exception):
@@ -52,15 +62,61 @@ class BucketRef(BaseModel):
     sha256: str | None = Field(default=None, description="hex sha256 of the bucket bytes (required for http)")
 
 
+class TensorList(BaseModel):
+    """GPU transports: every tensor of the push, in the order the trainer sends them (vLLM's update_info fields)."""
+
+    names: list[str] = Field(min_length=1, description="HF tensor names")
+    dtype_names: list[str] = Field(description="torch dtype names, e.g. 'bfloat16'")
+    shapes: list[list[int]] = Field(description="Full shapes")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if not len(self.names) == len(self.dtype_names) == len(self.shapes):
+            raise ValueError(f"names, dtype_names and shapes must have equal lengths "
+                             f"({len(self.names)}, {len(self.dtype_names)}, {len(self.shapes)})")
+        bad = next((d for d in self.dtype_names if d not in TORCH_DTYPES), None)
+        if bad is not None:
+            raise ValueError(f"dtype {bad!r} is not one of {sorted(TORCH_DTYPES)}")
+        if any(dim < 0 for shape in self.shapes for dim in shape):
+            raise ValueError("shapes must not have negative dimensions")
+        return self
+
+
 class PushRequest(BaseModel):
     """Body of POST /flywheel/admin/weights/push."""
 
     version: int = Field(description="The version this push creates; must be newer than the served one")
-    transport: Literal["shm", "http"] = Field(description="How the buckets arrived")
-    buckets: list[BucketRef] = Field(min_length=1, description="All buckets of the push")
+    transport: Transport = Field(description="How the tensors travel: shm/http buckets, or vLLM's nccl/ipc engines")
+    buckets: list[BucketRef] = Field(default_factory=list, description="shm/http: all buckets of the push")
     push_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="http transport: the upload id")
+    tensors: TensorList | None = Field(default=None, description="nccl/ipc: every tensor of the push")
+    ipc_handles: list[dict] | None = Field(default=None, description="ipc: one encoded CUDA-IPC handle per tensor (server/weights/gpu.py)")
     pause_mode: Literal["keep", "wait", "abort"] = Field(default="keep", description="What in-flight requests do during the update")
     source: str = Field(default="", description="Free text recorded in the version history (e.g. 'trainer step 40')")
+
+    @model_validator(mode="after")
+    def _fields_of_transport(self):
+        if self.transport in GPU_TRANSPORTS:
+            if self.tensors is None or self.buckets:
+                raise ValueError(f"transport {self.transport!r} carries `tensors` (names, dtype_names, shapes), not buckets")
+            if (self.transport == "ipc") != (self.ipc_handles is not None):
+                raise ValueError("`ipc_handles` is required for transport 'ipc' and only allowed there")
+            if self.ipc_handles is not None and len(self.ipc_handles) != len(self.tensors.names):
+                raise ValueError(f"{len(self.ipc_handles)} ipc_handles for {len(self.tensors.names)} tensors")
+        elif not self.buckets or self.tensors is not None or self.ipc_handles is not None:
+            raise ValueError(f"transport {self.transport!r} carries `buckets` (at least one), not tensors")
+        return self
+
+
+class NCCLInitRequest(BaseModel):
+    """Body of POST /flywheel/admin/weights/nccl/init: join the trainer's NCCL group (once per trainer)."""
+
+    master_address: str = Field(description="Address of the trainer's TCPStore rendezvous (trainer is rank 0)")
+    master_port: int = Field(ge=1, le=65535, description="Port of that rendezvous")
+    world_size: int = Field(ge=2, description="1 trainer rank + every inference worker of this server")
+    packed: bool = Field(default=True, description="Packed broadcast (vLLM's double-buffered chunks); must match the sender")
+    packed_buffer_size_bytes: int = Field(default=1 << 30, gt=0, description="Packed chunk size; must match the sender")
+    packed_num_buffers: int = Field(default=2, ge=1, description="Packed buffers in flight; must match the sender")
 
 
 TensorMeta = tuple[str, tuple[int, ...]]  # (safetensors dtype, shape)
@@ -101,27 +157,48 @@ def checkpoint_manifest(model_dir: str | os.PathLike) -> dict[str, TensorMeta]:
     return manifest
 
 
-def validate_buckets(paths: list[str], manifest: dict[str, TensorMeta], tied_lm_head: bool = False) -> dict:
-    """Check a whole push against the served manifest; raise PushError(4xx) on the first problem."""
+Entry = tuple[str, str, tuple[int, ...], int, str]  # name, safetensors dtype, shape, bytes, where it came from
+
+
+def validate_tensors(entries: Iterable[Entry], manifest: dict[str, TensorMeta], tied_lm_head: bool = False) -> dict:
+    """Check a whole push (any transport) against the served manifest; raise PushError(400) on the first problem."""
     seen: dict[str, str] = {}
     total = 0
-    for path in paths:
-        for name, t in read_header(path).items():
-            if name == "lm_head.weight" and tied_lm_head and name not in manifest:
-                continue  # tied to the embeddings: the server ignores it, as vLLM's loader does
-            if name not in manifest:
-                raise PushError(400, f"unknown tensor {name!r} in {Path(path).name}: the served model has no such weight")
-            if name in seen:
-                raise PushError(400, f"tensor {name!r} appears in two buckets ({seen[name]} and {Path(path).name})")
-            want_dtype, want_shape = manifest[name]
-            if tuple(t["shape"]) != want_shape:
-                raise PushError(400, f"tensor {name!r}: shape {tuple(t['shape'])} != served {want_shape}")
-            if (want_dtype in FLOAT_DTYPES) != (t["dtype"] in FLOAT_DTYPES) or (
-                    want_dtype not in FLOAT_DTYPES and t["dtype"] != want_dtype):
-                raise PushError(400, f"tensor {name!r}: dtype {t['dtype']} cannot replace served {want_dtype}")
-            seen[name] = Path(path).name
-            total += t["data_offsets"][1] - t["data_offsets"][0]
+    for name, dtype, shape, nbytes, where in entries:
+        if name == "lm_head.weight" and tied_lm_head and name not in manifest:
+            continue  # tied to the embeddings: the server ignores it, as vLLM's loader does
+        if name not in manifest:
+            raise PushError(400, f"unknown tensor {name!r} in {where}: the served model has no such weight")
+        if name in seen:
+            raise PushError(400, f"tensor {name!r} appears twice ({seen[name]} and {where})")
+        want_dtype, want_shape = manifest[name]
+        if tuple(shape) != want_shape:
+            raise PushError(400, f"tensor {name!r}: shape {tuple(shape)} != served {want_shape}")
+        if (want_dtype in FLOAT_DTYPES) != (dtype in FLOAT_DTYPES) or (
+                want_dtype not in FLOAT_DTYPES and dtype != want_dtype):
+            raise PushError(400, f"tensor {name!r}: dtype {dtype} cannot replace served {want_dtype}")
+        seen[name] = where
+        total += nbytes
     missing = sorted(set(manifest) - set(seen))
     if missing:
         raise PushError(400, f"push is missing {len(missing)} of {len(manifest)} tensors (first: {missing[0]!r}); pushes must be complete")
     return {"tensors": len(seen), "bytes": total}
+
+
+def bucket_entries(paths: list[str]) -> Iterable[Entry]:
+    for path in paths:
+        for name, t in read_header(path).items():
+            yield name, t["dtype"], tuple(t["shape"]), t["data_offsets"][1] - t["data_offsets"][0], Path(path).name
+
+
+def tensor_list_entries(tensors: TensorList) -> Iterable[Entry]:
+    for i, (name, dtype, shape) in enumerate(zip(tensors.names, tensors.dtype_names, tensors.shapes)):
+        st_dtype, itemsize = TORCH_DTYPES[dtype]
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        yield name, st_dtype, tuple(shape), numel * itemsize, f"tensors[{i}]"
+
+
+def validate_buckets(paths: list[str], manifest: dict[str, TensorMeta], tied_lm_head: bool = False) -> dict:
+    return validate_tensors(bucket_entries(paths), manifest, tied_lm_head)

@@ -2,7 +2,8 @@
 
 PUT  /flywheel/admin/weights/buckets/{push_id}/{index}   stage one bucket (raw safetensors bytes)
 POST /flywheel/admin/weights/push                        commit a push (PushRequest JSON)
-See server/weights/protocol.py for the semantics.
+POST /flywheel/admin/weights/nccl/init                   join a trainer's NCCL group (NCCLInitRequest)
+See server/weights/protocol.py for the semantics, gpu_client.py for the GPU transports.
 """
 
 from __future__ import annotations
@@ -17,12 +18,23 @@ import time
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
-from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
 
 from server.routes import error, policy_of
-from server.weights.protocol import ADMIN_PREFIX, SHA_HEADER, PushError, PushRequest, checkpoint_manifest, validate_buckets
+from server.weights.gpu import HandleError, check_ipc_handles
+from server.weights.protocol import (
+    ADMIN_PREFIX,
+    SHA_HEADER,
+    NCCLInitRequest,
+    PushError,
+    PushRequest,
+    checkpoint_manifest,
+    tensor_list_entries,
+    validate_buckets,
+    validate_tensors,
+)
 
 router = APIRouter()
 
@@ -85,9 +97,6 @@ async def stage_bucket(push_id: str, index: int, request: Request) -> JSONRespon
 
 
 def _bucket_paths(push: PushRequest, request: Request) -> list[str]:
-    config = request.app.state.flywheel_config
-    if push.transport not in config.weight_transports:
-        raise PushError(400, f"transport {push.transport!r} is not enabled on this server ({config.weight_transports})")
     if push.transport == "shm":
         paths = [b.path for b in push.buckets]
         if any(p is None or not os.path.isabs(p) for p in paths):
@@ -110,45 +119,95 @@ def _bucket_paths(push: PushRequest, request: Request) -> list[str]:
     return paths
 
 
+def _check_push(body: PushRequest, request: Request) -> tuple[dict, dict]:
+    """Everything that can refuse a push before the engine is touched: (update_info, summary) or PushError."""
+    config = request.app.state.flywheel_config
+    policy = policy_of(request)
+    if body.version <= policy.version:
+        raise PushError(409, f"version {body.version} is not newer than the served version {policy.version}")
+    if body.transport not in config.weight_transports:
+        raise PushError(400, f"transport {body.transport!r} is not enabled on this server ({config.weight_transports})")
+    manifest, tied = served_manifest(request)
+    if body.tensors is not None:  # nccl / ipc
+        summary = validate_tensors(tensor_list_entries(body.tensors), manifest, tied)
+        if summary["bytes"] > config.max_push_bytes:
+            raise PushError(413, f"push of {summary['bytes']} bytes exceeds max_push_bytes={config.max_push_bytes}")
+        info = body.tensors.model_dump()
+        if body.transport == "ipc":
+            try:
+                check_ipc_handles(body.ipc_handles, body.tensors)
+            except HandleError as exc:
+                raise PushError(400, str(exc)) from None
+            info["flywheel_ipc_handles"] = body.ipc_handles  # decoded in the worker (JSON across the RPC)
+        return info, summary
+    paths = _bucket_paths(body, request)
+    total = sum(os.path.getsize(p) for p in paths if os.path.exists(p))
+    if total > config.max_push_bytes:
+        raise PushError(413, f"push of {total} bytes exceeds max_push_bytes={config.max_push_bytes}")
+    return {"files": paths}, validate_buckets(paths, manifest, tied)
+
+
 @router.post(ADMIN_PREFIX + "/push")
-async def push(body: PushRequest, request: Request) -> JSONResponse:
+async def push(body: PushRequest, request: Request):
     """Validate the whole push, then apply it under a pause; all-or-nothing."""
     policy = policy_of(request)
-    engine = request.app.state.engine_client
-    config = request.app.state.flywheel_config
     t0 = time.perf_counter()
+    await policy.update_lock.acquire()
     try:
-        async with policy.update_lock:
-            if body.version <= policy.version:
-                raise PushError(409, f"version {body.version} is not newer than the served version {policy.version}")
-            paths = _bucket_paths(body, request)
-            total = sum(os.path.getsize(p) for p in paths if os.path.exists(p))
-            if total > config.max_push_bytes:
-                raise PushError(413, f"push of {total} bytes exceeds max_push_bytes={config.max_push_bytes}")
-            manifest, tied = served_manifest(request)
-            summary = await asyncio.to_thread(validate_buckets, paths, manifest, tied)
-            t_valid = time.perf_counter()
-            # Past this point the engine is touched: shield it from a client that goes away.
-            timings = await asyncio.shield(_apply(engine, policy, body, paths))
-            policy.publish(body.version, source=body.source, transport=body.transport, **summary)
+        info, summary = await asyncio.to_thread(_check_push, body, request)
+    except PushError as exc:
+        policy.update_lock.release()
+        policy.failed_pushes += 1
+        _drop_staged(body, request)
+        return error(exc.status, exc.message)
+    except BaseException:
+        policy.update_lock.release()
+        raise
+    t_valid = time.perf_counter()
+    # From here the engine is touched: the commit runs as its own task (it holds the lock and is
+    # never cancelled by a client that goes away).
+    commit = asyncio.ensure_future(_commit(request, body, info, summary, t0, t_valid))
+    if body.transport == "nccl":
+        return StreamingResponse(_nccl_lines(commit), media_type="application/x-ndjson")
+    result = await asyncio.shield(commit)
+    return result if isinstance(result, JSONResponse) else JSONResponse(result)
+
+
+async def _nccl_lines(commit: asyncio.Future):
+    """NCCL: 'ready' tells the trainer to broadcast (the worker is, or is about to be, receiving)."""
+    yield json.dumps({"status": "ready"}) + "\n"
+    result = await asyncio.shield(commit)
+    yield (result.body.decode() if isinstance(result, JSONResponse) else json.dumps(result)) + "\n"
+
+
+def _drop_staged(body: PushRequest, request: Request) -> None:
+    if body.transport == "http" and body.push_id:
+        shutil.rmtree(staging_root(request) / body.push_id, ignore_errors=True)
+
+
+async def _commit(request: Request, body: PushRequest, info: dict, summary: dict, t0: float, t_valid: float):
+    policy = policy_of(request)
+    try:
+        timings = await _apply(request.app.state.engine_client, policy, body, info)
+        policy.publish(body.version, source=body.source, transport=body.transport, **summary)
     except PushError as exc:
         policy.failed_pushes += 1
         return error(exc.status, exc.message)
     finally:
-        if body.transport == "http" and body.push_id:
-            shutil.rmtree(staging_root(request) / body.push_id, ignore_errors=True)
-    return JSONResponse({"version": policy.version, **summary,
-                         "seconds": {"validate": round(t_valid - t0, 4), **timings, "total": round(time.perf_counter() - t0, 4)}})
+        policy.update_lock.release()
+        _drop_staged(body, request)
+    return {"version": policy.version, **summary,
+            "seconds": {"validate": round(t_valid - t0, 4), **timings, "total": round(time.perf_counter() - t0, 4)}}
 
 
-async def _apply(engine, policy, body: PushRequest, paths: list[str]) -> dict:
+async def _apply(engine, policy, body: PushRequest, info: dict) -> dict:
     t0 = time.perf_counter()
     await engine.pause_generation(mode=body.pause_mode)
     t_paused = time.perf_counter()
     try:
         try:
             await engine.start_weight_update()
-            await engine.update_weights(WeightTransferUpdateRequest(update_info={"files": paths}))
+            await engine.update_weights(WeightTransferUpdateRequest(update_info=info))
             await engine.finish_weight_update(str(body.version))
             # stale KV computed by the old weights must not be reused for new prompts
             await engine.reset_prefix_cache(reset_running_requests=False)
@@ -160,3 +219,22 @@ async def _apply(engine, policy, body: PushRequest, paths: list[str]) -> dict:
         await engine.resume_generation()
     t_done = time.perf_counter()
     return {"pause": round(t_paused - t0, 4), "apply": round(t_done - t_paused, 4)}
+
+
+@router.post(ADMIN_PREFIX + "/nccl/init")
+async def nccl_init(body: NCCLInitRequest, request: Request) -> JSONResponse:
+    """Join the trainer's NCCL group (the trainer is rank 0, this server's workers ranks 1..N)."""
+    config = request.app.state.flywheel_config
+    if "nccl" not in config.weight_transports:
+        return error(400, f"this server does not accept the nccl weight transport ({config.weight_transports})")
+    workers = config.weight_workers()
+    if body.world_size != 1 + workers:
+        return error(400, f"world_size must be 1 trainer rank + {workers} server worker(s) = {1 + workers}, got {body.world_size}")
+    policy = policy_of(request)
+    async with policy.update_lock:  # no push while the group forms
+        try:
+            await request.app.state.engine_client.init_weight_transfer_engine(
+                WeightTransferInitRequest(init_info={**body.model_dump(), "rank_offset": 1}))
+        except Exception as exc:
+            return error(500, f"NCCL group init failed: {exc}")
+    return JSONResponse({"status": "joined", "world_size": body.world_size})
