@@ -40,7 +40,9 @@ def loop_config(args, run_dir: Path, prompts: Path, sync: bool) -> dict:
               "batch_size": args.batch_size, "group_size": args.group_size, "max_staleness": 2, "eval": False,
               "live": False, "refresh_s": 1.0, "sync": sync, "serve": {"max_model_len": 1024}}
     if args.model == "tiny-qwen3":
-        config |= {"lr": 1e-2, "max_tokens": 8, "rewards": [{"name": "tests.test_loop:target_fraction"}],
+        # lr 3e-3 as in tests/test_loop.py: at 1e-2 the policy collapsed to no target token by step 5,
+        # every group came out uniform (all rewards 0) and was dropped, and the async trainer starved
+        config |= {"lr": 3e-3, "max_tokens": 8, "rewards": [{"name": "tests.test_loop:target_fraction"}],
                    "sample": {"prompts": {"kind": "jsonl", "path": str(prompts), "num_prompts": None}},
                    "train": {"max_seq_len": 64, "micro_batch_tokens": 512}}
     return config

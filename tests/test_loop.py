@@ -300,5 +300,8 @@ def test_sync_rounds_train_on_policy_data(tmp_path, tiny_model):
     # one sampler and one trainer process per round, one after the other
     for name in ("sampler", "trainer"):
         assert (run_dir / "logs" / f"{name}.log").read_text().count("\n==== ") == rounds
+    # Mean reward is not asserted here either (yet): the one sync run measured, 6 steps at this lr,
+    # gave 0.035 0.023 0.016 0.023 0.023 0.027 (no rise); whether 12 on-policy steps rise reliably
+    # needs 3 runs of this test, not made yet. Printed for the record.
     rewards = [round(r["reward_mean"], 3) for r in steps if r.get("reward_mean") is not None]
     print(f"sync reward_mean per step: {rewards}")
