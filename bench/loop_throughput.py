@@ -98,6 +98,9 @@ def main() -> int:
             results[f"async_vs_sync_{name}_ratio"] = round(a / s, 3)
     results["goal_async_vs_sync_steps_per_hour_ratio"] = 1.5
     results["goal_met"] = results.get("async_vs_sync_steps_per_hour_ratio", 0) >= 1.5
+    results["note_measured_span"] = ("steps_per_hour and rollouts_per_s run from the loop's first status sample (server up) "
+                                     "to the end: they include the trainer's start (in sync, every round's sampler and "
+                                     "trainer process starts) but not the server start, which wall_s includes")
     results["note"] = ("noisy: 2 CPU cores shared with other developers' tests and servers during the run; "
                        "async and sync ran one after the other, so load may differ between them")
     out = REPO / "bench" / "results" / "loop_throughput.json"
