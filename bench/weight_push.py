@@ -1,10 +1,15 @@
 """Benchmark: a full weight push into a live server, per transport, against the bounds measured in the same run.
 
 For each model: start `flywheel serve` (with vLLM's dev routes, for the reload baseline), then
-  memcpy   : copying the same tensors once in this process (torch clone) -- the bandwidth bound;
-  reload   : vLLM's own `reload_weights` from a safetensors folder (POST /collective_rpc) -- the baseline;
-  shm/http : push_weights(state_dict, transport=...) end to end (serialize, transfer, validate, pause,
-             apply, prefix-cache reset, resume), median of --repeats.
+  memcpy     : copying the same fp32 tensors once in this process (torch clone) -- the bandwidth bound;
+  reload     : vLLM's own `reload_weights` (POST /collective_rpc) from an fp32 safetensors folder of the
+               same tensors, i.e. the same bytes and dtype as the pushes (the baseline; the folder was just
+               written, so it is read from the page cache, not the disk);
+  reload_bf16: the same from the bundled bf16 folder (half the bytes, cast on load), for reference;
+  shm/http   : push_weights(fp32 state_dict, transport=...) end to end (serialize, transfer, validate,
+               pause, apply, prefix-cache reset, resume), median of --repeats;
+  shm_folder : push_weights(the fp32 folder) over shm: the files are handed over, not re-serialised.
+The served model is fp32 (CPU), so every variant moves and loads the same fp32 bytes.
 Writes bench/results/weight_push.json (flat keys; ratios are A_vs_B_ratio = seconds_A / seconds_B).
 
     python bench/weight_push.py [--models tiny-qwen3 tiny-qwen3-moe smollm2-135m-instruct] [--repeats 3]
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -53,28 +59,37 @@ def bench_model(name: str, repeats: int, workdir: Path) -> dict:
     sd = fp32_state_dict(model_dir)
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
     memcpy = median_seconds(lambda: [t.clone() for t in sd.values()], repeats)
+    fp32_dir = workdir / f"{name}-fp32"
+    fp32_dir.mkdir(parents=True)
+    save_file(sd, str(fp32_dir / "model.safetensors"))
     out = {f"{name}_bytes": nbytes, f"{name}_memcpy_s": round(memcpy, 4)}
     with start_server(model_dir, workdir / name, served_model_name="m", dev_routes=True) as srv:
-        def reload():
+        def reload(folder):
             r = httpx.post(srv.url + "/collective_rpc", headers=srv.admin_headers, timeout=600,
-                           json={"method": "reload_weights", "kwargs": {"weights_path": str(model_dir)}})
+                           json={"method": "reload_weights", "kwargs": {"weights_path": str(folder)}})
             r.raise_for_status()
 
-        reload()  # warm-up
-        out[f"{name}_reload_s"] = round(median_seconds(reload, repeats), 4)
+        for key, folder in (("reload_bf16", model_dir), ("reload", fp32_dir)):
+            reload(folder)  # warm-up
+            out[f"{name}_{key}_s"] = round(median_seconds(lambda: reload(folder), repeats), 4)
+        out[f"{name}_reload_vs_memcpy_ratio"] = round(out[f"{name}_reload_s"] / memcpy, 3)
         version = [0]
 
-        def push(transport):
+        def push(transport, weights):
             version[0] += 1
-            push_weights(srv.url, sd, version[0], srv.admin_token, transport=transport)
+            return push_weights(srv.url, weights, version[0], srv.admin_token, transport=transport)
 
-        for transport in ("shm", "http"):
-            push(transport)  # warm-up (first push reads the served manifest)
-            seconds = median_seconds(lambda: push(transport), repeats)
-            out[f"{name}_{transport}_push_s"] = round(seconds, 4)
-            out[f"{name}_{transport}_push_GBps"] = round(nbytes / seconds / 1e9, 3)
-            out[f"{name}_{transport}_push_vs_memcpy_ratio"] = round(seconds / memcpy, 3)
-            out[f"{name}_{transport}_push_vs_reload_ratio"] = round(seconds / out[f"{name}_reload_s"], 3)
+        for label, transport, weights in (("shm", "shm", sd), ("http", "http", sd), ("shm_folder", "shm", fp32_dir)):
+            push(transport, weights)  # warm-up (first push reads the served manifest)
+            parts = []
+            seconds = median_seconds(lambda: parts.append(push(transport, weights)), repeats)
+            out[f"{name}_{label}_push_s"] = round(seconds, 4)
+            out[f"{name}_{label}_push_GBps"] = round(nbytes / seconds / 1e9, 3)
+            # where the time went (medians): client serialisation, server apply (pause..resume inside vLLM)
+            out[f"{name}_{label}_serialize_s"] = round(statistics.median(p["client_seconds"]["serialize"] for p in parts), 4)
+            out[f"{name}_{label}_apply_s"] = round(statistics.median(p["seconds"]["apply"] for p in parts), 4)
+            out[f"{name}_{label}_push_vs_memcpy_ratio"] = round(seconds / memcpy, 3)
+            out[f"{name}_{label}_push_vs_reload_ratio"] = round(seconds / out[f"{name}_reload_s"], 3)
         check = httpx.post(srv.base_url + "/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2}, timeout=60)
         out[f"{name}_serves_after_pushes"] = check.status_code == 200
     return out
@@ -90,11 +105,13 @@ def main() -> int:
 
     results: dict = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.node()} {platform.machine()} "
                      f"{torch.get_num_threads()} threads", "python": platform.python_version(),
-                     "torch": torch.__version__, "vllm": vllm.__version__, "repeats": args.repeats}
+                     "torch": torch.__version__, "vllm": vllm.__version__, "repeats": args.repeats,
+                     "load_average_at_start": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory(prefix="fwbench-") as tmp:
         for name in args.models:
             results.update(bench_model(name, args.repeats, Path(tmp)))
             print(json.dumps({k: v for k, v in results.items() if k.startswith(name)}, indent=1), flush=True)
+    results["load_average_at_end"] = round(os.getloadavg()[0], 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")
