@@ -298,6 +298,34 @@ def flatten(tag: str, moe: bool, size: dict, results: dict, rate: float) -> dict
     return flat
 
 
+def run_parallel(args) -> int:
+    """One-GPU phase, then the N-GPU phase under torchrun; the second merges the first's numbers."""
+    import os
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    out = args.out if args.out.name != "train_speed.json" else args.out.with_name(f"train_speed_{args.gpus}gpu.json")
+    single = out.with_name(out.stem + "_single.json")
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--toy"] if args.toy else []) \
+        + (["--bf16"] if args.bf16 else []) + (["--sizes", *args.sizes] if args.sizes else [])
+    # NVLink multicast stays off (this machine's hosts are shared: KINDS.md)
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    script = str(here / "train_speed_parallel.py")
+    subprocess.run([sys.executable, script, "--phase", "single", "--out", str(single), *common], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.gpus), script,
+                    "--phase", "multi", "--single", str(single), "--out", str(out), *common], env=env, check=True)
+    merged = json.loads(out.read_text())
+    merged["command"] = " ".join(["python"] + sys.argv)
+    merged.update({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+                   "machine": platform.node(), "torch": torch.__version__, "python": platform.python_version()})
+    out.write_text(json.dumps(merged, indent=1))
+    for key, value in merged.items():
+        if key.endswith(("_ratio", "_scaling_efficiency")):
+            print(f"{key:<60} {value:6.2f}")
+    print(f"wrote {out}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=None, choices=list(SIZES), help="model sizes (default: issue large; --toy: toy)")
@@ -309,7 +337,11 @@ def main() -> int:
     parser.add_argument("--bf16", action="store_true", help="bf16 on the CPU too (the GPU always runs bf16)")
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="variants to run (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_speed.json")
+    parser.add_argument("--gpus", type=int, default=1, help="> 1: megatron TP/EP/DP over this many GPUs with torchrun "
+                        "(bench/train_speed_parallel.py; writes train_speed_<N>gpu.json)")
     args = parser.parse_args()
+    if args.gpus > 1:
+        return run_parallel(args)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.toy else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" or args.bf16 else torch.float32
     sizes = args.sizes or (["toy"] if args.toy else ["issue", "large"])

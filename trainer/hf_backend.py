@@ -45,6 +45,9 @@ class HFPolicy:
         if config.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
             self.model.config.use_cache = False
+        if config.compile:  # the same regional compilation as the megatron backend's
+            for layer in self.model.model.layers:
+                layer.compile()
         self.model.train()
 
     def forward_logprobs(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,

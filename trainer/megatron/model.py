@@ -237,8 +237,19 @@ def compile_transformer_layers(model) -> None:
     if model.config.tensor_model_parallel_size == 1 and hasattr(model, "compute_language_model_loss"):
         # The vocabulary is not sharded: the loss is a plain cross-entropy, which inductor fuses
         # (one pass over the logits, fp32 math, no fp32 copy of them kept for backward).
-        model.compute_language_model_loss = torch.compile(_cross_entropy, dynamic=False)
+        model.compute_language_model_loss = torch.compile(_cross_entropy)
+    # dynamic=None: the first shape compiles static; a new shape (the trainer's token-budget
+    # micro-batches vary in length) recompiles once with dynamic shapes instead of once per length
+    from trainer.megatron.experts import SyncFreeDispatcher
+
     for layer in decoder.layers:
-        layer.compile(dynamic=False)
+        dispatcher = getattr(layer.mlp, "token_dispatcher", None)
+        if dispatcher is None or isinstance(dispatcher, SyncFreeDispatcher):
+            layer.compile()
+            continue
+        # Experts spread over ranks: megatron's all-gather dispatcher (masked_select on a routing
+        # map dynamo cannot keep boolean) stays eager; everything around it is compiled.
+        for part in (layer.input_layernorm, layer.self_attention, layer.pre_mlp_layernorm, layer.mlp.experts):
+            part.compile()
     if getattr(decoder, "final_layernorm", None) is not None:
-        decoder.final_layernorm.compile(dynamic=False)
+        decoder.final_layernorm.compile()

@@ -87,8 +87,8 @@ class MegatronPolicy:
             from trainer.megatron.pipeline import apply_cpu_patches
 
             apply_cpu_patches()
-        self.model = build_gpt(self.arch, config.parallel,
-                               dtype=self.dtype, recompute=config.gradient_checkpointing)
+        self.model = build_gpt(self.arch, config.parallel, dtype=self.dtype,
+                               recompute=config.gradient_checkpointing, compile_layers=config.compile)
         hf = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype)
         load_hf_state_dict(self.model, {k: v.to(device()) for k, v in hf.state_dict().items()}, self.arch)
         del hf
