@@ -23,6 +23,20 @@ def _logprobs(policy, batch, temperature: float = 1.0) -> torch.Tensor:
     return policy.forward_logprobs(batch.input_ids, batch.position_ids, batch.targets, temperature=temperature)
 
 
+def my_share(policy, groups: list) -> list:
+    """This data-parallel rank's micro-batches: every dp-th one (all of them when the policy does not
+    shard data). Losses stay normalised by step-wide counts, so the policy's finalize_grads sums
+    the shards' gradients into the full-batch gradient."""
+    rank, size = getattr(policy, "data_shard", (0, 1))
+    return groups[rank::size]
+
+
+def summed_over_shards(policy, values: dict) -> dict:
+    """Metrics that are sums over this rank's micro-batches, summed over the data shards."""
+    reduce = getattr(policy, "sum_over_data_shards", None)
+    return reduce(values) if reduce is not None and getattr(policy, "data_shard", (0, 1))[1] > 1 else values
+
+
 def counted_tokens(sample: Sample) -> int:
     return sum(sample.loss_mask[1:])
 
@@ -31,12 +45,12 @@ def nll_backward(policy, samples: list[Sample], config: TrainConfig, pad_id: int
     """CPT / SFT: token-mean NLL over every counted token of the step."""
     total = sum(counted_tokens(s) for s in samples)
     loss_sum = 0.0
-    for group in micro_batches(samples, config.micro_batch_tokens):
+    for group in my_share(policy, list(micro_batches(samples, config.micro_batch_tokens))):
         batch = collate(group, pad_id, pack=config.pack).to(_device(policy))
         loss = nll_loss(_logprobs(policy, batch), batch.mask, num_tokens=total)
         loss.backward()
         loss_sum += float(loss.detach())
-    return {"loss": loss_sum, "tokens": total}
+    return {**summed_over_shards(policy, {"loss": loss_sum}), "tokens": total}
 
 
 def pair_logprob_sums(policy, pairs: list[PreferencePair], config: TrainConfig, pad_id: int) -> torch.Tensor:
@@ -62,18 +76,22 @@ def _pair_sums(policy, pairs: list[PreferencePair], pad_id: int, pack: bool) -> 
 def dpo_backward(policy, pairs: list[PreferencePair], reference: torch.Tensor, config: TrainConfig, pad_id: int) -> dict:
     """DPO: mean sigmoid loss over the step's pairs; `reference` [n_pairs, 2] from pair_logprob_sums."""
     n = len(pairs)
-    loss_sum, margins, start = 0.0, [], 0
+    groups, start = [], 0
     for group in micro_batches(pairs, config.micro_batch_tokens, size=_pair_size):
+        groups.append((start, group))
+        start += len(group)
+    loss_sum, margin_sum, correct = 0.0, 0.0, 0.0
+    for start, group in my_share(policy, groups):
         sums = _pair_sums(policy, group, pad_id, config.pack)
         ref = reference[start:start + len(group)].to(sums.device)
         loss, margin, _ = dpo_loss(sums[:, 0], sums[:, 1], ref[:, 0], ref[:, 1], beta=config.dpo.beta)
         (loss * len(group) / n).backward()
         loss_sum += float(loss.detach()) * len(group) / n
-        margins.append(margin)
-        start += len(group)
-    margin = torch.cat(margins)
+        margin_sum += float(margin.sum())
+        correct += float((margin > 0).sum())
+    totals = summed_over_shards(policy, {"loss": loss_sum, "margin": margin_sum, "correct": correct})
     tokens = sum(counted_tokens(p.chosen) + counted_tokens(p.rejected) for p in pairs)
-    return {"loss": loss_sum, "margin_mean": float(margin.mean()), "accuracy": float((margin > 0).float().mean()),
+    return {"loss": totals["loss"], "margin_mean": totals["margin"] / n, "accuracy": totals["correct"] / n,
             "tokens": tokens}
 
 
@@ -83,10 +101,13 @@ def grpo_backward(policy, samples: list[Sample], config: TrainConfig, pad_id: in
     lengths = torch.tensor([float(counted_tokens(s)) for s in samples], device=_device(policy))
     norm = dict(num_tokens=float(lengths.sum()), num_seqs=len(samples), seq_lengths=lengths,
                 constant=float(g.dr_grpo_constant))
-    loss_sum, sums, first = 0.0, {"clip_fraction": 0.0, "ratio_mean": 0.0, "kl": 0.0, "tis_weight_mean": 0.0}, 0
+    loss_sum, sums = 0.0, {"clip_fraction": 0.0, "ratio_mean": 0.0, "kl": 0.0, "tis_weight_mean": 0.0}
+    groups, first = [], 0
     for group in micro_batches(samples, config.micro_batch_tokens):
-        batch = collate(group, pad_id, pack=config.pack, first_index=first).to(_device(policy))
+        groups.append((first, group))  # first: the group's index into the step (seq_lengths)
         first += len(group)
+    for first, group in my_share(policy, groups):
+        batch = collate(group, pad_id, pack=config.pack, first_index=first).to(_device(policy))
         proximal = ref = None
         if g.tis_cap is not None:
             with torch.no_grad():
@@ -104,4 +125,4 @@ def grpo_backward(policy, samples: list[Sample], config: TrainConfig, pad_id: in
         share = batch.num_tokens / max(norm["num_tokens"], 1.0)  # token-weighted average of the metrics
         for k in sums:
             sums[k] += metrics[k] * share
-    return {"loss": loss_sum, **sums, "tokens": int(norm["num_tokens"])}
+    return {**summed_over_shards(policy, {"loss": loss_sum, **sums}), "tokens": int(norm["num_tokens"])}

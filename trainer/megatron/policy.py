@@ -125,6 +125,29 @@ class MegatronPolicy:
         self._pending.append((batch, proxy))
         return proxy
 
+    # -------------------------------------------------------------- data parallelism
+
+    @property
+    def data_shard(self) -> tuple[int, int]:
+        """(rank, size) of this rank's share of each step's micro-batches (trainer/objectives.py).
+
+        Data-parallel replicas train different micro-batches and finalize_grads sums them. With
+        expert parallelism every rank of an EP group must run the same number of forwards (the
+        dispatcher's collectives), so there the replicas keep training the whole step each.
+        """
+        from megatron.core import parallel_state as ps
+
+        if ps.get_expert_model_parallel_world_size() > 1:
+            return 0, 1
+        return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+    def sum_over_data_shards(self, values: dict) -> dict:
+        from megatron.core import parallel_state as ps
+
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=device())
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        return dict(zip(values, t.tolist()))
+
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         return (p for p in self.model.parameters() if p.requires_grad)
 
@@ -143,9 +166,12 @@ class MegatronPolicy:
         dp_group = ps.get_data_parallel_group()
         expert_dp_group = ps.get_expert_data_parallel_group()
         dp_size = dist.get_world_size(dp_group)
+        sharded = self.data_shard[1] > 1  # replicas saw different micro-batches: sum, do not average
         for name, p in self.model.named_parameters():
             if p.grad is None:
-                continue
+                if not (sharded and p.requires_grad):
+                    continue
+                p.grad = torch.zeros_like(p)  # a rank with no micro-batch this step still joins the sum
             # q/k norms: each TP rank saw only its heads; sequence-parallel norms and router: only its rows
             tp_partial = name.endswith(_TP_PARTIAL_GRADS) or getattr(p, "sequence_parallel", False)
             if ps.get_tensor_model_parallel_world_size() > 1 and tp_partial:
@@ -157,7 +183,7 @@ class MegatronPolicy:
             group = expert_dp_group if _is_expert(name, p) else dp_group
             if dist.get_world_size(group) > 1:
                 dist.all_reduce(p.grad, group=group)
-            if dp_size > 1:
+            if dp_size > 1 and not sharded:
                 p.grad.div_(dp_size)
 
     def _pipeline_backward(self) -> None:
