@@ -10,6 +10,7 @@ and, with the queue on, as `dropped_uniform_groups` / `dropped_uniform_rollouts`
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
 from pydantic import Field
@@ -39,6 +40,12 @@ async def sample_grpo(config: GrpoConfig) -> dict:
 
     async def handle(item: PromptItem) -> None:
         records = await score_group(scorer, await endpoint.sample(item, config.sampling), item)
+        # One id per sampled group, not per prompt: the same prompt sampled again (a sync round, a
+        # resumed launch, a prompt file read twice) must not merge with an earlier group when both
+        # land in one learner batch (advantages are computed per group_id). The prompt id stays in front.
+        group_id = f"{item.id}#{uuid.uuid4().hex[:8]}"
+        for r in records:
+            r.group_id = group_id
         stats.add(records)
         if config.drop_uniform_groups and len({r.reward for r in records}) <= 1:
             stats.skipped += len(records)

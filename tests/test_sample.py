@@ -51,7 +51,8 @@ def test_grpo_pushes_scored_groups_with_tokens_and_versions(server, redis_client
     groups = defaultdict(list)
     for r in records:
         groups[r.group_id].append(r)
-    assert sorted(groups) == [f"chain_sum:0:{i}" for i in range(4)]
+    # one id per sampled group: the prompt's id, then a nonce (sampling the prompts again gives new groups)
+    assert sorted(g.split("#")[0] for g in groups) == [f"chain_sum:0:{i}" for i in range(4)]
     for group in groups.values():
         assert len(group) == 4 and len({tuple(r.prompt_token_ids) for r in group}) == 1
     for r in records:
@@ -63,6 +64,12 @@ def test_grpo_pushes_scored_groups_with_tokens_and_versions(server, redis_client
         assert r.sampling["max_tokens"] == 12 and r.finish_reason in ("stop", "length")
     assert summary["completion_tokens"] == sum(len(r.completion_token_ids) for r in records)
     assert sorted(r.id for r in read_jsonl(tmp_path / "grpo.jsonl")) == sorted(r.id for r in records)
+    again = GrpoConfig(**common(server, redis_url), prompts=PromptSourceConfig(num_prompts=4),
+                       sampling=SamplingConfig(n=4, max_tokens=12, seed=1), drop_uniform_groups=False)
+    asyncio.run(sample_grpo(again))
+    second = {d.record.group_id for d in RolloutQueue(url=redis_url, stream="rollouts").get(count=100, block_s=0.2)}
+    assert len(second) == 4 and not second & set(groups)
+    assert sorted(g.split("#")[0] for g in second) == sorted(g.split("#")[0] for g in groups)
 
 
 def test_rejection_keeps_exactly_the_right_records(server, redis_client, redis_url, tmp_path):
