@@ -24,6 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.servers import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
+
 from trainer.backend import IGNORE, ParallelConfig, PolicyConfig  # noqa: E402
 from trainer.megatron.policy import document_mask  # noqa: E402
 
@@ -264,13 +266,6 @@ def test_backends_agree_under_torchrun(which, tensor, expert, request, tmp_path)
     assert abs(got["norm"] - hf_norm) < 1e-4 * hf_norm
     assert all(torch.equal(got["state"][k], v) for k, v in ref["state"].items() if k in got["state"])
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.servers import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
+
 from tests.test_megatron_resume import hf_weights, train_config, write_sft_data  # noqa: E402
 
 STEPS = 3
@@ -61,13 +63,6 @@ def test_pipeline_parallel_matches_pp1(tmp_path):
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-5), f"{name}: {(a[name] - b[name]).abs().max():.3g}"
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

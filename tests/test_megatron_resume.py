@@ -22,6 +22,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.servers import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
+
 N, M = 2, 2  # steps before the stop, steps after the resume
 
 
@@ -103,13 +105,6 @@ def test_resume_under_torchrun_matches_straight_run(which, tensor, pipeline, exp
     torchrun("resume", model, data, tmp_path, tensor, pipeline, expert)
     assert_resume_matches_straight(tmp_path)
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.servers import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
+
 from tests.test_megatron import assert_grads_close, make_batch, nll  # noqa: E402
 from trainer.backend import ParallelConfig, PolicyConfig  # noqa: E402
 
@@ -72,13 +74,6 @@ def test_moe_with_tp2_trains_through_sequence_parallelism_without_te(tiny_moe_mo
     hf_norm = float(torch.sqrt(sum(g.pow(2).sum() for g in ref_grads.values())))
     assert abs(got["norm"] - hf_norm) < 1e-4 * hf_norm
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
