@@ -67,6 +67,17 @@ def start_up(config_path: Path, log: Path) -> subprocess.Popen:
                                 cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def run_to_the_end(config_path: Path, log: Path, timeout_s: float = 900) -> None:
+    """`flywheel up` until it exits by itself with 0; stopped (SIGTERM to its group) if the test fails first."""
+    proc = start_up(config_path, log)
+    try:
+        assert proc.wait(timeout_s) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(120)
+
+
 def server_url(run_dir: Path) -> str:
     return f"http://127.0.0.1:{yaml.safe_load((run_dir / 'config' / 'serve.yaml').read_text())['port']}"
 
@@ -263,13 +274,7 @@ def test_trainer_killed_mid_run_then_sigterm_then_resume_loses_nothing_trains_no
         assert proc.wait(300) == 130
         assert not any(alive(pid) for pid in pids)
         # 3. resumed again, to the end
-        proc = start_up(config_path, log)
-        try:
-            assert proc.wait(900) == 0, log.read_text()[-4000:]
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(120)
+        run_to_the_end(config_path, log)
     assert log.read_text().count("resumed: pushed step_") == 2
     steps, final = check_finished_run(run_dir, MAX_STEPS)
     assert final["reclaimed"] >= 1  # what was delivered but not checkpointed came back
@@ -285,13 +290,7 @@ def test_sync_rounds_train_on_policy_data(tmp_path, tiny_model):
     config_path = loop_config(tmp_path, tiny_model, sync=True, eval=False, max_steps=SYNC_STEPS, push_every=SYNC_PUSH_EVERY)
     run_dir, log = tmp_path / "run", tmp_path / "up.log"
     with vllm_lock():
-        proc = start_up(config_path, log)
-        try:
-            assert proc.wait(900) == 0, log.read_text()[-4000:]
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(120)
+        run_to_the_end(config_path, log)
     steps, final = check_finished_run(run_dir, SYNC_STEPS, push_every=SYNC_PUSH_EVERY, drop_uniform=False)
     rounds = SYNC_STEPS // SYNC_PUSH_EVERY
     # exactly one round's rollouts per round, every one trained once: nothing left over, nothing dropped
