@@ -9,6 +9,11 @@
 `LoopStatus.sample()` returns one flat dict; `flywheel up` draws it as a rich table, appends it to
 run_dir/up/status.jsonl (the report's throughput curves come from there) and the loop test reads it.
 Nothing here writes to a component: a dead component shows as missing values, never an exception.
+
+Starvation: with uniform groups dropped, a policy whose reward became constant (collapsed, or a
+reward that never varies) makes the sampler drop everything and the trainer wait with no error
+anywhere. `uniform_streak` counts the groups dropped since the queue last grew; from
+UNIFORM_STREAK_WARNING on, the view says so in words.
 """
 
 from __future__ import annotations
@@ -55,6 +60,29 @@ def prometheus_values(text: str, names: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+UNIFORM_STREAK_WARNING = 32  # groups in a row with all-equal rewards before the view warns
+
+
+def uniform_streak(s: dict[str, Any], mark: tuple[int, int] | None) -> tuple[int | None, tuple[int, int] | None]:
+    """(groups dropped as uniform since `produced` last grew, the new mark) from one status sample.
+
+    `mark` is (produced, dropped_uniform_groups) when produced last changed; None before the first sample."""
+    produced, dropped = s.get("produced"), s.get("dropped_uniform_groups")
+    if produced is None or dropped is None:
+        return None, mark
+    if mark is None or produced != mark[0]:
+        mark = (produced, dropped)
+    return dropped - mark[1], mark
+
+
+def starvation_warning(s: dict[str, Any]) -> str | None:
+    streak = s.get("uniform_streak")
+    if streak is None or streak < UNIFORM_STREAK_WARNING:
+        return None
+    return (f"the last {streak} sampled groups all had equal rewards (no GRPO signal) and were dropped: the trainer "
+            "gets nothing. Is the reward constant for this task, or did the policy collapse (lower the lr)?")
+
+
 class LoopStatus:
     """Polls the loop's components; keeps the previous sample to turn counters into rates."""
 
@@ -65,6 +93,7 @@ class LoopStatus:
         self.http = httpx.Client(timeout=3.0)
         self.started = time.time()
         self._last: dict[str, Any] | None = None
+        self._produced_mark: tuple[int, int] | None = None
 
     def _server(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -111,6 +140,9 @@ class LoopStatus:
                 s["server_tokens_per_s"] = max(0.0, (s["server_generated_tokens"] - last["server_generated_tokens"]) / dt)
             if "produced" in s and "produced" in last:
                 s["rollouts_per_s"] = max(0.0, (s["produced"] - last["produced"]) / dt)
+        streak, self._produced_mark = uniform_streak(s, self._produced_mark)
+        if streak is not None:
+            s["uniform_streak"] = streak
         if "policy_version" in s and "train_pushed_version" in s:
             s["versions_behind"] = s["policy_version"] - s["train_pushed_version"]
         self._last = s
@@ -149,5 +181,7 @@ def status_table(s: dict[str, Any], title: str, children: dict[str, str]) -> Tab
     ]
     for name, value in rows:
         table.add_row(name, value)
+    if warning := starvation_warning(s):
+        table.add_row("[yellow]warning[/yellow]", f"[yellow]{warning}[/yellow]")
     table.add_row("processes", "  ".join(f"{k}:{v}" for k, v in children.items()))
     return table

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field
 
-from clients.loop_status import LoopStatus, status_table
+from clients.loop_status import LoopStatus, starvation_warning, status_table
 from sampler.queue import QueueConfig
 
 DEFAULT_REWARDS = [
@@ -316,6 +316,8 @@ class Loop:
                           f"acked={s.get('acked')} backlog={s.get('backlog')} uniform_dropped={s.get('dropped_uniform_groups')} "
                           f"reward={s.get('reward_mean')} "
                           f"loss={s.get('train_loss')} eval={s.get('eval_score')}", flush=True)
+                    if warning := starvation_warning(s):
+                        print(f"[flywheel up] warning: {warning}", flush=True)
                 for name, child in self.children.items():
                     rc = child.poll()
                     if rc is None:
