@@ -27,6 +27,22 @@ from clients.report import loop_summary  # noqa: E402
 from tests.servers import vllm_lock  # noqa: E402
 
 
+def reward_parts(run_dir: Path) -> dict:
+    """Each reward's mean over the first and the last quarter of the sampled rollouts (all of them, kept or
+    not in a batch): which part of the reward moved (correctness or format)."""
+    path = run_dir / "sampler" / "rollouts.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    quarter = len(records) // 4
+    if not quarter:
+        return {}
+    out = {"sampled_rollouts": len(records)}
+    for label, part in (("first_quarter", records[:quarter]), ("last_quarter", records[-quarter:])):
+        for name in sorted({r["name"] for rec in part for r in rec.get("rewards", [])}):
+            out[f"sampled_{name}_{label}"] = round(sum(r["value"] for rec in part for r in rec.get("rewards", [])
+                                                       if r["name"] == name) / len(part), 4)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -55,6 +71,7 @@ def main() -> int:
     for key in ("reward_first_quarter", "reward_last_quarter", "optimizer_steps_per_hour", "rollouts_per_s", "dropped_stale"):
         if summary.get(key) is not None:
             results[key] = summary[key]
+    results |= reward_parts(args.run_dir)
     out = REPO / "bench" / "results" / "loop_learning.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
