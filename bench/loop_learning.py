@@ -7,7 +7,7 @@ so the first history line is the model before training (version 0) and the last 
 policy. Writes bench/results/loop_learning.json with both scores, the reward curve's first and
 last quarter, and the command; the numbers are whatever they are.
 
-    python bench/loop_learning.py --steps 30 [--run-dir runs/smollm2-grpo] [--eval-size 50]
+    python bench/loop_learning.py --steps 30 [--run-dir runs/smollm2-grpo] [--eval-size 50] [--out F] [flywheel up flags, e.g. --lr 1e-5]
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--run-dir", type=Path, default=Path("runs/smollm2-grpo"))
     parser.add_argument("--eval-size", type=int, default=50)
-    parser.add_argument("--extra", nargs="*", default=[], help="More `flywheel up` flags, e.g. --lr 5e-6")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "loop_learning.json")
+    args, extra = parser.parse_known_args()  # anything else goes to `flywheel up`, e.g. --lr 1e-5
+    args.extra = extra
     argv = [sys.executable, "-m", "clients.cli", "up", "--config", str(REPO / "configs" / "loop.yaml"),
             "--run-dir", str(args.run_dir), "--max-steps", str(args.steps), "--eval-size", str(args.eval_size),
             "--no-live", *args.extra]
@@ -72,7 +73,7 @@ def main() -> int:
         if summary.get(key) is not None:
             results[key] = summary[key]
     results |= reward_parts(args.run_dir)
-    out = REPO / "bench" / "results" / "loop_learning.json"
+    out = args.out
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return rc
