@@ -118,6 +118,9 @@ def test_resume_continues_exactly(tmp_path, tiny_model):
     assert first.step == 3
     with pytest.raises(SystemExit, match="already holds checkpoints; pass --resume"):
         train(split)
+    # optimizer state written by one backend / parallel layout is not loaded into another
+    with pytest.raises(SystemExit, match="this run changes backend transformers -> megatron"):
+        train(split.model_copy(update={"resume": True, "stop_after": None, "backend": "megatron"}))
     resumed = train(split.model_copy(update={"resume": True, "stop_after": None}))
     assert resumed.step == 6
     a = load_file(straight.run_dir / "checkpoints" / "step_000006" / "model.safetensors")

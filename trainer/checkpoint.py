@@ -63,7 +63,8 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(run_dir: Path, policy, optimizer, scheduler, state: TrainState, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, policy, optimizer, scheduler, state: TrainState, keep: int = 2,
+                    layout: dict | None = None) -> Path:
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{state.step:06d}"
     tmp = root / f".tmp_step_{state.step:06d}"
@@ -76,6 +77,8 @@ def save_checkpoint(run_dir: Path, policy, optimizer, scheduler, state: TrainSta
     _barrier()  # every rank's state is in tmp before rank 0 renames it (else a rank's file can miss the rename)
     if _rank() == 0:
         (tmp / "trainer_state" / "state.json").write_text(state.model_dump_json())
+        if layout is not None:
+            (tmp / "trainer_state" / "layout.json").write_text(json.dumps(layout))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -93,6 +96,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     path = pointer.parent / pointer.read_text().strip()
     return path if path.exists() else None
+
+
+def check_resume_layout(checkpoint: Path, layout: dict) -> None:
+    """Refuse to resume optimizer state written under another backend or parallel layout.
+
+    The weights are full HF tensors and load under any layout, but each rank's optimizer state is
+    its own shard: with the same world size and another TP degree, every rank{r}.pt still exists and
+    would be loaded into the wrong parameters. Checkpoints written before layout.json was saved are not checked."""
+    path = checkpoint / "trainer_state" / "layout.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    changed = {k: (saved.get(k), v) for k, v in layout.items() if saved.get(k) != v}
+    if changed:
+        what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        raise SystemExit(f"flywheel train: error: {checkpoint} was written with {saved}; this run changes {what}. Resume with "
+                         f"the same backend and parallel degrees, or start a new run with --model {checkpoint} (weights only)")
 
 
 def load_trainer_state(checkpoint: Path, optimizer, scheduler) -> TrainState:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from trainer.backend import build_policy
-from trainer.checkpoint import TrainState, latest_checkpoint, load_trainer_state, save_checkpoint
+from trainer.checkpoint import TrainState, check_resume_layout, latest_checkpoint, load_trainer_state, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.hf_backend import resolve_model_path
 from trainer.metrics import MetricsLog
@@ -114,6 +115,9 @@ def prepare_run_dir(config: TrainConfig) -> Path | None:
 
 def train(config: TrainConfig) -> TrainState:
     checkpoint = prepare_run_dir(config)
+    layout = {"backend": config.backend, "world_size": int(os.environ.get("WORLD_SIZE", "1")), **config.parallel.model_dump()}
+    if checkpoint is not None:
+        check_resume_layout(checkpoint, layout)  # before anything is built
     torch.manual_seed(config.seed)
     policy = build_policy(config.policy_config(checkpoint))
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.model))
@@ -164,7 +168,8 @@ def train(config: TrainConfig) -> TrainState:
                 state.pushed_version, push_metrics = pusher.push(policy, state.pushed_version, state.step)
                 metrics |= push_metrics
             if (config.save_every and state.step % config.save_every == 0) or state.step == last_step:
-                save_checkpoint(config.run_dir, policy, optimizer, scheduler, state, keep=config.keep_checkpoints)
+                save_checkpoint(config.run_dir, policy, optimizer, scheduler, state, keep=config.keep_checkpoints,
+                                layout=layout)
                 source.ack_durable(pending_ack)  # only now: the step that used them survives a crash
                 pending_ack = []
             metrics["step_s"] = time.perf_counter() - start
