@@ -241,12 +241,13 @@ def test_loop_trains_pushes_and_serves(tmp_path, tiny_model):
 def assert_reward_rises(steps: list[dict]) -> None:
     """The loop learns the task. Measured (async, these settings): 0.037 0.039 0.021 0.061 0.109 0.309
     0.404 0.629 0.795 0.85 0.941 0.957 and 0.047 0.033 0.023 0.053 0.135 0.273 0.43 0.709 0.803 0.898
-    0.941 0.939. The margin asked for is a third of the rise seen."""
+    0.941 0.939; sync 0.043 -> 0.943. The margin asked for (0.15) is a sixth of the rise seen, so that a
+    slower machine's staler batches still pass while a loop that does not learn (0.03 -> 0.05) fails."""
     rewards = [r["reward_mean"] for r in sorted(steps, key=lambda r: r["step"]) if r.get("reward_mean") is not None]
     print(f"reward_mean per step: {[round(x, 3) for x in rewards]}")
     assert len(rewards) >= 6, rewards
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
-    assert first < 0.15 and last > first + 0.3, rewards
+    assert first < 0.15 and last > first + 0.15, rewards
 
 
 def run_until(config_path: Path, log: Path, run_dir: Path, step: int, pids: set[int]) -> subprocess.Popen:
