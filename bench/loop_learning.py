@@ -50,10 +50,9 @@ def main() -> int:
     parser.add_argument("--eval-size", type=int, default=50)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "loop_learning.json")
     args, extra = parser.parse_known_args()  # anything else goes to `flywheel up`, e.g. --lr 1e-5
-    args.extra = extra
     argv = [sys.executable, "-m", "clients.cli", "up", "--config", str(REPO / "configs" / "loop.yaml"),
             "--run-dir", str(args.run_dir), "--max-steps", str(args.steps), "--eval-size", str(args.eval_size),
-            "--no-live", *args.extra]
+            "--no-live", *extra]
     start = time.time()
     with vllm_lock():
         rc = subprocess.call(argv, cwd=REPO)
