@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import signal
@@ -170,7 +171,6 @@ def _stream(url: str, out: dict, go: threading.Barrier, max_tokens: int):
     try:
         for chunk in client.completions.create(model="m", prompt="Tell a long story", max_tokens=max_tokens,
                                                temperature=1.0, stream=True, extra_body={"ignore_eos": True}):
-            out.setdefault("t_first", time.monotonic())
             out["started"].set()
             out["versions"].append(chunk.model_extra.get("policy_version"))
             if chunk.choices:
@@ -227,8 +227,6 @@ def _streams_during_push(srv, weights, version, mode, n=4, max_tokens=400, freez
     pushed = push_weights(srv.url, weights, version, srv.admin_token, pause_mode=mode)
     for t in threads:
         t.join(300)
-    for out in results:
-        del out["started"]
     return pushed, results, at_push
 
 
@@ -236,12 +234,7 @@ def _summary(results: list[dict], at_push: list[dict]) -> str:
     """What each stream did, for assertion messages (versions run-length encoded)."""
     lines = []
     for r, p in zip(results, at_push):
-        runs = []
-        for x in r["versions"]:
-            if runs and runs[-1][0] == x:
-                runs[-1][1] += 1
-            else:
-                runs.append([x, 1])
+        runs = [[version, len(list(chunks))] for version, chunks in itertools.groupby(r["versions"])]
         took = r.get("t_end", 0) - r.get("t_sent", 0)
         lines.append(f"chunks={r['chunks']} finish={r['finish']!r} versions={runs} at_push={p} took={took:.2f}s")
     return "\n".join(lines)
@@ -271,10 +264,11 @@ def test_wait_mode_drains_before_the_push(served_a):
     srv, a, b, _ = served_a
     v = status(srv.url)["policy_version"]
     pushed, results, at_push = _streams_during_push(srv, a, v + 1, "wait", n=2, max_tokens=150)
+    info = _summary(results, at_push)
     assert pushed["version"] == v + 1
     for r in results:
-        assert r["finish"] == "length", _summary(results, at_push)
-        assert set(r["versions"]) == {v}, _summary(results, at_push)  # every token came from the old weights
+        assert r["finish"] == "length", info
+        assert set(r["versions"]) == {v}, info  # every token came from the old weights
 
 
 def test_abort_mode_aborts_in_flight(served_a):
