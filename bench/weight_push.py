@@ -8,7 +8,13 @@ For each model: start `flywheel serve` (with vLLM's dev routes, for the reload b
   reload_bf16: the same from the bundled bf16 folder (half the bytes, cast on load), for reference;
   shm/http   : push_weights(fp32 state_dict, transport=...) end to end (serialize, transfer, validate,
                pause, apply, prefix-cache reset, resume), median of --repeats;
-  shm_folder : push_weights(the fp32 folder) over shm: the files are handed over, not re-serialised.
+  shm_reused : the same over shm with a ShmBuckets, as the trainer pushes: each push overwrites the
+               previous push's files;
+  shm_folder : push_weights(the fp32 folder) over shm: the files are handed over, not re-serialised;
+  *_layerwise: shm_reused and shm_folder again on a server started with weight_apply=layerwise
+               (vLLM's in-place layerwise reload: the apply before server/weights/apply.py).
+The first push of each row (excluded from the median; it builds the server's staging tensors) is
+reported as *_first_push_s.
 The served model is fp32 (CPU), so every variant moves and loads the same fp32 bytes.
 Writes bench/results/weight_push.json (flat keys; ratios are A_vs_B_ratio = seconds_A / seconds_B).
 
@@ -35,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.models import resolve_model  # noqa: E402
 from server.weights.client import push_weights  # noqa: E402
+from server.weights.shm_buckets import ShmBuckets  # noqa: E402
 from tests.servers import start_server  # noqa: E402
 
 
@@ -63,36 +70,57 @@ def bench_model(name: str, repeats: int, workdir: Path) -> dict:
     fp32_dir.mkdir(parents=True)
     save_file(sd, str(fp32_dir / "model.safetensors"))
     out = {f"{name}_bytes": nbytes, f"{name}_memcpy_s": round(memcpy, 4)}
-    with start_server(model_dir, workdir / name, served_model_name="m", dev_routes=True) as srv:
-        def reload(folder):
-            r = httpx.post(srv.url + "/collective_rpc", headers=srv.admin_headers, timeout=600,
-                           json={"method": "reload_weights", "kwargs": {"weights_path": str(folder)}})
-            r.raise_for_status()
+    version = [0]
+    for apply in ("staged", "layerwise"):
+        # staged: Flywheel's CPU apply (the default); layerwise: vLLM's in-place reload, the "before"
+        suffix = "" if apply == "staged" else "_layerwise"
+        with start_server(model_dir, workdir / f"{name}-{apply}", served_model_name="m", dev_routes=True,
+                          weight_apply=apply) as srv:
+            if apply == "staged":
+                reload_baselines(srv, name, model_dir, fp32_dir, repeats, out)
+                out[f"{name}_reload_vs_memcpy_ratio"] = round(out[f"{name}_reload_s"] / memcpy, 3)
 
-        for key, folder in (("reload_bf16", model_dir), ("reload", fp32_dir)):
-            reload(folder)  # warm-up
-            out[f"{name}_{key}_s"] = round(median_seconds(lambda: reload(folder), repeats), 4)
-        out[f"{name}_reload_vs_memcpy_ratio"] = round(out[f"{name}_reload_s"] / memcpy, 3)
-        version = [0]
+            def push(transport, weights, buckets=None):
+                version[0] += 1
+                return push_weights(srv.url, weights, version[0], srv.admin_token, transport=transport,
+                                    buckets=buckets)
 
-        def push(transport, weights):
-            version[0] += 1
-            return push_weights(srv.url, weights, version[0], srv.admin_token, transport=transport)
-
-        for label, transport, weights in (("shm", "shm", sd), ("http", "http", sd), ("shm_folder", "shm", fp32_dir)):
-            push(transport, weights)  # warm-up (first push reads the served manifest)
-            parts = []
-            seconds = median_seconds(lambda: parts.append(push(transport, weights)), repeats)
-            out[f"{name}_{label}_push_s"] = round(seconds, 4)
-            out[f"{name}_{label}_push_GBps"] = round(nbytes / seconds / 1e9, 3)
-            # where the time went (medians): client serialisation, server apply (pause..resume inside vLLM)
-            out[f"{name}_{label}_serialize_s"] = round(statistics.median(p["client_seconds"]["serialize"] for p in parts), 4)
-            out[f"{name}_{label}_apply_s"] = round(statistics.median(p["seconds"]["apply"] for p in parts), 4)
-            out[f"{name}_{label}_push_vs_memcpy_ratio"] = round(seconds / memcpy, 3)
-            out[f"{name}_{label}_push_vs_reload_ratio"] = round(seconds / out[f"{name}_reload_s"], 3)
-        check = httpx.post(srv.base_url + "/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2}, timeout=60)
-        out[f"{name}_serves_after_pushes"] = check.status_code == 200
+            with ShmBuckets() as buckets:
+                rows = [("shm_reused", "shm", sd, buckets), ("shm_folder", "shm", fp32_dir, None)]
+                if apply == "staged":
+                    rows += [("shm", "shm", sd, None), ("http", "http", sd, None)]
+                for label, transport, weights, reuse in rows:
+                    label += suffix
+                    t0 = time.perf_counter()
+                    push(transport, weights, reuse)  # warm-up: reads the manifest, builds the staging tensors
+                    out[f"{name}_{label}_first_push_s"] = round(time.perf_counter() - t0, 4)
+                    parts = []
+                    seconds = median_seconds(lambda: parts.append(push(transport, weights, reuse)), repeats)
+                    out[f"{name}_{label}_push_s"] = round(seconds, 4)
+                    out[f"{name}_{label}_push_GBps"] = round(nbytes / seconds / 1e9, 3)
+                    # where the time went (medians): client serialisation, server apply (pause..resume inside vLLM)
+                    out[f"{name}_{label}_serialize_s"] = round(statistics.median(p["client_seconds"]["serialize"] for p in parts), 4)
+                    out[f"{name}_{label}_apply_s"] = round(statistics.median(p["seconds"]["apply"] for p in parts), 4)
+                    out[f"{name}_{label}_push_vs_memcpy_ratio"] = round(seconds / memcpy, 3)
+                    out[f"{name}_{label}_push_vs_reload_ratio"] = round(seconds / out[f"{name}_reload_s"], 3)
+            check = httpx.post(srv.base_url + "/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2}, timeout=60)
+            out[f"{name}_serves_after_pushes{suffix}"] = check.status_code == 200
+    for label in ("shm_reused", "shm_folder"):
+        out[f"{name}_{label}_staged_vs_layerwise_apply_ratio"] = round(
+            out[f"{name}_{label}_apply_s"] / out[f"{name}_{label}_layerwise_apply_s"], 3)
     return out
+
+
+def reload_baselines(srv, name: str, model_dir: Path, fp32_dir: Path, repeats: int, out: dict) -> None:
+    """vLLM's own reload_weights (dev route) from the fp32 folder, and from the bundled bf16 one."""
+    def reload(folder):
+        r = httpx.post(srv.url + "/collective_rpc", headers=srv.admin_headers, timeout=600,
+                       json={"method": "reload_weights", "kwargs": {"weights_path": str(folder)}})
+        r.raise_for_status()
+
+    for key, folder in (("reload_bf16", model_dir), ("reload", fp32_dir)):
+        reload(folder)  # warm-up
+        out[f"{name}_{key}_s"] = round(median_seconds(lambda: reload(folder), repeats), 4)
 
 
 def main() -> int:

@@ -35,6 +35,7 @@ class ServeConfig(BaseModel):
     max_logprobs: int = Field(default=20, ge=0, description="Largest `top_logprobs` a request may ask for")
     enable_prefix_caching: bool = Field(default=True, description="Reuse KV of shared prompt prefixes (reset on every weight update)")
     weight_transports: list[Literal["shm", "http", "nccl", "ipc"]] = Field(default_factory=lambda: ["shm", "http"], description="Weight-push transports this server accepts: shm/http buckets (any device), and at most one of vLLM's GPU engines, nccl or ipc (GPU only)")
+    weight_apply: Literal["staged", "layerwise"] = Field(default="staged", description="How a CPU server applies a push: staged = into staging tensors kept between pushes, one re-pack per layer (about 2x faster; costs one extra copy of the weights in RAM); layerwise = vLLM's in-place layerwise reload (one layer at a time). GPUs always use layerwise")
     max_push_bytes: int = Field(default=64 * 2**30, gt=0, description="Largest total size of one weight push")
     max_bucket_bytes: int = Field(default=2 * 2**30, gt=0, description="Largest single bucket of a weight push over HTTP")
     capture_redis_url: str | None = Field(default=None, description="Capture production requests into this Redis (opt-in; off when unset)")

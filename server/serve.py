@@ -61,6 +61,7 @@ def engine_environment(config: ServeConfig, cpu: bool) -> dict[str, str]:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)
     if config.dev_routes:
         env["VLLM_SERVER_DEV_MODE"] = "1"
+    env["FLYWHEEL_WEIGHT_APPLY"] = config.weight_apply  # read by server/weights/worker.py
     return env
 
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.weights.client import PushFailed, push_weights
+from server.weights.shm_buckets import ShmBuckets
 from tests.servers import start_server
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1 2 3 4", "Hello, my name is"]
@@ -85,6 +86,22 @@ def test_push_b_equals_fresh_b_and_push_a_restores_a(served_a):
     assert_same(greedy(srv.url, "m"), reference_a, tol=0.0)
     st = status(srv.url)
     assert st["policy_version"] == 2 and [u["version"] for u in st["updates"]] == [1, 2]
+
+
+def test_reused_shm_buckets_carry_each_push(served_a):
+    """A trainer's ShmBuckets: the second push overwrites the first push's files, and serves its own weights."""
+    srv, a, b, reference_b = served_a
+    reference_a = greedy(srv.url, "m")
+    version = status(srv.url)["policy_version"]
+    sd_a, sd_b = load_file(next(a.glob("*.safetensors"))), load_file(next(b.glob("*.safetensors")))
+    with ShmBuckets() as buckets:
+        push_weights(srv.url, sd_b, version + 1, srv.admin_token, transport="shm", buckets=buckets)
+        assert_same(greedy(srv.url, "m"), reference_b)
+        files = sorted(buckets.folder.iterdir())
+        push_weights(srv.url, sd_a, version + 2, srv.admin_token, transport="shm", buckets=buckets)
+        assert buckets.reused == 1 and sorted(buckets.folder.iterdir()) == files  # overwritten, not new files
+        assert_same(greedy(srv.url, "m"), reference_a, tol=0.0)
+    assert not buckets.folder.exists()
 
 
 def test_bad_pushes_are_refused_and_a_keeps_serving(served_a, tmp_path):

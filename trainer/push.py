@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -18,6 +19,12 @@ class WeightPusher:
         self.token = config.admin_token or ""
         self.enabled = bool(self.url) and self.every > 0
         self.checked_server = False
+        self.buckets = None  # ShmBuckets, made on the first push to a server on this host
+
+    def close(self) -> None:
+        if self.buckets is not None:
+            self.buckets.close()
+            self.buckets = None
 
     def due(self, step: int) -> bool:
         return self.enabled and step % self.every == 0
@@ -37,7 +44,8 @@ class WeightPusher:
         version when it is ahead of the checkpoint's.
         """
         try:
-            from server.weights.client import push_weights
+            from server.weights.client import is_loopback, push_weights
+            from server.weights.shm_buckets import ShmBuckets
         except ImportError:
             raise SystemExit("flywheel train: error: --push-url is set but server/weights/client.py is not available") from None
         if not self.checked_server:
@@ -46,7 +54,10 @@ class WeightPusher:
             if served is not None and served > last_version:
                 last_version = served
         version = last_version + 1
+        if self.buckets is None and is_loopback(self.url) and os.access("/dev/shm", os.W_OK):
+            # the same layout every push: overwrite last push's files instead of writing new ones
+            self.buckets = ShmBuckets()
         start = time.perf_counter()
         push_weights(self.url, policy.state_dict_hf(), version=version, admin_token=self.token,
-                     source=f"trainer step {step}")
+                     source=f"trainer step {step}", buckets=self.buckets)
         return version, {"pushed_version": version, "push_s": time.perf_counter() - start}

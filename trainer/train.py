@@ -182,4 +182,5 @@ def train(config: TrainConfig) -> TrainState:
         bar.close()
         log.close()
         source.close()
+        pusher.close()
     return state

@@ -143,10 +143,12 @@ def _file_chunks(path: Path, chunk: int = 8 << 20) -> Iterator[bytes]:
 def push_weights(url: str, weights: dict | str | os.PathLike, version: int, admin_token: str, *,
                  transport: Transport = "auto", pause_mode: Literal["keep", "wait", "abort"] = "keep",
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, source: str = "", timeout: float = 600.0,
-                 sender=None) -> dict:
+                 sender=None, buckets=None) -> dict:
     """Push a full set of weights as `version`; returns the server's summary (version, tensors, bytes, seconds).
 
     sender: for transport="nccl", the NCCLSender that init_nccl() returned (the group is opened once).
+    buckets: for shm pushes of a state dict, a `ShmBuckets` (shm_buckets.py) whose files are
+        overwritten push after push instead of written anew (several times faster to write).
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; choose one of {TRANSPORTS}")
@@ -173,29 +175,34 @@ def push_weights(url: str, weights: dict | str | os.PathLike, version: int, admi
         if not any(weights.glob("*.safetensors")):
             raise FileNotFoundError(f"no safetensors files in {weights}")
     t0 = time.perf_counter()
+    reuse = buckets is not None and transport == "shm" and isinstance(weights, dict)
     base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
     folder = Path(tempfile.mkdtemp(prefix="flywheel-push-", dir=base))
     try:
         with httpx.Client(timeout=timeout, headers=headers) as http:
-            paths = _write_buckets(weights, folder, bucket_bytes)
+            paths = buckets.write(weights, bucket_bytes) if reuse else _write_buckets(weights, folder, bucket_bytes)
             t_written = time.perf_counter()
             if transport == "shm":
                 body = {"version": version, "transport": "shm", "pause_mode": pause_mode, "source": source,
                         "buckets": [{"path": str(p.resolve())} for p in paths]}
             else:
                 push_id = uuid.uuid4().hex
-                buckets = []
+                uploaded = []
                 for i, path in enumerate(paths):
                     sha = _sha256(path)
                     resp = http.put(f"{url}{ADMIN_PREFIX}/buckets/{push_id}/{i}", content=_file_chunks(path),
                                     headers={SHA_HEADER: sha, "content-type": "application/octet-stream",
                                              "content-length": str(path.stat().st_size)})
                     _raise_for(resp)
-                    buckets.append({"index": i, "sha256": sha})
+                    uploaded.append({"index": i, "sha256": sha})
                 body = {"version": version, "transport": "http", "push_id": push_id, "pause_mode": pause_mode,
-                        "source": source, "buckets": buckets}
+                        "source": source, "buckets": uploaded}
             t_sent = time.perf_counter()
             result = _raise_for(http.post(f"{url}{ADMIN_PREFIX}/push", json=body))
+    except BaseException:
+        if reuse:
+            buckets.discard()  # the server may still be reading them: the next push writes new files
+        raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     result["client_seconds"] = {"serialize": round(t_written - t0, 4), "send": round(t_sent - t_written, 4),

@@ -45,6 +45,11 @@ Transport = Literal["shm", "http", "nccl", "ipc"]
 GPU_TRANSPORTS = ("nccl", "ipc")
 
 
+# A worker error that starts with this left every live tensor as it was (server/weights/apply.py):
+# the push failed, but the server is not marked broken.
+OLD_WEIGHTS_KEPT = "nothing applied, the old weights keep serving"
+
+
 class PushError(Exception):
     """A push refused before anything was applied: `status` is the HTTP status to answer with."""
 

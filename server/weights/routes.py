@@ -26,6 +26,7 @@ from server.routes import error, policy_of
 from server.weights.gpu import HandleError, check_ipc_handles
 from server.weights.protocol import (
     ADMIN_PREFIX,
+    OLD_WEIGHTS_KEPT,
     SHA_HEADER,
     NCCLInitRequest,
     PushError,
@@ -212,6 +213,8 @@ async def _apply(engine, policy, body: PushRequest, info: dict) -> dict:
             # stale KV computed by the old weights must not be reused for new prompts
             await engine.reset_prefix_cache(reset_running_requests=False)
         except Exception as exc:
+            if OLD_WEIGHTS_KEPT in str(exc):
+                raise PushError(500, f"weight update to version {body.version} failed: {exc}") from None
             # The reload had started: the weights may be half old, half new. Refuse to serve them.
             policy.broken = f"weight update to version {body.version} failed while applying: {exc}"
             raise PushError(500, policy.broken) from None

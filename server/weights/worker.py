@@ -10,14 +10,18 @@ list of safetensors files that the API process already validated. The engine
   1. opens every file and gets every tensor first: a file that cannot be read fails here, while
      the old weights are still untouched. safetensors maps the file, so this copies nothing
      (measured: 14 ms for the 538 MB of SmolLM2 in fp32);
-  2. then reloads in place through vLLM's layerwise reload (model.load_weights on the
-     checkpoint-format names, then the per-layer post-processing): the one copy, page cache -> model;
+  2. then loads them: on CPU through `StagedApply` (apply.py: into staging tensors kept between
+     pushes, then one re-pack per layer; a failure while loading leaves the old weights whole),
+     elsewhere, or with FLYWHEEL_WEIGHT_APPLY=layerwise, through vLLM's layerwise reload in
+     place (model.load_weights on the checkpoint-format names, then the per-layer post-processing);
   3. re-ties a tied lm_head to the new embeddings, and on CPU re-packs fused-MoE expert weights, which the in-place reload leaves unpacked
      (outputs silently diverge otherwise: see shared/FIELD-NOTES.md).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +29,11 @@ from safetensors import safe_open
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
+from server.weights.apply import StagedApply
+
 BACKEND = "flywheel"
+APPLY_ENV = "FLYWHEEL_WEIGHT_APPLY"  # "staged" (default) or "layerwise"; set by `flywheel serve`
+logger = logging.getLogger("vllm.flywheel")
 
 
 @dataclass
@@ -109,7 +117,25 @@ def read_files(files: list[str]) -> list[tuple[str, torch.Tensor]]:
 
 def receive_files(engine: WeightTransferEngine, files: list[str]) -> None:
     tensors = read_files(files)  # 1. every tensor before the model is touched
-    reload_in_place(engine.model, engine.model_config, tensors)  # 2. and 3.
+    staged = staged_apply(engine)
+    if staged is None:
+        reload_in_place(engine.model, engine.model_config, tensors)  # 2. and 3.
+    else:
+        staged.apply(tensors)  # 2., faster on CPU (server/weights/apply.py); it ties lm_head itself
+        repack_cpu_moe(engine.model)  # 3.
+
+
+def staged_apply(engine: WeightTransferEngine) -> StagedApply | None:
+    """The CPU fast path for this engine's model (built on the first push), or None for vLLM's reload."""
+    if not hasattr(engine, "_flywheel_staged"):
+        engine._flywheel_staged = None
+        mode = os.environ.get(APPLY_ENV, "staged")
+        why = StagedApply.supported(engine.model) if mode == "staged" else f"{APPLY_ENV}={mode}"
+        if why is None:
+            engine._flywheel_staged = StagedApply(engine.model)
+        else:
+            logger.info("flywheel: weight pushes use vLLM's layerwise reload (%s)", why)
+    return engine._flywheel_staged
 
 
 class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo]):
