@@ -18,7 +18,7 @@ reported as *_first_push_s.
 The served model is fp32 (CPU), so every variant moves and loads the same fp32 bytes.
 Writes bench/results/weight_push.json (flat keys; ratios are A_vs_B_ratio = seconds_A / seconds_B).
 
-    python bench/weight_push.py [--models tiny-qwen3 tiny-qwen3-moe smollm2-135m-instruct] [--repeats 3]
+    python bench/weight_push.py [--models tiny-qwen3 tiny-qwen3-moe smollm2-135m-instruct qwen3-0.6b-random] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -61,8 +61,32 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+RANDOM_MODELS = {
+    # Qwen3-0.6B's shapes (28 layers, hidden 1024, tied embeddings), random weights: 0.6B params, 2.4 GB fp32
+    "qwen3-0.6b-random": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                              num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                              max_position_embeddings=4096, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                              bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
+}
+
+
+def model_folder(name: str, workdir: Path) -> Path:
+    """A bundled model, or one of RANDOM_MODELS built here (random init, fp32, the real Qwen tokenizer)."""
+    if name not in RANDOM_MODELS:
+        return resolve_model(name)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from server.models import qwen_tokenizer
+
+    out = workdir / name
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(Qwen3Config(**RANDOM_MODELS[name])).save_pretrained(out, safe_serialization=True)
+    qwen_tokenizer(out)
+    return out
+
+
 def bench_model(name: str, repeats: int, workdir: Path) -> dict:
-    model_dir = resolve_model(name)
+    model_dir = model_folder(name, workdir)
     sd = fp32_state_dict(model_dir)
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
     memcpy = median_seconds(lambda: [t.clone() for t in sd.values()], repeats)
@@ -125,7 +149,7 @@ def reload_baselines(srv, name: str, model_dir: Path, fp32_dir: Path, repeats: i
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=["tiny-qwen3", "tiny-qwen3-moe", "smollm2-135m-instruct"])
+    ap.add_argument("--models", nargs="+", default=["tiny-qwen3", "tiny-qwen3-moe", "smollm2-135m-instruct", "qwen3-0.6b-random"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "weight_push.json")
     args = ap.parse_args()

@@ -177,11 +177,11 @@ def push_weights(url: str, weights: dict | str | os.PathLike, version: int, admi
     t0 = time.perf_counter()
     reuse = buckets is not None and transport == "shm" and isinstance(weights, dict)
     base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
-    folder = Path(tempfile.mkdtemp(prefix="flywheel-push-", dir=base))
+    folder = None if reuse else Path(tempfile.mkdtemp(prefix="flywheel-push-", dir=base))
     try:
+        paths = buckets.write(weights, bucket_bytes) if reuse else _write_buckets(weights, folder, bucket_bytes)
+        t_written = time.perf_counter()
         with httpx.Client(timeout=timeout, headers=headers) as http:
-            paths = buckets.write(weights, bucket_bytes) if reuse else _write_buckets(weights, folder, bucket_bytes)
-            t_written = time.perf_counter()
             if transport == "shm":
                 body = {"version": version, "transport": "shm", "pause_mode": pause_mode, "source": source,
                         "buckets": [{"path": str(p.resolve())} for p in paths]}
@@ -204,7 +204,8 @@ def push_weights(url: str, weights: dict | str | os.PathLike, version: int, admi
             buckets.discard()  # the server may still be reading them: the next push writes new files
         raise
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     result["client_seconds"] = {"serialize": round(t_written - t0, 4), "send": round(t_sent - t_written, 4),
                                 "total": round(time.perf_counter() - t0, 4)}
     result["transport"] = transport

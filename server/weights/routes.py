@@ -9,6 +9,7 @@ See server/weights/protocol.py for the semantics, gpu_client.py for the GPU tran
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ def staging_root(request: Request) -> Path:
     if not hasattr(state, "flywheel_staging"):
         base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else state.flywheel_config.data_dir
         state.flywheel_staging = Path(tempfile.mkdtemp(prefix="flywheel-stage-", dir=base))
+        atexit.register(shutil.rmtree, state.flywheel_staging, True)  # on a normal shutdown (SIGTERM too)
     return state.flywheel_staging
 
 

@@ -63,15 +63,16 @@ class _MappedFile:
         base = 8 + header_len
         self.path = path
         self.ranges = [(base + header[n]["data_offsets"][0], base + header[n]["data_offsets"][1]) for n in names]
-        self.bytes = torch.frombuffer(self.map, dtype=torch.uint8) if self.map is not None else None
 
     def overwrite(self, tensors: list[torch.Tensor]) -> None:
+        # A plain memcpy per tensor, on this thread. (torch's copy_ splits it over OpenMP threads, and
+        # right after a push vLLM's worker spin-waits on one core for ~0.5 s: the copy then waited for
+        # its thread on that core, 1.0 s instead of 0.05 s, measured.)
         for (start, end), t in zip(self.ranges, tensors):
             if end > start:
-                self.bytes[start:end].copy_(t.reshape(-1).view(torch.uint8))
+                self.map[start:end] = memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
     def close(self) -> None:
-        self.bytes = None
         if self.map is not None:
             self.map.close()
 
