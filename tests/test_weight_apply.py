@@ -19,7 +19,8 @@ from tests.servers import vllm_lock
 PROBE = Path(__file__).with_name("weight_apply_probe.py")
 
 
-@pytest.fixture(scope="module", params=["tiny-qwen3", "tiny-qwen3-moe"])
+# MoE through the staged path is also covered by tests/test_weights.py on a real server; here it is slow
+@pytest.fixture(scope="module", params=["tiny-qwen3", pytest.param("tiny-qwen3-moe", marks=pytest.mark.slow)])
 def probe(request) -> dict:
     from server.models import resolve_model
 

@@ -53,7 +53,7 @@ class WeightsNotApplied(RuntimeError):
 
 
 class Staged:
-    """One layer's staging parameters, and how many loader calls each got in this push."""
+    """One layer's staging parameters, and how many weight-loader calls the layer got in this push."""
 
     def __init__(self, layer: torch.nn.Module, metadata: dict[str, torch.Tensor]):
         self.params: dict[str, torch.nn.Parameter] = {}
@@ -126,9 +126,17 @@ class StagedApply:
             _restore(layer, live[layer])
         for layer in self.tied:
             # e.g. a tied lm_head: its weight is the embedding's, whose new GEMM handle was just packed
-            owner = next((o for o in self.staged if o.weight is layer.weight and self.staged[o].calls), None)
-            if owner is not None and hasattr(owner, "cpu_linear") and hasattr(layer, "cpu_linear"):
-                layer.cpu_linear = owner.cpu_linear
+            weight = layer._parameters.get("weight")
+            owner = next((o for o, s in self.staged.items() if s.calls and weight is not None
+                          and o._parameters.get("weight") is weight), None)
+            if owner is None:
+                continue
+            method = getattr(layer, "quant_method", None)
+            if (hasattr(owner, "cpu_linear") and hasattr(layer, "cpu_linear")
+                    and type(method) is type(getattr(owner, "quant_method", None))):
+                layer.cpu_linear = owner.cpu_linear  # the same dispatch on the same weight: the same handle
+            elif isinstance(method, QuantizeMethodBase):
+                method.process_weights_after_loading(layer)
 
     @staticmethod
     def _process(layer: torch.nn.Module, staged: Staged, live: dict[str, torch.nn.Parameter]) -> None:
