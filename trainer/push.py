@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import httpx
@@ -44,7 +43,7 @@ class WeightPusher:
         version when it is ahead of the checkpoint's.
         """
         try:
-            from server.weights.client import is_loopback, push_weights
+            from server.weights.client import auto_transport, push_weights
             from server.weights.shm_buckets import ShmBuckets
         except ImportError:
             raise SystemExit("flywheel train: error: --push-url is set but server/weights/client.py is not available") from None
@@ -54,7 +53,7 @@ class WeightPusher:
             if served is not None and served > last_version:
                 last_version = served
         version = last_version + 1
-        if self.buckets is None and is_loopback(self.url) and os.access("/dev/shm", os.W_OK):
+        if self.buckets is None and auto_transport(self.url) == "shm":
             # the same layout every push: overwrite last push's files instead of writing new ones
             self.buckets = ShmBuckets()
         start = time.perf_counter()

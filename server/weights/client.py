@@ -56,6 +56,11 @@ def is_loopback(url: str) -> bool:
         return False
 
 
+def auto_transport(url: str) -> str:
+    """What transport="auto" picks: shm for a server on this host (with a writable /dev/shm), else http."""
+    return "shm" if is_loopback(url) and os.access("/dev/shm", os.W_OK) else "http"
+
+
 def bucketize(weights: dict, bucket_bytes: int) -> Iterator[dict]:
     """Split a state dict into dicts of contiguous CPU tensors of about bucket_bytes each."""
     bucket, size = {}, 0
@@ -169,7 +174,7 @@ def push_weights(url: str, weights: dict | str | os.PathLike, version: int, admi
         result["transport"] = transport
         return result
     if transport == "auto":
-        transport = "shm" if is_loopback(url) and os.access("/dev/shm", os.W_OK) else "http"
+        transport = auto_transport(url)
     if isinstance(weights, (str, os.PathLike)):
         weights = Path(weights)
         if not any(weights.glob("*.safetensors")):
