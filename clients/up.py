@@ -38,6 +38,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field
 
+from clients import process_group
 from clients.loop_status import LoopStatus, starvation_warning, status_table
 from sampler.queue import QueueConfig
 
@@ -127,23 +128,25 @@ class Child:
         return "up" if rc is None else f"exit {rc}"
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM to the whole group (vLLM's engine, tokenizer workers...), SIGKILL what is left."""
+        """SIGTERM to the whole group (vLLM's engine, tokenizer workers...), SIGKILL what is left after
+        `timeout_s`. Returns once no member of the group is left, not merely the leader (bounded: a
+        process stuck in the kernel past SIGKILL + 10 s is reported, not waited for forever)."""
         if self.proc is None:
             return
+        pgid = self.proc.pid
         for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
+            self.proc.poll()
+            if not process_group.left(pgid, leader=pgid):
+                return
             try:
-                os.killpg(self.proc.pid, sig)
+                os.killpg(pgid, sig)
             except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
-            # the leader is gone; its group may not be: make sure of it
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
-                break
+                pass  # only zombies are left: wait_gone reaps them
+            if process_group.wait_gone(pgid, wait, leader=pgid, poll_leader=self.proc.poll):
+                return
+        stuck = process_group.left(pgid, leader=pgid)
+        print(f"flywheel up: {self.name}: {len(stuck)} process(es) of group {pgid} still there after SIGKILL: "
+              f"{[(m.pid, m.state) for m in stuck]}", file=sys.stderr, flush=True)
 
     def log_tail(self, n: int = 15) -> str:
         lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.is_file() else []
@@ -370,6 +373,9 @@ def run(config: Config) -> int:
     if config.batch_size % config.group_size:
         raise fail(f"--batch-size {config.batch_size} must be a multiple of --group-size {config.group_size} (whole groups per step)")
     loop = Loop(config)  # builds and validates every component's config first
+    # orphans of our children (vLLM's engine and workers when their parent dies first) come to us, not
+    # to PID 1, so a stop can reap them and wait until each child's group is really empty
+    process_group.become_subreaper()
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     code = 1
     try:

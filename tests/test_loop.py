@@ -28,6 +28,7 @@ import httpx
 import pytest
 import yaml
 
+from clients import process_group
 from sampler.record import Reward
 from tests.servers import vllm_lock
 
@@ -131,12 +132,11 @@ class SdkTraffic(threading.Thread):
             time.sleep(0.5)
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+def alive(pgid: int) -> bool:
+    """Something of the group still runs or holds memory, 30 s after we asked. A zombie (state Z) is dead:
+    a group whose members are all zombies handed to a slow init is gone for a user, though `killpg(pgid, 0)`
+    still succeeds on it."""
+    return not process_group.wait_gone(pgid, timeout_s=30)
 
 
 def read_status(run_dir: Path) -> list[dict]:

@@ -6,12 +6,15 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from clients import process_group
 from tests.servers import start_server
 
 
@@ -114,9 +117,9 @@ def test_pause_and_resume_with_admin_token(server):
     assert httpx.get(server.url + "/flywheel/status").json()["paused"] is False
 
 
-def _group_alive(pgid: int) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pgid=,pid=,comm="], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if line.split()[0] == str(pgid)]
+def _group_alive(pgid: int) -> list[process_group.Member]:
+    """Members of the group that still run (a zombie is dead, whoever has to reap it)."""
+    return [m for m in process_group.members(pgid) if m.running]
 
 
 def test_api_key_and_clean_shutdown(tiny_model, tmp_path):
@@ -139,15 +142,18 @@ def test_api_key_and_clean_shutdown(tiny_model, tmp_path):
         assert _group_alive(pgid) == []
 
 
-def test_serve_cli_help_and_bad_model():
+def test_serve_cli_help_and_bad_model(tiny_model):  # tiny_model: prepared, as `flywheel models` must report
     env = {**os.environ}
-    out = subprocess.run(["flywheel", "serve", "--help"], capture_output=True, text=True, env=env)
+    # the console script installed beside this interpreter: works from the README's command as written
+    # (`.venv/bin/python -m pytest`, no venv activated), and tests the installed entry point itself
+    flywheel = [str(Path(sys.executable).with_name("flywheel"))]
+    out = subprocess.run([*flywheel, "serve", "--help"], capture_output=True, text=True, env=env)
     assert out.returncode == 0
     for flag in ("--model", "--admin-token", "--api-key", "--kv-cache-gib", "--enforce-eager", "--port"):
         assert flag in out.stdout
-    bad = subprocess.run(["flywheel", "serve", "--model", "/nonexistent/model"], capture_output=True, text=True, env=env)
+    bad = subprocess.run([*flywheel, "serve", "--model", "/nonexistent/model"], capture_output=True, text=True, env=env)
     assert bad.returncode != 0
     assert "neither a bundled model" in bad.stderr and "Traceback" not in bad.stderr
-    listed = subprocess.run(["flywheel", "models", "--json-output"], capture_output=True, text=True, env=env)
+    listed = subprocess.run([*flywheel, "models", "--json-output"], capture_output=True, text=True, env=env)
     names = {m["name"]: m for m in json.loads(listed.stdout)}
     assert names["tiny-qwen3"]["prepared"] is True and "smollm2-135m-instruct" in names
