@@ -33,6 +33,8 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from server.errors import UserError
+
 # subcommand -> (module path, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.serve", "Serve a model: vLLM's OpenAI server plus Flywheel's routes."),
@@ -44,10 +46,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("clients.up", "Run the whole loop: redis, server, sampler, trainer, eval."),
     "report": ("clients.report", "Write the HTML report of a run directory."),
 }
-
-
-class CliError(Exception):
-    """A user mistake on the command line: printed as one line, exit code 2."""
 
 
 # ---------------------------------------------------------------- pydantic model -> argparse
@@ -161,18 +159,18 @@ def load_yaml_section(path: Path, section: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
-        raise CliError(f"config file not found: {path}") from None
+        raise UserError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:
-        raise CliError(f"config file {path} is not valid YAML: {exc}") from None
+        raise UserError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise CliError(f"config file {path} must hold a mapping")
+        raise UserError(f"config file {path} must hold a mapping")
     if isinstance(data.get(section), dict):
         return data[section]
     return data
 
 
 def build_config(model: type[BaseModel], command: str, argv: list[str], prog: str, description: str = "") -> BaseModel:
-    """Parse argv (+ YAML + env) into an instance of `model`, or raise CliError / exit on --help."""
+    """Parse argv (+ YAML + env) into an instance of `model`, or raise UserError / exit on --help."""
     parser = argparse.ArgumentParser(prog=prog, description=description or (model.__doc__ or "").strip())
     parser.add_argument("--config", type=Path, default=None, help="YAML file with these settings (flat, or under a key named after the command)")
     _add_model_arguments(parser, model)
@@ -188,7 +186,7 @@ def build_config(model: type[BaseModel], command: str, argv: list[str], prog: st
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise CliError(f"invalid setting {_flag(where)}: {first['msg']} (got {first.get('input')!r})") from None
+        raise UserError(f"invalid setting {_flag(where)}: {first['msg']} (got {first.get('input')!r})") from None
 
 
 # ---------------------------------------------------------------- dispatch
@@ -225,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(config_cls, name, rest, prog=f"flywheel {name}", description=description)
         code = run(config)
-    except CliError as exc:
+    except UserError as exc:  # the one place bad input becomes an exit code
         print(f"flywheel {name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

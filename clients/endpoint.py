@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import httpx
 
+from server.errors import UserError
 
-def served_model(base_url: str, model: str | None, command: str, api_key: str = "EMPTY") -> str:
+
+def served_model(base_url: str, model: str | None, api_key: str = "EMPTY") -> str:
     """GET {base_url}/models: the model to request (`model` if given, else the first one served).
 
     An endpoint that does not answer, or not like an OpenAI API, is a one-line user error."""
@@ -15,13 +17,13 @@ def served_model(base_url: str, model: str | None, command: str, api_key: str = 
         r.raise_for_status()
         served = [m["id"] for m in r.json().get("data", [])]
     except httpx.HTTPError as exc:
-        raise SystemExit(f"flywheel {command}: error: cannot reach {url}: {type(exc).__name__}: {exc}") from None
+        raise UserError(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise SystemExit(f"flywheel {command}: error: {url} did not answer like an OpenAI API (GET /models)") from None
+        raise UserError(f"{url} did not answer like an OpenAI API (GET /models)") from None
     if model:
         return model
     if not served:
-        raise SystemExit(f"flywheel {command}: error: {url} lists no models; pass --model")
+        raise UserError(f"{url} lists no models; pass --model")
     return served[0]
 
 

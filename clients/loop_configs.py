@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from sampler.prompts import PromptSourceConfig
+from server.errors import UserError
 
 SEED_STRIDE = 100_000  # prompts one launch may draw before the next launch's seed range starts
 
@@ -112,7 +113,7 @@ def component_configs(config, run_dir: Path, redis_url: str, server_port: int, l
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(map(str, first["loc"])) or "config"
-            raise SystemExit(f"flywheel up: error: invalid {key} setting {where}: {first['msg']} (got {first.get('input')!r})") from None
+            raise UserError(f"invalid {key} setting {where}: {first['msg']} (got {first.get('input')!r})") from None
     return out
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from server.errors import UserError
+
 
 class Config(BaseModel):
     """Write the HTML report of a `flywheel up` run directory."""
@@ -176,6 +178,6 @@ th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left}}figure{{display:in
 
 def run(config: Config) -> int:
     if not config.run_dir.is_dir():
-        raise SystemExit(f"flywheel report: error: run directory not found: {config.run_dir}")
+        raise UserError(f"run directory not found: {config.run_dir}")
     print(write_report(config.run_dir, config.output))
     return 0

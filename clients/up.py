@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field
 from clients import process_group
 from clients.loop_status import LoopStatus, starvation_warning, status_table
 from sampler.queue import QueueConfig
+from server.errors import UserError
 
 DEFAULT_REWARDS = [
     # correctness of the last number in the reply: SmolLM2 rarely writes 'Answer:', so a strict format has no signal
@@ -87,10 +88,6 @@ class Config(BaseModel):
     sample: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel sample grpo` settings (GrpoConfig fields), merged over up's")
     train: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel train` settings (TrainConfig fields), merged over up's")
     eval_settings: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel eval` settings (eval Config fields), merged over up's")
-
-
-def fail(message: str) -> SystemExit:
-    return SystemExit(f"flywheel up: error: {message}")
 
 
 def free_port() -> int:
@@ -213,7 +210,7 @@ class Loop:
             return
         binary = shutil.which(self.config.redis_server)
         if binary is None:
-            raise fail(f"{self.config.redis_server} not found on PATH: install it (apt-get install redis-server) or pass --redis-url")
+            raise UserError(f"{self.config.redis_server} not found on PATH: install it (apt-get install redis-server) or pass --redis-url")
         port = self.redis_url.rsplit(":", 1)[1].split("/")[0]
         argv = [binary, "--port", port, "--bind", "127.0.0.1", "--dir", str(self.run_dir / "redis"),
                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no"]
@@ -229,7 +226,7 @@ class Loop:
             except (redis.ConnectionError, redis.BusyLoadingError):
                 pass
             if self.children["redis"].poll() is not None or time.time() > deadline:
-                raise fail(f"redis-server did not start; see {self.children['redis'].log_path}:\n{self.children['redis'].log_tail()}")
+                raise UserError(f"redis-server did not start; see {self.children['redis'].log_path}:\n{self.children['redis'].log_tail()}")
             time.sleep(0.2)
         client.close()
 
@@ -240,7 +237,7 @@ class Loop:
         print(f"flywheel up: starting the server on {self.server_url} (log: {child.log_path})", flush=True)
         problem = wait_healthy(self.server_url, child, self.config.startup_timeout_s)
         if problem:
-            raise fail(f"the server {problem}; see {child.log_path}:\n{child.log_tail()}")
+            raise UserError(f"the server {problem}; see {child.log_path}:\n{child.log_tail()}")
         self.restore_served_version()
 
     def restore_served_version(self) -> None:
@@ -371,7 +368,7 @@ class Loop:
 
 def run(config: Config) -> int:
     if config.batch_size % config.group_size:
-        raise fail(f"--batch-size {config.batch_size} must be a multiple of --group-size {config.group_size} (whole groups per step)")
+        raise UserError(f"--batch-size {config.batch_size} must be a multiple of --group-size {config.group_size} (whole groups per step)")
     loop = Loop(config)  # builds and validates every component's config first
     # orphans of our children (vLLM's engine and workers when their parent dies first) come to us, not
     # to PID 1, so a stop can reap them and wait until each child's group is really empty

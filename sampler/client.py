@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from sampler.prompts import PromptItem
 from sampler.record import RolloutRecord
+from server.errors import UserError
 
 
 class EndpointConfig(BaseModel):
@@ -67,7 +68,7 @@ class Endpoint:
         if self._model is None:
             models = await self.client.models.list()
             if not models.data:
-                raise SystemExit(f"flywheel sample: error: {self.config.base_url} serves no models")
+                raise UserError(f"{self.config.base_url} serves no models")
             self._model = models.data[0].id
         return self._model
 

@@ -19,6 +19,7 @@ from sampler.client import Endpoint
 from sampler.prompts import PromptItem
 from sampler.queue import RolloutQueue
 from sampler.run import JsonlWriter, RunStats, SampleConfig, build_scorer, finish, push, run_prompts, score_group
+from server.errors import UserError
 
 
 class GrpoConfig(SampleConfig):
@@ -31,7 +32,7 @@ class GrpoConfig(SampleConfig):
 
 async def sample_grpo(config: GrpoConfig) -> dict:
     if not config.to_queue and config.output is None:
-        raise SystemExit("flywheel sample grpo: error: nothing to write: use --to-queue or --output")
+        raise UserError("nothing to write: use --to-queue or --output")
     scorer = build_scorer(config)
     endpoint = Endpoint(config.endpoint, max_connections=config.concurrency)
     queue = RolloutQueue(config.queue) if config.to_queue else None

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Literal
 from pydantic import BaseModel, Field
 
 from sampler.queue import PromptQueue, QueueConfig
+from server.errors import UserError
 
 
 class PromptSourceConfig(BaseModel):
@@ -62,7 +63,7 @@ def gym_prompts(config: PromptSourceConfig) -> Iterator[PromptItem]:
     try:
         data = reasoning_gym.create_dataset(config.task, size=size, seed=config.seed, **config.task_options)
     except Exception as exc:
-        raise SystemExit(f"flywheel sample: error: reasoning-gym task {config.task!r} with {config.task_options}: {exc}") from None
+        raise UserError(f"reasoning-gym task {config.task!r} with {config.task_options}: {exc}") from None
     for index in range(size):
         entry = data[index]
         messages = [{"role": "user", "content": entry["question"] + config.instruction}]
@@ -72,9 +73,9 @@ def gym_prompts(config: PromptSourceConfig) -> Iterator[PromptItem]:
 
 def check_jsonl(config: PromptSourceConfig) -> None:
     if config.path is None:
-        raise SystemExit("flywheel sample: error: --prompts.path is required with --prompts.kind jsonl")
+        raise UserError("--prompts.path is required with --prompts.kind jsonl")
     if not config.path.is_file():
-        raise SystemExit(f"flywheel sample: error: prompts file not found: {config.path}")
+        raise UserError(f"prompts file not found: {config.path}")
 
 
 def jsonl_prompts(config: PromptSourceConfig) -> Iterator[PromptItem]:
@@ -86,9 +87,9 @@ def jsonl_prompts(config: PromptSourceConfig) -> Iterator[PromptItem]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise SystemExit(f"flywheel sample: error: {config.path}:{number}: not JSON: {exc}") from None
+                raise UserError(f"{config.path}:{number}: not JSON: {exc}") from None
             if not isinstance(row, dict) or not ("messages" in row or "prompt" in row):
-                raise SystemExit(f"flywheel sample: error: {config.path}:{number}: needs a 'messages' or 'prompt' field")
+                raise UserError(f"{config.path}:{number}: needs a 'messages' or 'prompt' field")
             messages = _with_system(row["messages"], config.system) if "messages" in row else None
             yield PromptItem(id=str(row.get("id", f"{config.path.name}:{number}")), messages=messages,
                              prompt=row.get("prompt"), answer=row.get("answer"), task=row.get("task", config.path.stem))

@@ -21,6 +21,7 @@ from sampler.prompts import PromptItem
 from sampler.queue import RolloutQueue
 from sampler.record import RolloutRecord
 from sampler.run import JsonlWriter, RunStats, SampleConfig, build_scorer, finish, push, run_prompts, score_group
+from server.errors import UserError
 
 
 class PreferencePair(BaseModel):
@@ -66,7 +67,7 @@ def select_pair(records: list[RolloutRecord], min_margin: float) -> PreferencePa
 
 async def sample_rejection(config: RejectionConfig) -> dict:
     if not (config.sft_output or config.pairs_output or config.to_queue):
-        raise SystemExit("flywheel sample rejection: error: nothing to write: set --sft-output, --pairs-output or --to-queue")
+        raise UserError("nothing to write: set --sft-output, --pairs-output or --to-queue")
     scorer = build_scorer(config)
     endpoint = Endpoint(config.endpoint, max_connections=config.concurrency)
     queue = RolloutQueue(config.queue) if config.to_queue else None

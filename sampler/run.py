@@ -25,6 +25,7 @@ from sampler.prompts import PromptItem, PromptSourceConfig, iter_prompts
 from sampler.queue import QueueConfig
 from sampler.record import RolloutRecord
 from sampler.rewards import RewardSpec, WeightedScorer
+from server.errors import UserError
 
 log = logging.getLogger("flywheel.sample")
 
@@ -54,7 +55,7 @@ def build_scorer(config: SampleConfig) -> WeightedScorer:
     try:
         return WeightedScorer(default_rewards(config))
     except ValueError as exc:  # ScorerError and pydantic errors on bad specs
-        raise SystemExit(f"flywheel sample: error: rewards: {exc}") from None
+        raise UserError(f"rewards: {exc}") from None
 
 
 def score_record(scorer: WeightedScorer, record: RolloutRecord, item: PromptItem) -> RolloutRecord:
@@ -114,6 +115,8 @@ async def for_each_prompt(items: Iterator[PromptItem], handle: Callable[[PromptI
     async def one(item: PromptItem) -> None:
         try:
             await handle(item)
+        except UserError as exc:  # bad input (e.g. a server with no model) fails the run, not one prompt
+            failure.append(exc)
         except Exception as exc:
             stats.errors += 1
             log.warning("prompt %s failed: %s: %s", item.id, type(exc).__name__, exc)
@@ -140,8 +143,10 @@ async def for_each_prompt(items: Iterator[PromptItem], handle: Callable[[PromptI
             await asyncio.gather(*tasks)
     finally:
         bar.close()
+    if bad_input := [exc for exc in failure if isinstance(exc, UserError)]:
+        raise bad_input[0]
     if failure:
-        raise SystemExit(f"flywheel sample {stats.mode}: error: {stats.errors} prompts failed, last: {type(failure[-1]).__name__}: {failure[-1]}")
+        raise UserError(f"{stats.errors} prompts failed, last: {type(failure[-1]).__name__}: {failure[-1]}")
 
 
 async def run_prompts(config: SampleConfig, stats: RunStats, handle: Callable[[PromptItem], Awaitable[None]],

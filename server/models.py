@@ -26,6 +26,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from server.errors import UserError
+
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 os.environ.update(OFFLINE_ENV)  # this process and every child it starts stay off the hub
 
@@ -203,7 +205,7 @@ def run(config: Config) -> int:
     names = list(BUNDLED) if "all" in config.prepare else config.prepare
     for name in names:
         if name not in BUNDLED:
-            raise SystemExit(f"flywheel models: error: unknown bundled model {name!r} (choose from {', '.join(BUNDLED)})")
+            raise UserError(f"unknown bundled model {name!r} (choose from {', '.join(BUNDLED)})")
         resolve_model(name, config.cache_dir)
     rows = list_models(config.cache_dir)
     if config.json_output:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from server.config import ServeConfig
+from server.errors import UserError
 from server.models import OFFLINE_ENV, resolve_model
 
 Config = ServeConfig
@@ -133,7 +134,7 @@ def run(config: ServeConfig) -> int:
     try:
         model_path = resolve_model(config.model)
     except FileNotFoundError as exc:
-        raise SystemExit(f"flywheel serve: error: {exc}") from None
+        raise UserError(f"{exc}") from None
     served_name = config.served_model_name or (config.model if "/" not in config.model else model_path.name)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     cpu = on_cpu()
@@ -155,7 +156,7 @@ def run(config: ServeConfig) -> int:
     try:
         argv = vllm_argv(config, model_path, served_name, cpu)
     except ValueError as exc:
-        raise SystemExit(f"flywheel serve: error: {exc}") from None
+        raise UserError(f"{exc}") from None
     args = parser.parse_args(argv)
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)

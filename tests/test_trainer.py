@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from server.errors import UserError
 from trainer.backend import IGNORE, PolicyConfig, build_policy
 from trainer.config import TrainConfig
 from trainer.data import collate, load_sft
@@ -116,10 +117,10 @@ def test_resume_continues_exactly(tmp_path, tiny_model):
     split = make_config(tmp_path / "b", tiny_model, stop_after=3, **common)
     first = train(split)
     assert first.step == 3
-    with pytest.raises(SystemExit, match="already holds checkpoints; pass --resume"):
+    with pytest.raises(UserError, match="already holds checkpoints; pass --resume"):
         train(split)
     # optimizer state written by one backend / parallel layout is not loaded into another
-    with pytest.raises(SystemExit, match="this run changes backend transformers -> megatron"):
+    with pytest.raises(UserError, match="this run changes backend transformers -> megatron"):
         train(split.model_copy(update={"resume": True, "stop_after": None, "backend": "megatron"}))
     resumed = train(split.model_copy(update={"resume": True, "stop_after": None}))
     assert resumed.step == 6
@@ -160,14 +161,13 @@ def test_plot_writes_png_curves(tmp_path, tiny_model):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
 
 
-def test_cli_reports_bad_data_in_one_line(tmp_path, tiny_model):
+def test_cli_reports_bad_data_in_one_line(tmp_path, tiny_model, capsys):
     from clients.cli import main
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": sft_rows(1)[0]["messages"]}) + "\n" + json.dumps({"text": "x"}) + "\n")
-    with pytest.raises(SystemExit) as exc:
-        main(["train", "--objective", "sft", "--model", str(tiny_model), "--data", str(bad),
-              "--run-dir", str(tmp_path / "run"), "--max-seq-len", "64", "--micro-batch-tokens", "128"])
-    message = str(exc.value)
+    assert main(["train", "--objective", "sft", "--model", str(tiny_model), "--data", str(bad),
+                 "--run-dir", str(tmp_path / "run"), "--max-seq-len", "64", "--micro-batch-tokens", "128"]) == 2
+    message = capsys.readouterr().err.removesuffix("\n")
     assert message.startswith("flywheel train: error: ") and "bad.jsonl:2" in message and "\n" not in message
     assert main(["train", "--objective", "sft", "--run-dir", str(tmp_path / "r2")]) == 2  # neither data nor queue

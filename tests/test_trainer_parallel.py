@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from clients.cli import CliError, build_config
+from clients.cli import build_config
+from server.errors import UserError
 from trainer.backend import ParallelConfig, PolicyConfig, build_policy
 from trainer.config import TrainConfig
 
@@ -20,7 +21,7 @@ def test_cli_flags_and_yaml_keys_build_the_same_parallel_config(tmp_path):
     assert isinstance(policy.parallel, ParallelConfig) and policy.parallel == flags.parallel
     # megatron reads the same object under its own names
     assert (policy.parallel.tensor_parallel, policy.parallel.pipeline_parallel, policy.parallel.expert_parallel) == (2, 2, 1)
-    with pytest.raises(CliError, match="--parallel.tensor"):
+    with pytest.raises(UserError, match="--parallel.tensor"):
         build_config(TrainConfig, "train", ["--data", "x.jsonl", "--parallel.tensor", "0"], prog="flywheel")
 
 
@@ -29,5 +30,5 @@ def test_every_parallel_field_is_described():
 
 
 def test_transformers_backend_refuses_model_parallel_degrees(tiny_model):
-    with pytest.raises(SystemExit, match="transformers backend runs one process"):
+    with pytest.raises(UserError, match="transformers backend runs one process"):
         build_policy(PolicyConfig(backend="transformers", model=str(tiny_model), parallel=ParallelConfig(tensor=2)))

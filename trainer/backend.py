@@ -30,6 +30,8 @@ from typing import Iterator, Literal, Protocol, runtime_checkable
 import torch
 from pydantic import BaseModel, Field
 
+from server.errors import UserError
+
 IGNORE = -100
 
 
@@ -122,11 +124,11 @@ def build_policy(config: PolicyConfig) -> Policy:
         from trainer.hf_backend import HFPolicy
 
         if config.parallel.splits_model:
-            raise SystemExit(f"flywheel train: error: the transformers backend runs one process and cannot split the model "
+            raise UserError(f"the transformers backend runs one process and cannot split the model "
                              f"(parallel: {config.parallel.model_dump()}); use --backend megatron")
 
         return HFPolicy(config)
     if not megatron_available():
-        raise SystemExit("flywheel train: error: backend 'megatron' is not available (trainer/megatron is missing)")
+        raise UserError("backend 'megatron' is not available (trainer/megatron is missing)")
     megatron = importlib.import_module("trainer.megatron")
     return megatron.build_policy(config)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
+from server.errors import UserError
+
 MAX_REMEMBERED_IDS = 200_000
 
 
@@ -111,7 +113,7 @@ def check_resume_layout(checkpoint: Path, layout: dict) -> None:
     changed = {k: (saved.get(k), v) for k, v in layout.items() if saved.get(k) != v}
     if changed:
         what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-        raise SystemExit(f"flywheel train: error: {checkpoint} was written with {saved}; this run changes {what}. Resume with "
+        raise UserError(f"{checkpoint} was written with {saved}; this run changes {what}. Resume with "
                          f"the same backend and parallel degrees, or start a new run with --model {checkpoint} (weights only)")
 
 
@@ -120,7 +122,7 @@ def load_trainer_state(checkpoint: Path, optimizer, scheduler) -> TrainState:
     path = checkpoint / "trainer_state" / f"rank{_rank()}.pt"
     if not path.is_file():
         world = torch.distributed.get_world_size() if _distributed() else 1
-        raise SystemExit(f"flywheel train: error: {path} is missing: resume with the world size and parallel "
+        raise UserError(f"{path} is missing: resume with the world size and parallel "
                          f"degrees the checkpoint was written with (this run has {world} ranks)")
     blob = torch.load(path, weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])

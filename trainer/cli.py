@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from server.errors import UserError
 from trainer.config import TrainConfig
 
 Config = TrainConfig
@@ -26,7 +27,7 @@ def run(config: TrainConfig) -> int:
     try:
         state = train(config)
     except DataError as exc:
-        raise SystemExit(f"flywheel train: error: {exc}") from None
+        raise UserError(str(exc)) from None
     print(f"trained {state.step} steps, {state.tokens_trained} tokens; checkpoints in {Path(config.run_dir) / 'checkpoints'}")
     return 0
 

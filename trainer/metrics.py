@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from server.errors import UserError
+
 
 class MetricsLog:
     """Append-only metrics sink; on resume it keeps appending to the same file."""
@@ -36,7 +38,7 @@ class MetricsLog:
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
-        raise SystemExit(f"flywheel train plot: error: no metrics.jsonl in {run_dir}")
+        raise UserError(f"no metrics.jsonl in {run_dir}")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     # a resumed run re-logs the steps after its checkpoint: keep the last value of each step
     by_step = {row["step"]: row for row in rows}

@@ -6,6 +6,7 @@ import time
 
 import httpx
 
+from server.errors import UserError
 from trainer.config import TrainConfig
 
 
@@ -46,7 +47,7 @@ class WeightPusher:
             from server.weights.client import auto_transport, push_weights
             from server.weights.shm_buckets import ShmBuckets
         except ImportError:
-            raise SystemExit("flywheel train: error: --push-url is set but server/weights/client.py is not available") from None
+            raise UserError("--push-url is set but server/weights/client.py is not available") from None
         if not self.checked_server:
             self.checked_server = True
             served = self.served_version()

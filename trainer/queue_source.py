@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 
 from sampler.queue import RolloutQueue, SeenIds
+from server.errors import UserError
 from trainer.checkpoint import TrainState
 from trainer.config import TrainConfig
 from trainer.sources import StepData, rollout_step
@@ -54,7 +55,7 @@ class QueueSource:
             if time.monotonic() > deadline:
                 if ready:
                     break  # train on what there is rather than stall forever
-                raise SystemExit(f"flywheel train: error: no rollouts on stream {self.config.queue.stream!r} "
+                raise UserError(f"no rollouts on stream {self.config.queue.stream!r} "
                                  f"for {wait.max_wait_s:.0f}s")
             for d in self.queue.get(count=self.config.batch_size, block_s=wait.block_s, seen=self.seen):
                 if d.record.id in self.buffer:  # the same record delivered again while buffered

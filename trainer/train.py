@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from server.errors import UserError
 from trainer.backend import build_policy
 from trainer.checkpoint import TrainState, check_resume_layout, latest_checkpoint, load_trainer_state, save_checkpoint
 from trainer.config import TrainConfig
@@ -93,7 +94,7 @@ def dpo_reference(policy, pairs, config: TrainConfig, pad_id: int) -> torch.Tens
         if cached.shape[0] == len(pairs):
             return cached
     if config.resume and latest_checkpoint(config.run_dir) is not None:
-        raise SystemExit(f"flywheel train: error: {path} is missing or stale; cannot resume DPO without its reference")
+        raise UserError(f"{path} is missing or stale; cannot resume DPO without its reference")
     policy.train(False)
     reference = pair_logprob_sums(policy, pairs, config, pad_id)
     policy.train(True)
@@ -108,7 +109,7 @@ def prepare_run_dir(config: TrainConfig) -> Path | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None and not config.resume:
-        raise SystemExit(f"flywheel train: error: {run_dir} already holds checkpoints; pass --resume or use a new --run-dir")
+        raise UserError(f"{run_dir} already holds checkpoints; pass --resume or use a new --run-dir")
     (run_dir / "train_config.json").write_text(config.model_dump_json(indent=2))
     return checkpoint
 

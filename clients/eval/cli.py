@@ -22,10 +22,7 @@ from pydantic import BaseModel, Field
 
 from clients.endpoint import served_model
 from clients.eval.datasets import LOADERS, DatasetError, EvalItem, load_benchmark, load_collection
-
-
-def _fail(msg: str, cmd: str = "eval") -> SystemExit:
-    return SystemExit(f"flywheel {cmd}: error: {msg}")
+from server.errors import UserError
 
 
 class Config(BaseModel):
@@ -77,7 +74,7 @@ def load_items(config: Config) -> dict[str, list[EvalItem]]:
             else:
                 out[name] = spread(load_benchmark(name, config.custom_scorer), config.limit)
         except DatasetError as exc:
-            raise _fail(str(exc)) from None
+            raise UserError(str(exc)) from None
     return out
 
 
@@ -114,11 +111,11 @@ def _print_summary(summary: dict, out_dir: Path) -> None:
 
 def run(config: Config) -> int:
     if config.chat_template is not None and not config.chat_template.is_file():
-        raise _fail(f"chat template file not found: {config.chat_template}")
+        raise UserError(f"chat template file not found: {config.chat_template}")
     if config.n_samples < max(config.pass_k):
-        raise _fail(f"--n-samples {config.n_samples} is smaller than the largest --pass-k {max(config.pass_k)}")
+        raise UserError(f"--n-samples {config.n_samples} is smaller than the largest --pass-k {max(config.pass_k)}")
     items = load_items(config)  # bad benchmark names fail before any request
-    model = served_model(config.base_url, config.model, "eval", config.api_key)
+    model = served_model(config.base_url, config.model, config.api_key)
     base_dir = config.output_dir or Path("runs/eval") / time.strftime("%Y%m%d-%H%M%S")
     if not config.watch:
         summary = evaluate(config, model, base_dir, items)
@@ -154,13 +151,13 @@ def run_compare(config: CompareConfig) -> int:
     from clients.eval.compare import compare_runs, print_comparison
 
     if len(config.runs) != 2:
-        raise _fail(f"give exactly two run directories (RUN_A RUN_B), got {len(config.runs)}", "eval compare")
+        raise UserError(f"give exactly two run directories (RUN_A RUN_B), got {len(config.runs)}")
     try:
         result = compare_runs(config.runs[0], config.runs[1], config.resamples, config.seed)
     except (FileNotFoundError, json.JSONDecodeError, KeyError) as exc:
-        raise _fail(str(exc), "eval compare") from None
+        raise UserError(str(exc)) from None
     if not result["benchmarks"]:
-        raise _fail("the two runs share no (benchmark, id) items", "eval compare")
+        raise UserError("the two runs share no (benchmark, id) items")
     print_comparison(result, config.show_flips)
     if config.output:
         config.output.write_text(json.dumps(result, indent=2, default=str))
@@ -179,11 +176,11 @@ def run_plot(config: PlotConfig) -> int:
     from clients.eval.watch import plot_history
 
     if not config.history.is_file():
-        raise _fail(f"history file not found: {config.history}", "eval plot")
+        raise UserError(f"history file not found: {config.history}")
     try:
         out = plot_history(config.history, config.output or config.history.with_name("accuracy_vs_version.png"))
     except ValueError as exc:
-        raise _fail(str(exc), "eval plot") from None
+        raise UserError(str(exc)) from None
     print(out)
     return 0
 

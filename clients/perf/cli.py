@@ -27,10 +27,7 @@ from clients.endpoint import served_model
 from clients.perf.load import LoadTarget, RequestResult, closed_loop, open_loop, send_request
 from clients.perf.metrics import summarize
 from clients.perf.prompts import LocalTokenizer, Prompt, ServerTokenizer, dataset_prompts, synthetic_prompts
-
-
-def _fail(msg: str) -> SystemExit:
-    return SystemExit(f"flywheel perf: error: {msg}")
+from server.errors import UserError
 
 
 class Config(BaseModel):
@@ -61,7 +58,7 @@ def build_prompts(config: Config, model: str, num: int) -> list[Prompt]:
         return dataset_prompts(config.dataset, num, config.output_len, config.seed)
     if config.tokenizer:
         if not (Path(config.tokenizer) / "tokenizer_config.json").is_file() and not (Path(config.tokenizer) / "tokenizer.json").is_file():
-            raise _fail(f"--tokenizer {config.tokenizer} is not an HF tokenizer folder")
+            raise UserError(f"--tokenizer {config.tokenizer} is not an HF tokenizer folder")
         tok = LocalTokenizer(config.tokenizer)
     else:
         server = config.base_url.rstrip("/").removesuffix("/v1")
@@ -69,7 +66,7 @@ def build_prompts(config: Config, model: str, num: int) -> list[Prompt]:
         try:
             tok.encode("probe")
         except httpx.HTTPError as exc:
-            raise _fail(f"the server has no usable /tokenize route ({exc}); pass --tokenizer PATH") from None
+            raise UserError(f"the server has no usable /tokenize route ({exc}); pass --tokenizer PATH") from None
     return synthetic_prompts(tok, num, config.input_len, config.output_len, config.seed)
 
 
@@ -124,10 +121,10 @@ def print_table(runs: list[dict]) -> None:
 
 def run(config: Config) -> int:
     if config.input_len < 1 or config.output_len < 1:
-        raise _fail("--input-len and --output-len must be >= 1")
+        raise UserError("--input-len and --output-len must be >= 1")
     if any(p < 1 for p in config.parallel) or any(r <= 0 for r in config.rate):
-        raise _fail("--parallel values must be >= 1 and --rate values > 0")
-    model = served_model(config.base_url, config.model, "perf")
+        raise UserError("--parallel values must be >= 1 and --rate values > 0")
+    model = served_model(config.base_url, config.model)
     target = LoadTarget(base_url=config.base_url, model=model, endpoint=config.endpoint, ignore_eos=config.ignore_eos,
                         temperature=config.temperature, timeout_s=config.timeout_s)
     runs, by_label = run_all(config, target)

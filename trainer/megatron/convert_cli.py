@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
+from server.errors import UserError
 from trainer.megatron.convert import Layout, full_to_hf, hf_to_full, join_shards, shard_full
 from trainer.megatron.model import arch_from_hf
 
@@ -47,9 +48,9 @@ def hf_to_megatron_folder(src: Path, dst: Path, tp_size: int, ep_size: int) -> N
 
     arch = arch_from_hf(src)
     if arch.vocab_size % tp_size or arch.num_kv_heads % tp_size or arch.ffn_hidden_size % tp_size:
-        raise SystemExit(f"flywheel train convert: error: tensor_parallel={tp_size} must divide vocab, KV heads and FFN size")
+        raise UserError(f"tensor_parallel={tp_size} must divide vocab, KV heads and FFN size")
     if ep_size > 1 and (not arch.is_moe or arch.num_experts % ep_size):
-        raise SystemExit(f"flywheel train convert: error: expert_parallel={ep_size} needs a MoE model whose expert count it divides")
+        raise UserError(f"expert_parallel={ep_size} needs a MoE model whose expert count it divides")
     hf = AutoModelForCausalLM.from_pretrained(src, dtype="auto").state_dict()
     full = hf_to_full(hf, arch)
     for tp in range(tp_size):
@@ -84,7 +85,7 @@ def megatron_folder_to_hf(src: Path, dst: Path) -> None:
 def run(config: Config) -> int:
     if config.dst.exists():
         if not config.overwrite:
-            raise SystemExit(f"flywheel train convert: error: {config.dst} exists (pass --overwrite to replace it)")
+            raise UserError(f"{config.dst} exists (pass --overwrite to replace it)")
         shutil.rmtree(config.dst)
     if config.to == "megatron":
         from server.models import resolve_model
@@ -92,12 +93,12 @@ def run(config: Config) -> int:
         try:
             src = Path(resolve_model(config.src))
         except FileNotFoundError as exc:
-            raise SystemExit(f"flywheel train convert: error: {exc}") from None
+            raise UserError(f"{exc}") from None
         hf_to_megatron_folder(src, config.dst, config.tensor_parallel, config.expert_parallel)
     else:
         src = Path(config.src)
         if not (src / META).is_file():
-            raise SystemExit(f"flywheel train convert: error: {src} is not a megatron checkpoint folder (no {META})")
+            raise UserError(f"{src} is not a megatron checkpoint folder (no {META})")
         megatron_folder_to_hf(src, config.dst)
     print(f"wrote {config.dst}")
     return 0

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from server.errors import UserError
 from trainer.megatron.cpu_patches import apply_patches
 
 if TYPE_CHECKING:
@@ -59,9 +60,9 @@ def init_parallel(config: "ParallelConfig | None" = None, seed: int = 0) -> None
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     world = dist.get_world_size()
     if world % (tp * pp):
-        raise SystemExit(f"flywheel train: error: world size {world} is not a multiple of TP*PP = {tp * pp}")
+        raise UserError(f"world size {world} is not a multiple of TP*PP = {tp * pp}")
     if ep > 1 and (world // pp) % ep:
-        raise SystemExit(f"flywheel train: error: parallel.expert={ep} must divide TP*DP = {world // pp}")
+        raise UserError(f"parallel.expert={ep} must divide TP*DP = {world // pp}")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
