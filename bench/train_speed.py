@@ -133,10 +133,10 @@ def megatron_model(config, init_sd, dtype, attention: str, experts: str, fused: 
                    compile_layers: bool = False):
     from trainer.megatron.convert import load_hf_state_dict
     from trainer.megatron.model import arch_from_hf, build_gpt
-    from trainer.megatron.parallel import ParallelDegrees
+    from trainer.policy_interface import ParallelConfig
 
     arch = arch_from_hf(config)
-    model = build_gpt(arch, ParallelDegrees(), dtype=dtype, attention=attention, experts=experts, fused=fused,
+    model = build_gpt(arch, ParallelConfig(), dtype=dtype, attention=attention, experts=experts, fused=fused,
                       compile_layers=compile_layers)
     load_hf_state_dict(model, {k: v.to(next(model.parameters()).device) for k, v in init_sd.items()}, arch)
     model.train()
@@ -346,9 +346,10 @@ def main() -> int:
     dtype = torch.bfloat16 if device.type == "cuda" or args.bf16 else torch.float32
     sizes = args.sizes or (["toy"] if args.toy else ["issue", "large"])
 
-    from trainer.megatron.parallel import ParallelDegrees, init_parallel
+    from trainer.megatron.parallel import init_parallel
+    from trainer.policy_interface import ParallelConfig
 
-    init_parallel(ParallelDegrees())
+    init_parallel(ParallelConfig())
     # the same generous recompile budget for both backends' compiled variants (8 by default)
     torch._dynamo.config.recompile_limit = 32
     rate = matmul_rate(device, dtype)

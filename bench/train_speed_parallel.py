@@ -67,7 +67,7 @@ def global_batches(size: dict, n: int = 4):
 
 
 def build_policy(folder: Path, tensor: int, expert: int, bf16: bool, compiled: bool):
-    from trainer.backend import ParallelConfig, PolicyConfig
+    from trainer.policy_interface import ParallelConfig, PolicyConfig
     from trainer.megatron.model import compile_transformer_layers
     from trainer.megatron.policy import MegatronPolicy
 

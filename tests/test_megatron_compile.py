@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.backend import IGNORE, PolicyConfig
+from trainer.policy_interface import IGNORE, PolicyConfig
 
 
 def batch(length: int, seed: int):

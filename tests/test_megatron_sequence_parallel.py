@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 from tests.servers import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
 
 from tests.test_megatron import assert_grads_close, make_batch, nll  # noqa: E402
-from trainer.backend import ParallelConfig, PolicyConfig  # noqa: E402
+from trainer.policy_interface import ParallelConfig, PolicyConfig  # noqa: E402
 
 T = 15  # odd: sequence parallelism splits T over 2 ranks, so the policy must pad
 

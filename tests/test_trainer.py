@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.errors import UserError
-from trainer.backend import IGNORE, PolicyConfig, build_policy
+from trainer.backend import build_policy
+from trainer.policy_interface import IGNORE, PolicyConfig
 from trainer.config import TrainConfig
 from trainer.data import collate, load_sft
 from trainer.objectives import nll_backward

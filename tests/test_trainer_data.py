@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from sampler.record import RolloutRecord
-from trainer.backend import IGNORE
+from trainer.policy_interface import IGNORE
 from trainer.data import (DataError, collate, load_dpo, load_rollouts, load_sft, load_text, micro_batches,
                           rollout_sample, take_step)
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from sampler.record import RolloutRecord
-from trainer.backend import IGNORE, PolicyConfig, build_policy
+from trainer.backend import build_policy
+from trainer.policy_interface import IGNORE, PolicyConfig
 from trainer.checkpoint import TrainState
 from trainer.config import TrainConfig
 from trainer.objectives import grpo_backward

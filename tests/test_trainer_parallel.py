@@ -6,7 +6,8 @@ import pytest
 
 from clients.cli import build_config
 from server.errors import UserError
-from trainer.backend import ParallelConfig, PolicyConfig, build_policy
+from trainer.backend import build_policy
+from trainer.policy_interface import ParallelConfig, PolicyConfig
 from trainer.config import TrainConfig
 
 

@@ -1,134 +1,46 @@
-"""The one seam between the training recipe and a model implementation.
-
-The recipe (trainer/train.py) never touches a model class. It asks `build_policy(PolicyConfig)` for
-a `Policy` and uses only the methods below, so `backend: transformers | megatron` is one flag:
+"""The backend registry: `backend: transformers | megatron` -> the module that builds that Policy.
 
     transformers -> trainer.hf_backend.HFPolicy
     megatron     -> trainer.megatron.build_policy(config) (megatron-core GPTModel, TP/PP/EP)
 
-Batch layout every backend accepts (built by trainer/data.py):
-    input_ids     [B, T] long   token ids; several documents may be packed in one row
-    position_ids  [B, T] long   restart at 0 at every document start. A restart is the ONLY
-                                document-boundary signal: no token attends across one (HF derives a
-                                block-diagonal causal mask from it; megatron builds cu_seqlens from it).
-                                Padding is a document of its own whose targets are IGNORE.
-    targets       [B, T] long   targets[b, t] is the token predicted at position t (the next token
-                                of the same document), or IGNORE (-100) where no loss/logprob is wanted.
-
-`forward_logprobs` returns log p(targets[b, t] | tokens of that document up to t) as float32 [B, T],
-0.0 where targets == IGNORE, computed from logits / temperature so it compares with the server's
-processed behaviour logprobs. It keeps the autograd graph (call under torch.no_grad() for
-reference/behaviour passes).
+The interface both implement (Policy, PolicyConfig, ParallelConfig, the batch layout) lives in
+trainer/policy_interface.py, which the backends import; they never import this module, so the
+registry can import them without a circle.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
-from typing import Iterator, Literal, Protocol, runtime_checkable
-
-import torch
-from pydantic import BaseModel, Field
+from typing import Callable
 
 from server.errors import UserError
-
-IGNORE = -100
-
-
-class ParallelConfig(BaseModel):
-    """Model-parallel degrees: the one parallel config of both backends, the CLI (`--parallel.tensor 2`),
-    YAML (`parallel: {tensor: 2}`) and the megatron internals (trainer/megatron/parallel.py, model.py).
-
-    Only the megatron backend splits the model; the transformers backend runs one process and refuses
-    degrees above 1. Data parallelism takes the remaining ranks: world = tensor * pipeline * data, and
-    `expert` must divide tensor * data (experts are split over ranks that share a pipeline stage).
-    """
-
-    tensor: int = Field(default=1, ge=1, description="Tensor-parallel degree: attention heads, FFN columns and the vocabulary split over ranks (megatron only)")
-    pipeline: int = Field(default=1, ge=1, description="Pipeline-parallel degree: layers split into consecutive stages, trained with megatron's 1F1B schedule (megatron only)")
-    expert: int = Field(default=1, ge=1, description="Expert-parallel degree for MoE models: experts split over ranks (megatron only)")
-
-    # megatron's own names for the same three numbers (trainer/megatron/model.py and bench/ read them)
-    @property
-    def tensor_parallel(self) -> int:
-        return self.tensor
-
-    @property
-    def pipeline_parallel(self) -> int:
-        return self.pipeline
-
-    @property
-    def expert_parallel(self) -> int:
-        return self.expert
-
-    @property
-    def splits_model(self) -> bool:
-        return self.tensor * self.pipeline * self.expert > 1
-
-
-class PolicyConfig(BaseModel):
-    """What a backend needs to build a trainable policy."""
-
-    backend: Literal["transformers", "megatron"] = Field(default="transformers", description="Model implementation")
-    model: str = Field(description="HF folder (or bundled model name) to start from")
-    bf16: bool = Field(default=False, description="Keep weights and compute in bfloat16 (slow on CPU: fp32 there)")
-    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward to save memory")
-    compile: bool = Field(default=False, description="torch.compile every transformer layer (regional; shapes go dynamic after the first change). "
-                          "On an H200 the megatron backend trains 1.5-1.9x faster with it (bench/results/train_speed.json); "
-                          "the first steps pay the compilation")
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Model-parallel degrees (megatron)")
-    seed: int = Field(default=0, description="Seed of torch's and megatron's model-parallel RNGs at build time")
-
-
-@runtime_checkable
-class Policy(Protocol):
-    """A trainable causal LM seen through HF names. Keep this small: two backends implement it."""
-
-    def forward_logprobs(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
-                         temperature: float = 1.0) -> torch.Tensor:
-        """Per-token log-probabilities of `targets` (float32 [B, T], 0 where IGNORE); see module docstring."""
-        ...
-
-    def parameters(self) -> Iterator[torch.nn.Parameter]:
-        """The trainable parameters this rank owns (what the optimizer steps)."""
-        ...
-
-    def train(self, mode: bool = True) -> object:
-        """Switch dropout etc. on/off like nn.Module.train."""
-        ...
-
-    def finalize_grads(self) -> None:
-        """Reduce gradients across ranks after the last backward of a step (HF single process: no-op)."""
-        ...
-
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Clip the global gradient norm (over all model-parallel shards) and return the norm before clipping."""
-        ...
-
-    def state_dict_hf(self) -> dict[str, torch.Tensor]:
-        """Full weights under HF names (gathered; on model-parallel runs non-zero ranks may return {})."""
-        ...
-
-    def save_hf(self, directory: Path) -> None:
-        """Write an HF folder (config.json + safetensors + tokenizer) that `flywheel serve --model` loads."""
-        ...
+from trainer.policy_interface import Policy, PolicyConfig
 
 
 def megatron_available() -> bool:
     return importlib.util.find_spec("trainer.megatron") is not None
 
 
-def build_policy(config: PolicyConfig) -> Policy:
-    """Build the configured backend's policy from an HF folder."""
-    if config.backend == "transformers":
-        from trainer.hf_backend import HFPolicy
+def _transformers(config: PolicyConfig) -> Policy:
+    if config.parallel.splits_model:
+        raise UserError(f"the transformers backend runs one process and cannot split the model "
+                        f"(parallel: {config.parallel.model_dump()}); use --backend megatron")
+    from trainer.hf_backend import HFPolicy
 
-        if config.parallel.splits_model:
-            raise UserError(f"the transformers backend runs one process and cannot split the model "
-                             f"(parallel: {config.parallel.model_dump()}); use --backend megatron")
+    return HFPolicy(config)
 
-        return HFPolicy(config)
+
+def _megatron(config: PolicyConfig) -> Policy:
     if not megatron_available():
         raise UserError("backend 'megatron' is not available (trainer/megatron is missing)")
-    megatron = importlib.import_module("trainer.megatron")
-    return megatron.build_policy(config)
+    from trainer.megatron import build_policy as build_megatron_policy
+
+    return build_megatron_policy(config)
+
+
+BACKENDS: dict[str, Callable[[PolicyConfig], Policy]] = {"transformers": _transformers, "megatron": _megatron}
+
+
+def build_policy(config: PolicyConfig) -> Policy:
+    """Build the configured backend's policy from an HF folder."""
+    return BACKENDS[config.backend](config)

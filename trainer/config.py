@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from sampler.queue import QueueConfig
-from trainer.backend import ParallelConfig, PolicyConfig
+from trainer.policy_interface import ParallelConfig, PolicyConfig
 
 
 class QueueInput(BaseModel):

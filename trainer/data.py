@@ -2,7 +2,7 @@
 
 Everything becomes a `Sample`: a token sequence with a token-aligned loss mask (mask[j] says
 "token j is a target"), plus behaviour logprobs and an advantage for RL. `collate` turns a list of
-samples into the backend batch layout of trainer/backend.py: documents packed in one row with
+samples into the backend batch layout of trainer/policy_interface.py: documents packed in one row with
 position ids restarting at 0 at every document start, so no token attends across documents.
 
 File formats (one JSON object per line; blank lines are skipped):
@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import torch
 
 from sampler.record import RecordError, RolloutRecord
-from trainer.backend import IGNORE
+from trainer.policy_interface import IGNORE
 
 
 class DataError(ValueError):
@@ -251,7 +251,7 @@ def micro_batches(samples: list, token_budget: int, size=lambda s: len(s.tokens)
 
 @dataclass
 class Batch:
-    """The backend batch layout (trainer/backend.py) plus per-target RL values, all [B, T]."""
+    """The backend batch layout (trainer/policy_interface.py) plus per-target RL values, all [B, T]."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor

@@ -1,4 +1,4 @@
-"""The transformers backend: an HF AutoModelForCausalLM behind the Policy protocol (trainer/backend.py)."""
+"""The transformers backend: an HF AutoModelForCausalLM behind the Policy protocol (trainer/policy_interface.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,7 @@ from typing import Iterator
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer.backend import IGNORE, PolicyConfig
-
-
-def resolve_model_path(model: str) -> Path:
-    """A bundled model name or an HF folder -> the folder."""
-    from server.models import resolve_model
-
-    return Path(resolve_model(model))
+from trainer.policy_interface import IGNORE, PolicyConfig, resolve_model_path
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

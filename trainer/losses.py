@@ -2,7 +2,7 @@
 
 Conventions shared by every function here:
     logprobs, mask, ... are [B, T] tensors in *target* alignment (position t scores the token
-    predicted at t, see trainer/backend.py); `mask` is 1.0 where a token counts, 0.0 elsewhere.
+    predicted at t, see trainer/policy_interface.py); `mask` is 1.0 where a token counts, 0.0 elsewhere.
     `seq_index` [B, T] long gives each counted token the index of its sequence in the batch
     (packed rows hold several sequences); it is ignored where mask == 0.
     Normalisers (`num_tokens`, `num_seqs`) default to this batch's counts; the recipe passes the

@@ -24,10 +24,10 @@ from server.errors import UserError
 from trainer.backend import build_policy
 from trainer.checkpoint import TrainState, check_resume_layout, latest_checkpoint, load_trainer_state, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.hf_backend import resolve_model_path
 from trainer.metrics import MetricsLog
 from trainer.objectives import dpo_backward, grpo_backward, nll_backward, pair_logprob_sums
 from trainer.optim import build_optimizer
+from trainer.policy_interface import resolve_model_path
 from trainer.push import WeightPusher
 from trainer.sources import FileSource
 

@@ -33,17 +33,11 @@ import httpx
 import torch
 
 from server.weights.protocol import ADMIN_PREFIX, GPU_TRANSPORTS, SHA_HEADER, TORCH_DTYPES
+from server.weights.push_answer import PushFailed, push_answer  # noqa: F401  (PushFailed: what push_weights raises)
 
 Transport = Literal["auto", "shm", "http", "nccl", "ipc"]
 TRANSPORTS = ("auto", "shm", "http", *GPU_TRANSPORTS)
 DEFAULT_BUCKET_BYTES = 512 * 2**20
-
-
-class PushFailed(RuntimeError):
-    def __init__(self, status: int, message: str):
-        super().__init__(f"weight push failed ({status}): {message}")
-        self.status = status
-        self.message = message
 
 
 def is_loopback(url: str) -> bool:
@@ -87,17 +81,6 @@ def _dedupe_tied(weights: dict) -> dict:
             seen.add(key)
         out[name] = t
     return out
-
-
-def _raise_for(resp: httpx.Response) -> dict:
-    try:
-        body = resp.json()
-    except ValueError:
-        body = {"error": {"message": resp.text[:500]}}
-    if resp.status_code >= 400:
-        err = body.get("error", body)
-        raise PushFailed(resp.status_code, err.get("message", str(err)) if isinstance(err, dict) else str(err))
-    return body
 
 
 def write_safetensors(tensors: dict, path: Path) -> None:
@@ -198,12 +181,12 @@ def push_weights(url: str, weights: dict | str | os.PathLike, version: int, admi
                     resp = http.put(f"{url}{ADMIN_PREFIX}/buckets/{push_id}/{i}", content=_file_chunks(path),
                                     headers={SHA_HEADER: sha, "content-type": "application/octet-stream",
                                              "content-length": str(path.stat().st_size)})
-                    _raise_for(resp)
+                    push_answer(resp)
                     uploaded.append({"index": i, "sha256": sha})
                 body = {"version": version, "transport": "http", "push_id": push_id, "pause_mode": pause_mode,
                         "source": source, "buckets": uploaded}
             t_sent = time.perf_counter()
-            result = _raise_for(http.post(f"{url}{ADMIN_PREFIX}/push", json=body))
+            result = push_answer(http.post(f"{url}{ADMIN_PREFIX}/push", json=body))
     except BaseException:
         if reuse:
             buckets.discard()  # the server may still be reading them: the next push writes new files

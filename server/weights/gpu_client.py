@@ -26,6 +26,7 @@ import torch
 
 from server.weights.gpu import encode_ipc_args, require_cuda, tensor_list
 from server.weights.protocol import ADMIN_PREFIX, NCCLInitRequest
+from server.weights.push_answer import PushFailed, push_answer
 
 DEFAULT_PACKED_BUFFER_BYTES = 1 << 30
 
@@ -55,8 +56,6 @@ class NCCLSender:
         """Join the group: the server's workers block in the rendezvous, so both sides run at once."""
         from vllm.distributed.weight_transfer.nccl_common import trainer_init
 
-        from server.weights.client import _raise_for
-
         headers = {"authorization": f"Bearer {self.admin_token}"}
         if not self.world_size_given:  # 1 trainer rank + the server's workers
             st = httpx.get(f"{self.url}/flywheel/status", timeout=30).json()
@@ -65,7 +64,7 @@ class NCCLSender:
             future = pool.submit(httpx.post, f"{self.url}{ADMIN_PREFIX}/nccl/init", json=self.init_body(),
                                  headers=headers, timeout=self.timeout)
             self.group = trainer_init(self.init.model_dump(), rank=0)
-            _raise_for(future.result())
+            push_answer(future.result())
         return self
 
     def broadcast(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
@@ -108,8 +107,6 @@ def gpu_commit_body(pairs: list[tuple[str, torch.Tensor]], version: int, transpo
 
 def push_gpu(http: httpx.Client, url: str, weights: dict, version: int, transport: str, pause_mode: str,
              source: str, sender: NCCLSender | None) -> dict:
-    from server.weights.client import PushFailed, _raise_for
-
     require_cuda(weights, transport)
     if transport == "nccl" and (sender is None or sender.group is None):
         raise ValueError("transport='nccl' needs sender=init_nccl(url, admin_token, ...) (once per trainer)")
@@ -121,7 +118,7 @@ def push_gpu(http: httpx.Client, url: str, weights: dict, version: int, transpor
         pairs = [(name, t.contiguous()) for name, t in pairs]  # a handle shares the storage from its base
         handles = [encode_ipc_args(reduce_tensor(t)[1], uuid) for _, t in pairs]
         torch.cuda.current_stream().synchronize()  # the server reads the memory from another process
-        result = _raise_for(http.post(f"{url}{ADMIN_PREFIX}/push",
+        result = push_answer(http.post(f"{url}{ADMIN_PREFIX}/push",
                                       json=gpu_commit_body(pairs, version, transport, pause_mode, source, handles)))
         del pairs  # only now may the trainer's copies go
         torch.cuda.ipc_collect()
@@ -130,7 +127,7 @@ def push_gpu(http: httpx.Client, url: str, weights: dict, version: int, transpor
     with http.stream("POST", f"{url}{ADMIN_PREFIX}/push", json=body) as resp:
         if resp.status_code >= 400:
             resp.read()
-            _raise_for(resp)  # refused before anything was sent: nothing to broadcast
+            push_answer(resp)  # refused before anything was sent: nothing to broadcast
         lines = resp.iter_lines()
         ready = json.loads(next(lines))
         if ready.get("status") != "ready":

@@ -6,7 +6,7 @@
   attention.py    SDPA core attention for the local spec
   experts.py      grouped-GEMM experts and a host-sync-free token permutation
   convert.py      HF <-> megatron weights, TP/EP/PP-sharded; convert_cli.py: `flywheel train convert`
-  policy.py       MegatronPolicy: the trainer's Policy protocol (trainer/backend.py)
+  policy.py       MegatronPolicy: the trainer's Policy protocol (trainer/policy_interface.py)
 """
 
 

@@ -267,12 +267,3 @@ def hf_state_dict(model, arch: ModelArch) -> dict[str, torch.Tensor]:
     """HF-named full state dict of a (possibly sharded) GPTModel; collective over model-parallel ranks."""
     return full_to_hf(gather_full(model, arch), arch)
 
-
-def __getattr__(name: str):
-    # `flywheel train convert` (Config/run) lives in convert_cli.py, which needs pydantic; loading it
-    # lazily keeps this module importable where pydantic is absent (the GPU benchmark image).
-    if name in ("Config", "run"):
-        from trainer.megatron import convert_cli
-
-        return getattr(convert_cli, name)
-    raise AttributeError(name)

@@ -18,16 +18,8 @@ from server.errors import UserError
 from trainer.megatron.cpu_patches import apply_patches
 
 if TYPE_CHECKING:
-    from trainer.backend import ParallelConfig
+    from trainer.policy_interface import ParallelConfig
 
-
-def __getattr__(name: str):
-    # The old name of trainer.backend.ParallelConfig, still imported by bench/train_speed.py.
-    if name == "ParallelDegrees":
-        from trainer.backend import ParallelConfig
-
-        return ParallelConfig
-    raise AttributeError(name)
 
 
 def _free_port() -> int:

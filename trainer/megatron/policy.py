@@ -1,4 +1,4 @@
-"""MegatronPolicy: the trainer's Policy protocol (trainer/backend.py) on a megatron-core GPTModel.
+"""MegatronPolicy: the trainer's Policy protocol (trainer/policy_interface.py) on a megatron-core GPTModel.
 
 Same config, same batch layout, same HF checkpoints as the transformers backend:
 - built from the HF folder (config.json -> GPTModel, weights through convert.py), TP/PP/EP from
@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from trainer.backend import IGNORE, PolicyConfig
+from trainer.policy_interface import IGNORE, PolicyConfig, resolve_model_path
 from trainer.megatron.convert import full_to_hf, gather_full, hf_state_dict, load_hf_state_dict
 from trainer.megatron.model import arch_from_hf, build_gpt
 from trainer.megatron.parallel import device, init_parallel
@@ -76,8 +76,6 @@ def _is_expert(name: str, p: torch.nn.Parameter) -> bool:
 class MegatronPolicy:
     def __init__(self, config: PolicyConfig):
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from trainer.hf_backend import resolve_model_path
 
         self.path = resolve_model_path(config.model)
         self.arch = arch_from_hf(self.path)
