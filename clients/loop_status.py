@@ -27,6 +27,7 @@ import httpx
 from rich.table import Table
 
 from sampler.queue import QueueConfig, RolloutQueue
+from server.status import fetch_status
 
 
 def last_json_line(path: Path) -> dict[str, Any] | None:
@@ -98,7 +99,7 @@ class LoopStatus:
     def _server(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         try:
-            out["policy_version"] = int(self.http.get(self.server_url + "/flywheel/status").json()["policy_version"])
+            out["policy_version"] = fetch_status(self.server_url, client=self.http).policy_version
             metrics = prometheus_values(self.http.get(self.server_url + "/metrics").text,
                                         ("vllm:generation_tokens_total", "vllm:num_requests_running"))
             out["server_generated_tokens"] = metrics["vllm:generation_tokens_total"]

@@ -4,7 +4,8 @@ Chat prompts go to /v1/chat/completions, text prompts to /v1/completions, with
 `extra_body={"return_token_ids": True}` and logprobs, so every record carries the exact prompt and
 completion token ids and the server's (processed) logprobs. The policy version(s) come from the
 `x-flywheel-policy-versions` / `x-flywheel-policy-version` headers (read with `with_raw_response`),
-or the body's `policy_versions`; a server that sends neither (any non-Flywheel endpoint) gives [].
+or the body's `policy_versions`, as server/status.py's `response_versions` reads them; a server
+that sends neither (any non-Flywheel endpoint) gives [].
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic import BaseModel, Field
 from sampler.prompts import PromptItem
 from sampler.record import RolloutRecord
 from server.errors import UserError
+from server.status import response_versions
 
 
 class EndpointConfig(BaseModel):
@@ -41,16 +43,6 @@ class SamplingConfig(BaseModel):
     max_tokens: int = Field(default=128, ge=1, description="Maximum completion tokens")
     seed: int | None = Field(default=None, description="Per-request seed (reproducible samples)")
     stop: list[str] | None = Field(default=None, description="Stop strings")
-
-
-def parse_versions(headers: httpx.Headers, body: dict[str, Any]) -> list[int]:
-    many = headers.get("x-flywheel-policy-versions")
-    if many:
-        return [int(v) for v in many.split(",") if v.strip()]
-    one = headers.get("x-flywheel-policy-version")
-    if one is not None:
-        return [int(one)]
-    return [int(v) for v in body.get("policy_versions") or []]
 
 
 class Endpoint:
@@ -91,7 +83,7 @@ class Endpoint:
             raw = await self.client.completions.with_raw_response.create(
                 prompt=item.prompt or "", logprobs=1, extra_body=extra or None, **params)
         body = json.loads(raw.text)
-        versions = parse_versions(raw.headers, body)
+        versions = response_versions(raw.headers, body)
         return [self._record(item, body, choice, versions, params) for choice in body["choices"]]
 
     def _record(self, item: PromptItem, body: dict, choice: dict, versions: list[int], params: dict) -> RolloutRecord:

@@ -10,7 +10,7 @@ Auth:
   - with an API key configured, the OpenAI routes need `Bearer <api key>` (the admin token works too).
   Failures are OpenAI-style JSON error bodies.
 
-Versions (see shared/DESIGN.md): every response carries
+Versions (see shared/DESIGN.md; header names from server/status.py): every response carries
   x-flywheel-policy-version:  the version serving when the response started
   x-flywheel-policy-versions: every version served between the request's arrival and then
                               (more than one when a push happened mid-request with pause mode keep)
@@ -28,12 +28,13 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.policy import PolicyState
+from server.status import VERSION_HEADER, VERSIONS_HEADER
 
 OPENAI_PREFIXES = ("/v1/", "/v2/", "/inference/", "/tokenize", "/detokenize", "/invocations", "/pooling",
                    "/classify", "/score", "/rerank")
 STAMPED_PATHS = ("/v1/completions", "/v1/chat/completions")
-VERSION_HEADER = b"x-flywheel-policy-version"
-VERSIONS_HEADER = b"x-flywheel-policy-versions"
+VERSION_HEADER_BYTES = VERSION_HEADER.encode()  # ASGI headers are bytes
+VERSIONS_HEADER_BYTES = VERSIONS_HEADER.encode()
 
 
 def openai_error(status: int, message: str, type_: str, code: str | None = None) -> bytes:
@@ -110,8 +111,8 @@ class FlywheelMiddleware:
             if message["type"] == "http.response.start":
                 versions = policy.versions_since(start)
                 headers = [(k, v) for k, v in message.get("headers", [])]
-                headers.append((VERSION_HEADER, str(policy.version).encode()))
-                headers.append((VERSIONS_HEADER, ",".join(map(str, versions)).encode()))
+                headers.append((VERSION_HEADER_BYTES, str(policy.version).encode()))
+                headers.append((VERSIONS_HEADER_BYTES, ",".join(map(str, versions)).encode()))
                 ctype = dict(headers).get(b"content-type", b"")
                 if stamp_body and message.get("status") == 200:
                     if ctype.startswith(b"application/json"):

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from server.policy import PolicyState
+from server.status import STATUS_PATH, ServerStatus
 
 router = APIRouter()
 
@@ -23,24 +24,25 @@ def policy_of(request: Request) -> PolicyState:
     return request.app.state.flywheel_policy
 
 
-@router.get("/flywheel/status")
+@router.get(STATUS_PATH)
 async def status(request: Request) -> JSONResponse:
-    """Model, policy version, uptime, capture and weight-push settings."""
+    """Model, policy version, uptime, capture and weight-push settings (server/status.py's ServerStatus)."""
     policy = policy_of(request)
     settings = request.app.state.flywheel_settings
     engine = request.app.state.engine_client
-    return JSONResponse({
-        "model": policy.model,
-        "served_model_name": policy.served_model_name,
-        "policy_version": policy.version,
-        "started_at": policy.started_at,
-        "uptime_s": round(time.time() - policy.started_at, 3),
-        "last_update_at": policy.updated_at,
-        "updates": policy.history[-10:],
-        "failed_pushes": policy.failed_pushes,
-        "paused": await engine.is_paused(),
+    body = ServerStatus(
+        model=policy.model,
+        served_model_name=policy.served_model_name,
+        policy_version=policy.version,
+        started_at=policy.started_at,
+        uptime_s=round(time.time() - policy.started_at, 3),
+        last_update_at=policy.updated_at,
+        updates=policy.history[-10:],
+        failed_pushes=policy.failed_pushes,
+        paused=await engine.is_paused(),
         **settings,
-    })
+    )
+    return JSONResponse(body.model_dump(mode="json"))
 
 
 def error(status: int, message: str, type_: str = "invalid_request_error") -> JSONResponse:

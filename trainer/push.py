@@ -7,6 +7,7 @@ import time
 import httpx
 
 from server.errors import UserError
+from server.status import fetch_status
 from trainer.config import TrainConfig
 
 
@@ -31,9 +32,8 @@ class WeightPusher:
 
     def served_version(self) -> int | None:
         try:
-            resp = httpx.get(f"{self.url}/flywheel/status", headers={"authorization": f"Bearer {self.token}"}, timeout=10)
-            return int(resp.json()["policy_version"]) if resp.status_code == 200 else None
-        except (httpx.HTTPError, KeyError, ValueError):
+            return fetch_status(self.url, self.token).policy_version
+        except (httpx.HTTPError, ValueError):
             return None
 
     def push(self, policy, last_version: int, step: int) -> tuple[int, dict]:

@@ -24,8 +24,8 @@ import httpx
 from tqdm import tqdm
 
 from clients.eval.datasets import EvalItem
+from server.status import response_version
 
-VERSION_HEADER = "x-flywheel-policy-version"
 
 
 @dataclass
@@ -89,14 +89,6 @@ def text_prompt(item: EvalItem, s: QuerySettings) -> str:
 
 # ---------------------------------------------------------------- querying
 
-def _version(resp: httpx.Response) -> int | None:
-    raw = resp.headers.get(VERSION_HEADER)
-    try:
-        return int(raw.split(",")[0]) if raw else None
-    except ValueError:
-        return None
-
-
 async def _post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> httpx.Response:
     resp = await client.post(path, json=body)
     if resp.status_code != 200:
@@ -128,7 +120,7 @@ async def generate(client: httpx.AsyncClient, sample: Sample, s: QuerySettings) 
     choices = sorted(resp.json()["choices"], key=lambda c: c["index"])
     sample.completions = [(c["message"].get("content") or "") if "message" in c else c["text"] for c in choices]
     sample.finish_reasons = [c.get("finish_reason") for c in choices]
-    sample.policy_version = _version(resp)
+    sample.policy_version = response_version(resp.headers)
 
 
 def continuation_logprob(logprobs: dict[str, Any], start: int, end: int) -> float:
@@ -157,7 +149,7 @@ async def loglikelihood(client: httpx.AsyncClient, sample: Sample, s: QuerySetti
     by_index = {c["index"]: c for c in resp.json()["choices"]}
     sample.choice_logprobs = [continuation_logprob(by_index[i]["logprobs"], len(context), len(context) + len(c))
                               for i, c in enumerate(choices)]
-    sample.policy_version = _version(resp)
+    sample.policy_version = response_version(resp.headers)
 
 
 async def query_all(items: list[EvalItem], s: QuerySettings, desc: str = "eval") -> list[Sample]:

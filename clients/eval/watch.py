@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import httpx
 
+from server.status import fetch_status
+
 
 def read_history(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
@@ -31,9 +33,7 @@ def read_history(path: Path) -> list[dict[str, Any]]:
 
 
 def policy_version(server_url: str, timeout_s: float = 10.0) -> int:
-    r = httpx.get(server_url.rstrip("/") + "/flywheel/status", timeout=timeout_s)
-    r.raise_for_status()
-    return int(r.json()["policy_version"])
+    return fetch_status(server_url, timeout=timeout_s).policy_version
 
 
 def watch(server_url: str, history: Path, evaluate: Callable[[int], tuple[dict[str, float], str]],
@@ -45,7 +45,7 @@ def watch(server_url: str, history: Path, evaluate: Callable[[int], tuple[dict[s
     while True:
         try:
             version = policy_version(server_url)
-        except (httpx.HTTPError, KeyError, ValueError) as exc:
+        except (httpx.HTTPError, ValueError) as exc:
             print(f"[flywheel eval --watch] status unavailable ({type(exc).__name__}: {exc}); retrying", flush=True)
             version = None
         if version is not None and version not in done:

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import torch
 
+from server.status import fetch_status
 from server.weights.gpu import encode_ipc_args, require_cuda, tensor_list
 from server.weights.protocol import ADMIN_PREFIX, NCCLInitRequest
 from server.weights.push_answer import PushFailed, push_answer
@@ -58,8 +59,7 @@ class NCCLSender:
 
         headers = {"authorization": f"Bearer {self.admin_token}"}
         if not self.world_size_given:  # 1 trainer rank + the server's workers
-            st = httpx.get(f"{self.url}/flywheel/status", timeout=30).json()
-            self.init.world_size = 1 + int(st["weights"]["workers"])
+            self.init.world_size = 1 + fetch_status(self.url, timeout=30).weights.workers
         with ThreadPoolExecutor(max_workers=1) as pool:
             future = pool.submit(httpx.post, f"{self.url}{ADMIN_PREFIX}/nccl/init", json=self.init_body(),
                                  headers=headers, timeout=self.timeout)
