@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from clients.report import loop_summary  # noqa: E402
-from tests.servers import vllm_lock  # noqa: E402
+from clients.servers import vllm_lock  # noqa: E402
 
 
 def reward_parts(run_dir: Path) -> dict:

@@ -8,11 +8,11 @@ running). Writes bench/results/loop_throughput.json with flat keys; A_vs_B_ratio
     python bench/loop_throughput.py                                  # tiny-qwen3, learnable token reward
     python bench/loop_throughput.py --model smollm2-135m-instruct --steps 6 --batch-size 16
 
-On tiny-qwen3 the reward is tests/test_loop.py's target-token fraction (the random model has no
+On tiny-qwen3 the reward is clients/tiny_reward.py's target-token fraction (the random model has no
 signal on real tasks); on any other model, `flywheel up`'s defaults (easy chain_sum, last number +
 format bonus). Note what --sync costs here: every round starts a sampler and a trainer process
 (imports + model load), which is part of the price of not overlapping on this design.
-The vLLM lock of tests/servers.py is held for the whole benchmark (one server on the machine at a time).
+The vLLM lock of clients/servers.py is held for the whole benchmark (one server on the machine at a time).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from clients.report import loop_summary  # noqa: E402
-from tests.servers import vllm_lock  # noqa: E402
+from clients.servers import vllm_lock  # noqa: E402
+from clients.tiny_reward import PROMPT_TEXT, SCORER  # noqa: E402
 
 
 def loop_config(args, run_dir: Path, prompts: Path, sync: bool) -> dict:
@@ -42,7 +43,7 @@ def loop_config(args, run_dir: Path, prompts: Path, sync: bool) -> dict:
     if args.model == "tiny-qwen3":
         # lr 3e-3 as in tests/test_loop.py: at 1e-2 the policy collapsed to no target token by step 5,
         # every group came out uniform (all rewards 0) and was dropped, and the async trainer starved
-        config |= {"lr": 3e-3, "max_tokens": 8, "rewards": [{"name": "tests.test_loop:target_fraction"}],
+        config |= {"lr": 3e-3, "max_tokens": 8, "rewards": [{"name": SCORER}],
                    "sample": {"prompts": {"kind": "jsonl", "path": str(prompts), "num_prompts": None}},
                    "train": {"max_seq_len": 64, "micro_batch_tokens": 512}}
     return config
@@ -70,7 +71,7 @@ def main() -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loop-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     prompts = workdir / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": " Areatusatusatus"}) + "\n" for i in range(20000)))
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": PROMPT_TEXT}) + "\n" for i in range(20000)))
     results: dict = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": platform.node(),
                      "cpus": __import__("os").cpu_count(), "python": platform.python_version(), "model": args.model,
                      "steps": args.steps, "push_every": args.push_every, "batch_size": args.batch_size}

@@ -50,11 +50,12 @@ VLLM_BENCH = ("import sys\n"
 @contextmanager
 def start_bare_vllm(model_path: Path, workdir: Path, **overrides):
     """A bare vLLM OpenAI server with the engine flags `flywheel serve` would use for the same
-    settings as tests.servers.start_server (without Flywheel's worker extension and weight-transfer
+    settings as clients.servers.start_server (without Flywheel's worker extension and weight-transfer
     backend), under the same one-server lock."""
     from server.config import ServeConfig
     from server.serve import engine_environment, on_cpu, vllm_argv
-    from tests.servers import free_port, launch
+    from clients.servers import launch
+    from server.net import free_port
 
     workdir.mkdir(parents=True, exist_ok=True)
     config = ServeConfig(model=str(model_path), port=free_port(), data_dir=workdir / "data", kv_cache_gib=1, max_model_len=1024,
@@ -115,7 +116,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from server.models import resolve_model
-    from tests.servers import start_server
+    from clients.servers import start_server
 
     model_path = resolve_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="perf_overhead-"))

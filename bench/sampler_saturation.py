@@ -1,6 +1,6 @@
 """Does the sampler keep the server busy? Sampler tokens/s vs a plain concurrent client, same server, same run.
 
-One `flywheel serve` (tests.servers.start_server: it holds the one-server lock) and one redis-server.
+One `flywheel serve` (clients.servers.start_server: it holds the one-server lock) and one redis-server.
 Alternating `reps` times:
   plain:   `concurrency` asyncio workers, each looping chat requests with n samples, logprobs and
            return_token_ids, nothing else (no scoring, no records, no Redis): the baseline;
@@ -79,7 +79,7 @@ def sampler_run(base_url: str, model: str, redis_url: str, args) -> dict:
 def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
     import redis
 
-    from tests.conftest import free_port
+    from server.net import free_port
 
     port = free_port()
     proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
@@ -106,7 +106,7 @@ def main() -> int:
 
     from sampler.prompts import PromptSourceConfig, gym_prompts
     from server.models import resolve_model
-    from tests.servers import start_server
+    from clients.servers import start_server
 
     items = list(gym_prompts(PromptSourceConfig(num_prompts=args.prompts)))
     work = Path(tempfile.mkdtemp(prefix="bench-sampler-"))

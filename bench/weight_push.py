@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from server.models import resolve_model  # noqa: E402
 from server.weights.client import push_weights  # noqa: E402
 from server.weights.shm_buckets import ShmBuckets  # noqa: E402
-from tests.servers import start_server  # noqa: E402
+from clients.servers import start_server  # noqa: E402
 
 
 def fp32_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -28,7 +28,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from clients import process_group
 from clients.loop_status import LoopStatus, starvation_warning, status_table
 from sampler.queue import QueueConfig
 from server.errors import UserError
+from server.net import free_port
 
 DEFAULT_REWARDS = [
     # correctness of the last number in the reply: SmolLM2 rarely writes 'Answer:', so a strict format has no signal
@@ -88,12 +88,6 @@ class Config(BaseModel):
     sample: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel sample grpo` settings (GrpoConfig fields), merged over up's")
     train: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel train` settings (TrainConfig fields), merged over up's")
     eval_settings: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel eval` settings (eval Config fields), merged over up's")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- child processes

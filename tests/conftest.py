@@ -5,8 +5,8 @@
   through `redis_client` (FLUSHDB before the test).
 - `tiny_model` / `tiny_moe_model`: HF folders of the bundled tiny models (built once, cached under
   FLYWHEEL_HOME, default <repo>/.flywheel).
-- `server`: one real `flywheel serve` on tiny-qwen3 for the whole session (see tests/servers.py).
-  Only one vLLM server may run at a time on this 2-core machine: `tests.servers.start_server` holds
+- `server`: one real `flywheel serve` on tiny-qwen3 for the whole session (see clients/servers.py).
+  Only one vLLM server may run at a time on this 2-core machine: `clients.servers.start_server` holds
   an exclusive file lock for the life of the server, so parallel pytest runs queue instead of
   overloading the machine.
 """
@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from server.net import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FLYWHEEL_HOME", str(REPO / ".flywheel"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +83,7 @@ def tiny_moe_model() -> Path:
 @pytest.fixture(scope="session")
 def server(tiny_model, tmp_path_factory):
     """A real Flywheel server on tiny-qwen3, shared by the session."""
-    from tests.servers import start_server
+    from clients.servers import start_server
 
     with start_server(tiny_model, tmp_path_factory.mktemp("serve")) as srv:
         yield srv

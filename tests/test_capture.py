@@ -119,7 +119,7 @@ def test_redaction_hook_by_dotted_path(redis_client, redis_url):
 
 
 def test_redis_down_never_breaks_or_slows_responses(caplog):
-    from tests.conftest import free_port
+    from server.net import free_port
 
     app = CaptureMiddleware(openai_like_app, redis_url=f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_real_server_captures_into_prompts_stream(tiny_model, tmp_path_factory, redis_client, redis_url):
-    from tests.servers import start_server
+    from clients.servers import start_server
 
     # a short folder: vLLM's IPC socket paths live under it and must stay under the 107-byte unix limit
     with start_server(tiny_model, tmp_path_factory.mktemp("cap"), capture_redis_url=redis_url, capture_rate=1.0) as srv:

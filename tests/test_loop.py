@@ -9,7 +9,7 @@ another time, and 1e-2 collapsed to zero); with 64 two runs in a row went 0.04 -
 One `flywheel up` run checks as much as it can; killing the trainer and resuming costs a second
 server start and is marked slow.
 
-The loop's server is started by `flywheel up` itself, so the test holds tests/servers.py's vLLM
+The loop's server is started by `flywheel up` itself, so the test holds clients/servers.py's vLLM
 lock around it: no other test run starts a server at the same time.
 """
 
@@ -29,19 +29,11 @@ import pytest
 import yaml
 
 from clients import process_group
-from sampler.record import Reward
-from tests.servers import vllm_lock
+from clients.servers import vllm_lock
+from clients.tiny_reward import PROMPT_TEXT, SCORER
 
 REPO = Path(__file__).resolve().parents[1]
-TARGET = 1000
-PROMPT_TEXT = " Areatusatusatus"  # tokens [8713, 1000, 1000, 1000] in the Qwen tokenizer
 MAX_STEPS, PUSH_EVERY, MAX_STALENESS, BATCH, GROUP = 12, 1, 1, 64, 8
-
-
-def target_fraction(completion: str, answer, completion_token_ids=None, **context) -> Reward:
-    """The learnable reward: share of completion tokens equal to TARGET."""
-    ids = completion_token_ids or []
-    return Reward(name="target_fraction", value=sum(t == TARGET for t in ids) / max(1, len(ids)))
 
 
 def loop_config(tmp_path: Path, tiny_model: Path, **extra) -> Path:
@@ -50,7 +42,7 @@ def loop_config(tmp_path: Path, tiny_model: Path, **extra) -> Path:
     config = {
         "run_dir": str(tmp_path / "run"), "model": str(tiny_model), "max_steps": MAX_STEPS, "push_every": PUSH_EVERY,
         "max_staleness": MAX_STALENESS, "group_size": GROUP, "batch_size": BATCH, "max_backlog": BATCH, "lr": 6e-3, "max_tokens": 8,
-        "rewards": [{"name": "tests.test_loop:target_fraction"}], "sampler_concurrency": 4, "eval_size": 4,
+        "rewards": [{"name": SCORER}], "sampler_concurrency": 4, "eval_size": 4,
         "refresh_s": 1.0, "live": False, "eval_wait_s": 120,
         "serve": {"max_model_len": 256, "max_num_seqs": 64, "kv_cache_gib": 1},
         "sample": {"prompts": {"kind": "jsonl", "path": str(prompts), "num_prompts": None}},

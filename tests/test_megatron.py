@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.servers import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
+from server.net import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
 
 from trainer.policy_interface import IGNORE, ParallelConfig, PolicyConfig  # noqa: E402
 from trainer.megatron.policy import document_mask  # noqa: E402

@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.servers import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
+from server.net import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
 
 from tests.test_megatron_resume import hf_weights, train_config, write_sft_data  # noqa: E402
 

@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.servers import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
+from server.net import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
 
 N, M = 2, 2  # steps before the stop, steps after the resume
 

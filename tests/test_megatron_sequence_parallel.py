@@ -17,7 +17,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.servers import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
+from server.net import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
 
 from tests.test_megatron import assert_grads_close, make_batch, nll  # noqa: E402
 from trainer.policy_interface import ParallelConfig, PolicyConfig  # noqa: E402

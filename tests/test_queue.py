@@ -193,7 +193,7 @@ def test_seen_ids_state_roundtrip():
 @pytest.fixture
 def own_redis(tmp_path):
     """A redis-server this test may stop and restart on the same port."""
-    from tests.conftest import free_port
+    from server.net import free_port
 
     port = free_port()
     cmd = [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),

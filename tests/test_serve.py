@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from clients import process_group
-from tests.servers import start_server
+from clients.servers import start_server
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import openai
 import pytest
 
 from server.models import resolve_model
-from tests.servers import start_server
+from clients.servers import start_server
 
 
 @pytest.mark.slow

@@ -15,13 +15,13 @@ from sampler.record import RolloutRecord
 from trainer.backend import build_policy
 from trainer.policy_interface import IGNORE, PolicyConfig
 from trainer.checkpoint import TrainState
+from clients.tiny_reward import TARGET  # reward = fraction of completion tokens equal to this id
 from trainer.config import TrainConfig
 from trainer.objectives import grpo_backward
 from trainer.optim import build_optimizer
 from trainer.sources import rollout_step
 from trainer.train import train
 
-TARGET = 1000  # reward = fraction of completion tokens equal to this id
 PROMPT = [8713, TARGET, TARGET, TARGET]  # the tiny tied-embedding model copies tokens: mixed rewards at start
 NEW_TOKENS = 8
 

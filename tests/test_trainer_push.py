@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.servers import start_server
+from clients.servers import start_server
 from trainer.config import TrainConfig
 from trainer.train import train
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from server.weights.protocol import OLD_WEIGHTS_KEPT
-from tests.servers import vllm_lock
+from clients.servers import vllm_lock
 
 PROBE = Path(__file__).with_name("weight_apply_probe.py")
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from server.weights.client import PushFailed, push_weights
 from server.weights.shm_buckets import ShmBuckets
-from tests.servers import start_server
+from clients.servers import start_server
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1 2 3 4", "Hello, my name is"]
 

@@ -8,24 +8,18 @@ The data-parallel degree is what is left: world = TP * PP * DP (experts: EP divi
 from __future__ import annotations
 
 import os
-import socket
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from server.errors import UserError
+from server.net import free_port
 from trainer.megatron.cpu_patches import apply_patches
 
 if TYPE_CHECKING:
     from trainer.policy_interface import ParallelConfig
 
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def device() -> torch.device:
@@ -46,7 +40,7 @@ def init_parallel(config: "ParallelConfig | None" = None, seed: int = 0) -> None
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain python: a world of one on loopback
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+                              MASTER_PORT=str(free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

@@ -1,7 +1,9 @@
-"""Start and stop real `flywheel serve` processes for tests and benchmarks.
+"""Start and stop real `flywheel serve` processes, for tests and benchmarks.
 
 Only one vLLM server runs at a time on this machine: `start_server` takes an exclusive lock on
 /tmp/flywheel-vllm.lock for the life of the server (other test runs and benchmarks wait).
+Lives in clients/ (which may import anything) so that tests/ and bench/ share it without bench/
+importing tests/.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import fcntl
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clients.endpoint import wait_healthy
+from server.net import free_port
 
 LOCK = Path("/tmp/flywheel-vllm.lock")
 STARTUP_TIMEOUT_S = float(os.environ.get("FLYWHEEL_TEST_STARTUP_TIMEOUT", "420"))
@@ -42,12 +44,6 @@ class RunningServer:
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _held = {"depth": 0, "fh": None}

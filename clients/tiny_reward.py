@@ -1,0 +1,21 @@
+"""A reward the tiny random Qwen3 learns in a few GRPO steps: for the loop's tests and benchmarks.
+
+The reward is the fraction of completion tokens equal to TARGET, on a prompt (PROMPT_TEXT) that
+ends in TARGET tokens: the tiny tied-embedding model copies tokens, so groups start with mixed
+rewards (~0.04) and the signal is there from the first step. Scorer name for a config:
+"clients.tiny_reward:target_fraction" (loaded by dotted path, sampler/rewards/registry.py).
+"""
+
+from __future__ import annotations
+
+from sampler.record import Reward
+
+TARGET = 1000
+PROMPT_TEXT = " Areatusatusatus"  # tokens [8713, 1000, 1000, 1000] in the Qwen tokenizer
+SCORER = "clients.tiny_reward:target_fraction"
+
+
+def target_fraction(completion: str, answer, completion_token_ids=None, **context) -> Reward:
+    """The learnable reward: share of completion tokens equal to TARGET."""
+    ids = completion_token_ids or []
+    return Reward(name="target_fraction", value=sum(t == TARGET for t in ids) / max(1, len(ids)))
