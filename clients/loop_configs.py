@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from sampler.prompts import PromptSourceConfig
+from trainer.checkpoint import latest_train_state
 from server.errors import UserError
 
 SEED_STRIDE = 100_000  # prompts one launch may draw before the next launch's seed range starts
@@ -28,16 +29,6 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def latest_train_state(train_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """(checkpoint folder, its TrainState as a dict) of the trainer's newest checkpoint, or None."""
-    pointer = Path(train_dir) / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    folder = pointer.parent / pointer.read_text().strip()
-    state = folder / "trainer_state" / "state.json"
-    return (folder, json.loads(state.read_text())) if state.is_file() else None
 
 
 def server_data_dir(run_dir: Path) -> Path:

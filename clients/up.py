@@ -42,6 +42,7 @@ from clients.loop_status import LoopStatus, starvation_warning, status_table
 from sampler.queue import QueueConfig
 from server.errors import UserError
 from server.net import free_port
+from trainer.checkpoint import latest_train_state
 
 DEFAULT_REWARDS = [
     # correctness of the last number in the reply: SmolLM2 rarely writes 'Answer:', so a strict format has no signal
@@ -237,15 +238,13 @@ class Loop:
     def restore_served_version(self) -> None:
         """A fresh server serves the starting checkpoint as version 0: on resume, push the trainer's
         latest checkpoint as the version it had, so records and trainer count versions alike."""
-        from clients.loop_configs import latest_train_state
-
         found = latest_train_state(self.run_dir / "train")
-        if found is None or found[1].get("pushed_version", 0) <= 0:
+        if found is None or found[1].pushed_version <= 0:
             return
         from server.weights.client import push_weights
 
         folder, state = found
-        version = int(state["pushed_version"])
+        version = state.pushed_version
         push_weights(self.server_url, folder, version=version, admin_token=self.admin_token, source=f"flywheel up resume from {folder.name}")
         print(f"flywheel up: resumed: pushed {folder.name} to the server as version {version}", flush=True)
 
@@ -267,11 +266,11 @@ class Loop:
         return self._watch(status, until="trainer")
 
     def _run_sync(self, status: LoopStatus) -> int:
-        from clients.loop_configs import latest_train_state, sync_sample_config, sync_train_config
+        from clients.loop_configs import sync_sample_config, sync_train_config
 
         while True:
             found = latest_train_state(self.run_dir / "train")
-            step = found[1]["step"] if found else 0
+            step = found[1].step if found else 0
             if step >= self.config.max_steps:
                 return self._finish(status)
             rnd = step // self.config.push_every
