@@ -62,16 +62,14 @@ async def plain_client(base_url: str, model: str, items: list, args) -> dict:
 
 
 def sampler_run(base_url: str, model: str, redis_url: str, args) -> dict:
-    from sampler.client import EndpointConfig, SamplingConfig
-    from sampler.grpo import GrpoConfig, sample_grpo
-    from sampler.prompts import PromptSourceConfig
-    from sampler.queue import QueueConfig
+    from sampler.config import EndpointConfig, GrpoSampleConfig, PromptSourceConfig, QueueConfig, SamplingConfig
+    from sampler.grpo import sample_grpo
 
-    config = GrpoConfig(endpoint=EndpointConfig(base_url=base_url, model=model),
-                        prompts=PromptSourceConfig(num_prompts=args.prompts),
-                        sampling=SamplingConfig(n=args.n, max_tokens=args.max_tokens, seed=args.seed),
-                        queue=QueueConfig(url=redis_url, stream=f"bench-{time.time_ns()}", max_backlog=100_000),
-                        concurrency=args.concurrency, drop_uniform_groups=False, progress=False)
+    config = GrpoSampleConfig(endpoint=EndpointConfig(base_url=base_url, model=model),
+                              prompts=PromptSourceConfig(num_prompts=args.prompts),
+                              sampling=SamplingConfig(n=args.n, max_tokens=args.max_tokens, seed=args.seed),
+                              queue=QueueConfig(url=redis_url, stream=f"bench-{time.time_ns()}", max_backlog=100_000),
+                              concurrency=args.concurrency, drop_uniform_groups=False, progress=False)
     summary = asyncio.run(sample_grpo(config))
     return {"tokens": summary["completion_tokens"], "seconds": summary["seconds"], "tokens_per_s": summary["tokens_per_s"]}
 
@@ -104,7 +102,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from sampler.prompts import PromptSourceConfig, gym_prompts
+    from sampler.config import PromptSourceConfig
+    from sampler.prompts import gym_prompts
     from server.models import resolve_model
     from clients.servers import start_server
 

@@ -3,7 +3,7 @@
 The loop's settings (model, group size, staleness, ...) are said once in clients/up.py's Config and
 fanned out here so that the sampler and the trainer agree (same queue, same group size, same
 temperature); the per-component sections (`serve:`, `sample:`, `train:`, `eval_settings:`) are
-merged on top. Every dict is validated by ServeConfig / GrpoConfig / TrainConfig / eval's Config
+merged on top. Every dict is validated by ServeConfig / GrpoSampleConfig / TrainConfig / eval's Config
 before anything starts, so a typo fails in a second, not after the server has loaded.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sampler.prompts import PromptSourceConfig
+from sampler.config import PromptSourceConfig
 from trainer.checkpoint import latest_train_state
 from server.errors import UserError
 
@@ -63,7 +63,7 @@ def write_heldout(config, path: Path) -> Path:
 def component_configs(config, run_dir: Path, redis_url: str, server_port: int, launch: int) -> dict[str, dict[str, Any]]:
     """serve / sample / train / eval settings as plain dicts (already validated), keyed by child name."""
     from clients.eval.cli import Config as EvalConfig
-    from sampler.grpo import GrpoConfig
+    from sampler.config import GrpoSampleConfig
     from server.config import ServeConfig
     from trainer.config import TrainConfig
 
@@ -97,7 +97,7 @@ def component_configs(config, run_dir: Path, redis_url: str, server_port: int, l
             "custom_scorer": "math_verify", "max_tokens": config.max_tokens, "temperature": 0.0, "watch": True,
             "history": str(run_dir / "eval" / "history.jsonl"), "output_dir": str(run_dir / "eval"), "poll_s": 3.0,
         }, config.eval_settings)
-    classes = {"serve": ServeConfig, "sample": GrpoConfig, "train": TrainConfig, "eval": EvalConfig}
+    classes = {"serve": ServeConfig, "sample": GrpoSampleConfig, "train": TrainConfig, "eval": EvalConfig}
     for key, values in out.items():
         try:
             classes[key].model_validate(values)

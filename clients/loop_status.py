@@ -26,7 +26,8 @@ from typing import Any
 import httpx
 from rich.table import Table
 
-from sampler.queue import QueueConfig, RolloutQueue
+from sampler.config import QueueConfig
+from sampler.queue import RolloutQueue
 from server.status import fetch_status
 
 

@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field
 
 from clients import process_group
 from clients.loop_status import LoopStatus, starvation_warning, status_table
-from sampler.queue import QueueConfig
+from sampler.config import QueueConfig
 from server.errors import UserError
 from server.net import free_port
 from trainer.checkpoint import latest_train_state
@@ -86,7 +86,7 @@ class Config(BaseModel):
     refresh_s: float = Field(default=2.0, gt=0, description="Seconds between status refreshes (also appended to run_dir/up/status.jsonl)")
     startup_timeout_s: float = Field(default=900.0, gt=0, description="Give up when the server is not healthy after this long")
     serve: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel serve` settings (ServeConfig fields), e.g. {max_num_seqs: 32}")
-    sample: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel sample grpo` settings (GrpoConfig fields), merged over up's")
+    sample: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel sample grpo` settings (GrpoSampleConfig fields), merged over up's")
     train: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel train` settings (TrainConfig fields), merged over up's")
     eval_settings: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel eval` settings (eval Config fields), merged over up's")
 

@@ -10,15 +10,16 @@ OpenAI API; see sampler/run.py for concurrency, sampler/rewards for the reward t
 
 from __future__ import annotations
 
-from sampler.distill import DistillConfig, run as run_distill
-from sampler.grpo import GrpoConfig, run as run_grpo
-from sampler.rejection import RejectionConfig, run as run_rejection
+from sampler.config import DistillConfig, GrpoSampleConfig, RejectionConfig
+from sampler.distill import run as run_distill
+from sampler.grpo import run as run_grpo
+from sampler.rejection import run as run_rejection
 
-Config = GrpoConfig
+Config = GrpoSampleConfig
 run = run_grpo
 
 SUBCOMMANDS = {
-    "grpo": (GrpoConfig, run_grpo),
+    "grpo": (GrpoSampleConfig, run_grpo),
     "rejection": (RejectionConfig, run_rejection),
     "distill": (DistillConfig, run_distill),
 }

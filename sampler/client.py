@@ -12,37 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import httpx
 from openai import AsyncOpenAI
-from pydantic import BaseModel, Field
 
+from sampler.config import EndpointConfig, SamplingConfig
 from sampler.prompts import PromptItem
 from sampler.record import RolloutRecord
 from server.errors import UserError
 from server.status import response_versions
-
-
-class EndpointConfig(BaseModel):
-    """An OpenAI-compatible server."""
-
-    base_url: str = Field(default="http://127.0.0.1:8000/v1", description="Base URL of the OpenAI API (ends in /v1)")
-    model: str | None = Field(default=None, description="Model name to request (default: the first one /v1/models lists)")
-    api_key: str | None = Field(default=None, description="API key (default: $OPENAI_API_KEY, else none)")
-    timeout_s: float = Field(default=600.0, gt=0, description="Per-request timeout")
-    vllm_extras: bool = Field(default=True, description="Send vLLM's extra fields (return_token_ids, prompt_logprobs); off for servers that reject them")
-
-
-class SamplingConfig(BaseModel):
-    """Sampling parameters of every request."""
-
-    n: int = Field(default=8, ge=1, description="Samples per prompt (the GRPO group size / best-of-n)")
-    temperature: float = Field(default=1.0, ge=0, description="Sampling temperature")
-    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling threshold")
-    max_tokens: int = Field(default=128, ge=1, description="Maximum completion tokens")
-    seed: int | None = Field(default=None, description="Per-request seed (reproducible samples)")
-    stop: list[str] | None = Field(default=None, description="Stop strings")
 
 
 class Endpoint:

@@ -19,26 +19,15 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from pydantic import Field
 
-from sampler.client import Endpoint, EndpointConfig, SamplingConfig
+from sampler.client import Endpoint
+from sampler.config import DistillConfig
 from sampler.prompts import PromptItem
 from sampler.queue import RolloutQueue
 from sampler.record import RecordError, RolloutRecord
-from sampler.run import JsonlWriter, RunStats, SampleConfig, build_scorer, finish, push, run_prompts, score_group
+from sampler.run import JsonlWriter, RunStats, build_scorer, finish, push, run_prompts, score_group
 
 log = logging.getLogger("flywheel.sample")
-
-
-class DistillConfig(SampleConfig):
-    """Distillation data from a teacher endpoint (--endpoint.*), streamed to JSONL."""
-
-    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(n=1, temperature=0.7, max_tokens=256),
-                                     description="Sampling parameters (of the teacher, or of the student when on-policy)")
-    student: EndpointConfig | None = Field(default=None, description="On-policy: the student samples, the teacher gives logprobs of its tokens")
-    output: Path = Field(default=Path("runs/distill/distill.jsonl"), description="JSONL output (appended; re-running resumes)")
-    to_queue: bool = Field(default=False, description="Also push records to the Redis queue")
-    score: bool = Field(default=False, description="Also score records with --rewards (off: distillation needs no reward)")
 
 
 def load_done(path: Path, n: int) -> set[str]:

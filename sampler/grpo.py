@@ -11,26 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from pathlib import Path
 
-from pydantic import Field
 
 from sampler.client import Endpoint
+from sampler.config import GrpoSampleConfig
 from sampler.prompts import PromptItem
 from sampler.queue import RolloutQueue
-from sampler.run import JsonlWriter, RunStats, SampleConfig, build_scorer, finish, push, run_prompts, score_group
+from sampler.run import JsonlWriter, RunStats, build_scorer, finish, push, run_prompts, score_group
 from server.errors import UserError
 
 
-class GrpoConfig(SampleConfig):
-    """Sample groups for GRPO into the rollout queue."""
-
-    to_queue: bool = Field(default=True, description="Push groups to the Redis rollout queue")
-    output: Path | None = Field(default=None, description="Also append every kept record to this JSONL file")
-    drop_uniform_groups: bool = Field(default=True, description="Drop groups whose rewards are all equal (no learning signal)")
-
-
-async def sample_grpo(config: GrpoConfig) -> dict:
+async def sample_grpo(config: GrpoSampleConfig) -> dict:
     if not config.to_queue and config.output is None:
         raise UserError("nothing to write: use --to-queue or --output")
     scorer = build_scorer(config)
@@ -62,7 +53,7 @@ async def sample_grpo(config: GrpoConfig) -> dict:
     return finish(stats, config)
 
 
-def run(config: GrpoConfig) -> int:
+def run(config: GrpoSampleConfig) -> int:
     """Sample n completions per prompt, score them, push the groups to the rollout queue."""
     asyncio.run(sample_grpo(config))
     return 0

@@ -12,30 +12,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator
 
-from pydantic import BaseModel, Field
 
-from sampler.queue import PromptQueue, QueueConfig
+from sampler.config import PromptSourceConfig, QueueConfig
+from sampler.queue import PromptQueue
 from server.errors import UserError
-
-
-class PromptSourceConfig(BaseModel):
-    """Where prompts come from."""
-
-    kind: Literal["gym", "jsonl", "capture"] = Field(default="gym", description="gym: a reasoning-gym task; jsonl: a file; capture: the production prompts stream")
-    task: str = Field(default="chain_sum", description="reasoning-gym task name (kind=gym)")
-    task_options: dict[str, Any] = Field(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
-                                         description="reasoning-gym dataset options (kind=gym); the default is the easiest chain_sum")
-    seed: int = Field(default=0, description="reasoning-gym dataset seed (kind=gym)")
-    path: Path | None = Field(default=None, description="JSONL file of prompts (kind=jsonl)")
-    num_prompts: int | None = Field(default=64, ge=1, description="How many prompts to use (None: all of the file / forever for capture and gym)")
-    instruction: str = Field(default="\nThink briefly, then end your reply with 'Answer: <answer>'.",
-                             description="Appended to gym questions so the answer can be extracted")
-    system: str | None = Field(default=None, description="Optional system message put before every prompt")
-    capture_stream: str = Field(default="prompts", description="Redis stream of captured production requests (kind=capture)")
-    capture_group: str = Field(default="sampler", description="Consumer group the sampler reads the capture stream with")
 
 
 @dataclass

@@ -41,26 +41,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import redis
-from pydantic import BaseModel, Field
 
+from sampler.config import QueueConfig
 from sampler.record import RecordError, RolloutRecord
 
 log = logging.getLogger("flywheel.queue")
 FIELD = b"r"
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ConnectionResetError)
-
-
-class QueueConfig(BaseModel):
-    """Where the queue lives and how it behaves; shared by the sampler's and the trainer's configs."""
-
-    url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis URL")
-    stream: str = Field(default="rollouts", description="Redis stream name")
-    group: str = Field(default="trainer", description="Consumer group that reads the stream")
-    max_backlog: int = Field(default=2048, ge=1, description="Producers block while this many entries are unacked")
-    claim_idle_s: float = Field(default=60.0, gt=0, description="Reclaim entries pending (unacked) longer than this")
-    max_deliveries: int = Field(default=3, ge=1, description="Dead-letter an entry after this many deliveries without ack")
-    retry_for_s: float | None = Field(default=None, description="Give up after Redis is unreachable this long (None: retry forever)")
-    trim_every: int = Field(default=64, ge=1, description="Trim acked entries every this many puts")
 
 
 class QueueFull(TimeoutError):

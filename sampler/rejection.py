@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, Field
 
 from sampler.client import Endpoint
+from sampler.config import RejectionConfig
 from sampler.prompts import PromptItem
 from sampler.queue import RolloutQueue
 from sampler.record import RolloutRecord
-from sampler.run import JsonlWriter, RunStats, SampleConfig, build_scorer, finish, push, run_prompts, score_group
+from sampler.run import JsonlWriter, RunStats, build_scorer, finish, push, run_prompts, score_group
 from server.errors import UserError
 
 
@@ -32,19 +31,6 @@ class PreferencePair(BaseModel):
     margin: float = Field(description="chosen.reward - rejected.reward")
     chosen: RolloutRecord = Field(description="The higher-reward completion")
     rejected: RolloutRecord = Field(description="The lower-reward completion")
-
-
-class RejectionConfig(SampleConfig):
-    """Best-of-n rejection sampling: SFT records and DPO pairs."""
-
-    keep: Literal["correct", "best_k"] = Field(default="correct", description="SFT selection: all samples reaching min_reward, or the k best of them")
-    k: int = Field(default=1, ge=1, description="How many to keep per prompt with keep=best_k")
-    min_reward: float = Field(default=1.0, description="A sample needs at least this reward to be kept for SFT")
-    min_margin: float = Field(default=0.5, ge=0, description="DPO pair only when best - worst reward >= this")
-    sft_output: Path | None = Field(default=Path("runs/rejection/sft.jsonl"), description="JSONL of kept SFT records (None: none)")
-    pairs_output: Path | None = Field(default=Path("runs/rejection/pairs.jsonl"), description="JSONL of DPO pairs (None: none)")
-    rejected_output: Path | None = Field(default=None, description="JSONL of samples not kept for SFT (for inspection)")
-    to_queue: bool = Field(default=False, description="Also push kept SFT records to the Redis queue (--queue.stream)")
 
 
 def select_sft(records: list[RolloutRecord], keep: str, k: int, min_reward: float) -> list[RolloutRecord]:

@@ -17,31 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator
 
-from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from sampler.client import EndpointConfig, SamplingConfig
-from sampler.prompts import PromptItem, PromptSourceConfig, iter_prompts
-from sampler.queue import QueueConfig
+from sampler.config import SampleConfig
+from sampler.prompts import PromptItem, iter_prompts
 from sampler.record import RolloutRecord
 from sampler.rewards import RewardSpec, WeightedScorer
 from server.errors import UserError
 
 log = logging.getLogger("flywheel.sample")
-
-
-class SampleConfig(BaseModel):
-    """Settings shared by every `flywheel sample` mode."""
-
-    endpoint: EndpointConfig = Field(default_factory=EndpointConfig, description="The server to sample from")
-    prompts: PromptSourceConfig = Field(default_factory=PromptSourceConfig, description="Where prompts come from")
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling parameters")
-    rewards: list[RewardSpec] | None = Field(default=None, description="Reward terms [{'name','weight','options'}] (default: reasoning_gym for gym prompts, math_verify otherwise)")
-    queue: QueueConfig = Field(default_factory=QueueConfig, description="Redis queue the records go to")
-    concurrency: int = Field(default=8, ge=1, description="Prompts in flight at once (each one request for n samples)")
-    max_errors: int = Field(default=10, ge=0, description="Stop after this many failed prompts (server errors, scorer crashes)")
-    summary_path: Path | None = Field(default=None, description="Also write the final summary as JSON here")
-    progress: bool = Field(default=True, description="Show a progress bar")
 
 
 def default_rewards(config: SampleConfig) -> list[RewardSpec]:

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from clients.cli import _unwrap_optional, build_config
 from clients.eval.cli import Config as EvalConfig
-from sampler.grpo import GrpoConfig
+from sampler.config import GrpoSampleConfig
 from server.config import ServeConfig
 from trainer.config import TrainConfig
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 # `flywheel <command>` -> (config class, env prefix)
-COMMANDS = {("serve",): (ServeConfig, "FLYWHEEL_SERVE_"), ("sample", "grpo"): (GrpoConfig, "FLYWHEEL_SAMPLE_GRPO_"),
+COMMANDS = {("serve",): (ServeConfig, "FLYWHEEL_SERVE_"), ("sample", "grpo"): (GrpoSampleConfig, "FLYWHEEL_SAMPLE_GRPO_"),
             ("train",): (TrainConfig, "FLYWHEEL_TRAIN_"), ("eval",): (EvalConfig, "FLYWHEEL_EVAL_")}
 
 

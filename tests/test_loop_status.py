@@ -5,7 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 
 from clients.loop_status import UNIFORM_STREAK_WARNING, LoopStatus, starvation_warning, status_table
-from sampler.queue import QueueConfig, RolloutQueue
+from sampler.config import QueueConfig
+from sampler.queue import RolloutQueue
 from sampler.record import RolloutRecord
 
 

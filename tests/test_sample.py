@@ -7,15 +7,12 @@ import json
 import math
 from collections import defaultdict
 
-import pytest
-
-from sampler.client import EndpointConfig, SamplingConfig
-from sampler.distill import DistillConfig, sample_distill
-from sampler.grpo import GrpoConfig, sample_grpo
-from sampler.prompts import PromptSourceConfig
-from sampler.queue import PromptQueue, QueueConfig, RolloutQueue
+from sampler.config import DistillConfig, EndpointConfig, GrpoSampleConfig, PromptSourceConfig, QueueConfig, RejectionConfig, SamplingConfig
+from sampler.distill import sample_distill
+from sampler.grpo import sample_grpo
+from sampler.queue import PromptQueue, RolloutQueue
 from sampler.record import RolloutRecord
-from sampler.rejection import PreferencePair, RejectionConfig, sample_rejection
+from sampler.rejection import PreferencePair, sample_rejection
 from sampler.rewards import RewardSpec
 from server.capture import CapturedRequest
 
@@ -40,9 +37,9 @@ def read_jsonl(path, model=RolloutRecord):
 
 
 def test_grpo_pushes_scored_groups_with_tokens_and_versions(server, redis_client, redis_url, tmp_path):
-    config = GrpoConfig(**common(server, redis_url), prompts=PromptSourceConfig(num_prompts=4),
-                        sampling=SamplingConfig(n=4, max_tokens=12, seed=1), drop_uniform_groups=False,
-                        output=tmp_path / "grpo.jsonl")
+    config = GrpoSampleConfig(**common(server, redis_url), prompts=PromptSourceConfig(num_prompts=4),
+                              sampling=SamplingConfig(n=4, max_tokens=12, seed=1), drop_uniform_groups=False,
+                              output=tmp_path / "grpo.jsonl")
     summary = asyncio.run(sample_grpo(config))
     assert (summary["prompts"], summary["samples"], summary["accepted"], summary["errors"]) == (4, 16, 16, 0)
     got = RolloutQueue(url=redis_url, stream="rollouts").get(count=100, block_s=0.2)
@@ -64,8 +61,8 @@ def test_grpo_pushes_scored_groups_with_tokens_and_versions(server, redis_client
         assert r.sampling["max_tokens"] == 12 and r.finish_reason in ("stop", "length")
     assert summary["completion_tokens"] == sum(len(r.completion_token_ids) for r in records)
     assert sorted(r.id for r in read_jsonl(tmp_path / "grpo.jsonl")) == sorted(r.id for r in records)
-    again = GrpoConfig(**common(server, redis_url), prompts=PromptSourceConfig(num_prompts=4),
-                       sampling=SamplingConfig(n=4, max_tokens=12, seed=1), drop_uniform_groups=False)
+    again = GrpoSampleConfig(**common(server, redis_url), prompts=PromptSourceConfig(num_prompts=4),
+                             sampling=SamplingConfig(n=4, max_tokens=12, seed=1), drop_uniform_groups=False)
     asyncio.run(sample_grpo(again))
     second = {d.record.group_id for d in RolloutQueue(url=redis_url, stream="rollouts").get(count=100, block_s=0.2)}
     assert len(second) == 4 and not second & set(groups)
@@ -165,11 +162,11 @@ def test_grpo_from_capture_stream_acks_prompts(server, redis_client, redis_url):
     for q in ("What is 2 + 3?", "What is 1 + 1?"):
         prompts.put(CapturedRequest(endpoint="chat", messages=[{"role": "user", "content": q}], responses=["x"]))
     prompts.put(CapturedRequest(endpoint="chat", status=500, messages=[{"role": "user", "content": "err"}]))
-    config = GrpoConfig(**common(server, redis_url),
-                        prompts=PromptSourceConfig(kind="capture", num_prompts=2),
-                        sampling=SamplingConfig(n=2, max_tokens=4),
-                        rewards=[RewardSpec(name="length_penalty", options={"target": 1, "limit": 8})],
-                        drop_uniform_groups=False)
+    config = GrpoSampleConfig(**common(server, redis_url),
+                              prompts=PromptSourceConfig(kind="capture", num_prompts=2),
+                              sampling=SamplingConfig(n=2, max_tokens=4),
+                              rewards=[RewardSpec(name="length_penalty", options={"target": 1, "limit": 8})],
+                              drop_uniform_groups=False)
     summary = asyncio.run(sample_grpo(config))
     assert summary["prompts"] == 2 and summary["accepted"] == 4
     records = [d.record for d in RolloutQueue(url=redis_url, stream="rollouts").get(count=10, block_s=0.2)]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import msgpack
 
-from sampler.queue import QueueConfig, RolloutQueue
+from sampler.config import QueueConfig
+from sampler.queue import RolloutQueue
 from sampler.record import RolloutRecord
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import TrainConfig

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from sampler.queue import QueueConfig
+from sampler.config import QueueConfig
 from trainer.policy_interface import ParallelConfig, PolicyConfig
 
 
@@ -19,7 +19,7 @@ class QueueInput(BaseModel):
     max_wait_s: float = Field(default=600.0, gt=0, description="Error out when a step's batch is still incomplete after this long")
 
 
-class GRPOConfig(BaseModel):
+class GrpoLossConfig(BaseModel):
     """GRPO objective settings."""
 
     clip_low: float = Field(default=0.2, ge=0, description="Lower clip range: ratio >= 1 - clip_low")
@@ -78,7 +78,7 @@ class TrainConfig(BaseModel):
     admin_token: str | None = Field(default=None, description="Admin token of the server's weight routes")
     max_staleness: int = Field(default=4, ge=0, description="Drop rollouts whose policy_version is more than this many versions behind the last push")
 
-    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO settings")
+    grpo: GrpoLossConfig = Field(default_factory=GrpoLossConfig, description="GRPO settings")
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO settings")
 
     @model_validator(mode="after")
