@@ -1,10 +1,16 @@
-"""Each component's configuration for `flywheel up`, derived from its one Config and checked by the component's own class.
+"""`flywheel up`'s configuration: one typed model whose sections are the components' own configs.
 
-The loop's settings (model, group size, staleness, ...) are said once in clients/up.py's Config and
-fanned out here so that the sampler and the trainer agree (same queue, same group size, same
-temperature); the per-component sections (`serve:`, `sample:`, `train:`, `eval_settings:`) are
-merged on top. Every dict is validated by ServeConfig / GrpoSampleConfig / TrainConfig / eval's Config
-before anything starts, so a typo fails in a second, not after the server has loaded.
+LoopConfig says the loop's facts once (model, group size, temperature, staleness, steps, ...) and
+holds each component's config as a typed field: `serve: ServeConfig`, `sample: GrpoSampleConfig`,
+`train: TrainConfig`, `eval_settings:` eval's Config. Its validator sets every shared fact on the
+components that need it (the sampler's n and the trainer's group size are the same group_size),
+unless the component's own section sets that field (pydantic's model_fields_set tells). What only
+a launch knows (ports, Redis URL, run-directory paths, the launch's prompt seed, resume) is set by
+`component_configs`, by attribute too; then every component config is validated again by its own
+class before anything starts, so a typo fails in a second, not after the server has loaded.
+
+Imports no torch and no redis (tests/test_config_fields.py checks): `flywheel up --help` and the
+children's configs are built without them.
 """
 
 from __future__ import annotations
@@ -13,22 +19,103 @@ import hashlib
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
-from sampler.config import PromptSourceConfig
-from trainer.checkpoint import latest_train_state
+from clients.eval.cli import Config as EvalConfig
+from sampler.config import GrpoSampleConfig, PromptSourceConfig, QueueConfig
+from server.config import ServeConfig
 from server.errors import UserError
+from trainer.checkpoint import latest_train_state
+from trainer.config import TrainConfig
 
 SEED_STRIDE = 100_000  # prompts one launch may draw before the next launch's seed range starts
 
+DEFAULT_REWARDS = [
+    # correctness of the last number in the reply: SmolLM2 rarely writes 'Answer:', so a strict format has no signal
+    {"name": "reasoning_gym", "weight": 1.0, "options": {"answer_format": "last_number"}},
+    # a small bonus for ending with the asked-for 'Answer: <n>' line, which it can learn
+    {"name": "format_regex", "weight": 0.2, "options": {"pattern": r".*Answer:\s*-?\d+\s*\.?\s*$"}},
+]
+EASY_CHAIN_SUM = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def given(section: BaseModel, /, **values: Any) -> None:
+    """Set each named field of `section` that the user did not set to the loop's value (validated as that field)."""
+    for name, value in values.items():
+        if name not in section.model_fields_set:
+            field = type(section).model_fields[name]
+            kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation  # with ge=, gt=, ...
+            setattr(section, name, TypeAdapter(kind).validate_python(value))
+
+
+class LoopConfig(BaseModel):
+    """Run the whole loop: redis, server, sampler, GRPO trainer and eval on version change, with a live view."""
+
+    run_dir: Path = Field(default=Path("runs/loop"), description="Run directory: configs, logs, redis AOF, checkpoints, metrics, eval history, report")
+    model: str = Field(default="smollm2-135m-instruct", description="Bundled model name (see `flywheel models`) or HF folder, served and trained")
+    redis_url: str | None = Field(default=None, description="Use this Redis instead of starting a local redis-server in run_dir/redis")
+    redis_server: str = Field(default="redis-server", description="redis-server binary to start when --redis-url is not given")
+    backend: Literal["transformers", "megatron"] = Field(default="transformers", description="Trainer backend")
+    sync: bool = Field(default=False, description="Generate, train, push, repeat (no overlap) instead of async")
+    max_steps: int = Field(default=30, gt=0, description="Optimizer steps of the whole run; the loop ends by itself after them")
+    push_every: int = Field(default=2, gt=0, description="Push weights to the server every K optimizer steps (one new policy version)")
+    max_staleness: int = Field(default=2, ge=0, description="The trainer drops rollouts more than this many versions behind its last push")
+    group_size: int = Field(default=8, ge=2, description="Completions per prompt (the GRPO group)")
+    batch_size: int = Field(default=16, gt=0, description="Completions per optimizer step (a multiple of group_size)")
+    max_backlog: int | None = Field(default=None, ge=1, description="Unacked rollouts the sampler may run ahead (default: 2 x batch_size x push_every)")
+    lr: float = Field(default=1e-5, gt=0, description="Trainer peak learning rate (1e-5 taught SmolLM2-135M the task in 30 steps; 2e-6 did not in 20: bench/results/loop_learning*.json)")
+    max_tokens: int = Field(default=96, gt=0, description="Maximum completion tokens per sample")
+    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature (the trainer uses the same)")
+    tis_cap: float | None = Field(default=2.0, gt=0, description="Truncated importance-sampling cap for off-policy correction (None: off)")
+    task: str = Field(default="chain_sum", description="reasoning-gym task the sampler draws prompts from")
+    task_options: dict[str, Any] = Field(default_factory=lambda: dict(EASY_CHAIN_SUM), description="reasoning-gym options of the task (default: 2-term, 1-digit chain_sum)")
+    rewards: list[dict[str, Any]] = Field(default_factory=lambda: [dict(r) for r in DEFAULT_REWARDS], description="Reward terms [{'name','weight','options'}] (default: last-number correctness + 0.2 format bonus)")
+    sampler_concurrency: int = Field(default=4, ge=1, description="Prompts the sampler keeps in flight (each one request for group_size samples)")
+    seed: int = Field(default=0, description="Seed of the training prompts (the eval set uses a far-away seed)")
+    eval: bool = Field(default=True, description="Evaluate every new policy version on a held-out set of the task")
+    eval_size: int = Field(default=20, ge=1, description="Held-out problems evaluated per version (greedy)")
+    eval_seed: int = Field(default=10_000_000, description="reasoning-gym seed of the held-out set (far from the training seeds)")
+    eval_wait_s: float = Field(default=300.0, ge=0, description="At the end, wait this long for eval to score the final version")
+    report: bool = Field(default=True, description="Write run_dir/report.html at the end")
+    live: bool | None = Field(default=None, description="Rich live view (default: when stdout is a terminal; else one status line per refresh)")
+    refresh_s: float = Field(default=2.0, gt=0, description="Seconds between status refreshes (also appended to run_dir/up/status.jsonl)")
+    startup_timeout_s: float = Field(default=900.0, gt=0, description="Give up when the server is not healthy after this long")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="`flywheel serve` settings (ServeConfig): the loop sets the model, its name, the port and data_dir unless given here")
+    sample: GrpoSampleConfig = Field(default_factory=GrpoSampleConfig, description="`flywheel sample grpo` settings (GrpoSampleConfig): the loop sets the endpoint, prompts, sampling, rewards and queue unless given here")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(objective="grpo", queue=QueueConfig()),
+                               description="`flywheel train` settings (TrainConfig): the loop sets objective, model, queue, steps, pushes and GRPO's group size and temperature unless given here")
+    eval_settings: EvalConfig = Field(default_factory=EvalConfig, description="`flywheel eval` settings (eval's Config): the loop sets the endpoint, the held-out set and --watch unless given here")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trainer_reads_the_queue(cls, data: Any) -> Any:
+        # TrainConfig alone refuses a config with neither files nor a queue; the loop's trainer always
+        # reads the queue, so a partial `train:` section starts from that
+        if isinstance(data, dict) and isinstance(data.get("train"), dict):
+            data = {**data, "train": {"objective": "grpo", "queue": {}, **data["train"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _share_loop_facts(self) -> "LoopConfig":
+        """The loop's facts, said once above, set on every component that needs them (unless its section sets them)."""
+        backlog = self.max_backlog or 2 * self.batch_size * self.push_every
+        given(self.serve, model=self.model, served_model_name=Path(self.model).name)
+        given(self.sample, rewards=self.rewards, concurrency=self.sampler_concurrency, progress=False)
+        given(self.sample.prompts, kind="gym", task=self.task, task_options=self.task_options, num_prompts=None)
+        given(self.sample.sampling, n=self.group_size, temperature=self.temperature, max_tokens=self.max_tokens)
+        given(self.sample.queue, max_backlog=backlog)
+        train = self.train
+        given(train, objective="grpo", backend=self.backend, model=self.model, lr=self.lr, max_steps=self.max_steps,
+              batch_size=self.batch_size, save_every=self.push_every, push_every=self.push_every,
+              max_staleness=self.max_staleness)
+        if train.queue is not None:  # None only when the train: section sets it so (and gives --data instead)
+            given(train.queue, max_backlog=backlog)
+        given(train.queue_input, max_wait_s=3600.0)
+        given(train.grpo, group_size=self.group_size, temperature=self.temperature, tis_cap=self.tis_cap)
+        given(self.eval_settings, custom_scorer="math_verify", max_tokens=self.max_tokens, temperature=0.0, watch=True,
+              poll_s=3.0)
+        return self
 
 
 def server_data_dir(run_dir: Path) -> Path:
@@ -40,11 +127,7 @@ def server_data_dir(run_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"flywheel-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]}"
 
 
-def served_name(config) -> str:
-    return config.serve.get("served_model_name") or Path(config.model).name
-
-
-def write_heldout(config, path: Path) -> Path:
+def write_heldout(config: LoopConfig, path: Path) -> Path:
     """A fixed-seed held-out set of the training task, in `flywheel eval`'s custom JSONL format."""
     import reasoning_gym
 
@@ -60,65 +143,57 @@ def write_heldout(config, path: Path) -> Path:
     return path
 
 
-def component_configs(config, run_dir: Path, redis_url: str, server_port: int, launch: int) -> dict[str, dict[str, Any]]:
-    """serve / sample / train / eval settings as plain dicts (already validated), keyed by child name."""
-    from clients.eval.cli import Config as EvalConfig
-    from sampler.config import GrpoSampleConfig
-    from server.config import ServeConfig
-    from trainer.config import TrainConfig
+def checked(key: str, config: BaseModel) -> BaseModel:
+    """`config` validated again by its own class (its validators run on the values the loop set)."""
+    try:
+        return type(config).model_validate(config.model_dump())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "config"
+        raise UserError(f"invalid {key} setting {where}: {first['msg']} (got {first.get('input')!r})") from None
 
+
+def component_configs(config: LoopConfig, run_dir: Path, redis_url: str, server_port: int, launch: int) -> dict[str, BaseModel]:
+    """serve / sample / train / eval configs of one launch (validated), keyed by child name."""
     server_url = f"http://127.0.0.1:{server_port}"
-    name = served_name(config)
-    backlog = config.max_backlog or 2 * config.batch_size * config.push_every
-    queue = {"url": redis_url, "max_backlog": backlog}
-    serve = deep_merge({"model": config.model, "served_model_name": name, "port": server_port,
-                        "data_dir": str(server_data_dir(run_dir)), "max_model_len": 2048}, config.serve)
-    sample = deep_merge({
-        "endpoint": {"base_url": server_url + "/v1", "model": name},
-        "prompts": {"kind": "gym", "task": config.task, "task_options": config.task_options,
-                    "seed": config.seed + launch * SEED_STRIDE, "num_prompts": None},
-        "sampling": {"n": config.group_size, "temperature": config.temperature, "max_tokens": config.max_tokens},
-        "rewards": config.rewards, "queue": queue, "concurrency": config.sampler_concurrency, "progress": False,
-        "output": str(run_dir / "sampler" / "rollouts.jsonl"), "summary_path": str(run_dir / "sampler" / "summary.json"),
-    }, config.sample)
-    train = deep_merge({
-        "objective": "grpo", "backend": config.backend, "model": config.model, "queue": queue,
-        "queue_input": {"consumer": "trainer-0", "max_wait_s": 3600.0}, "run_dir": str(run_dir / "train"),
-        "resume": latest_train_state(run_dir / "train") is not None, "lr": config.lr, "max_steps": config.max_steps,
-        "batch_size": config.batch_size, "save_every": config.push_every, "push_every": config.push_every,
-        "push_url": server_url, "max_staleness": config.max_staleness,
-        "grpo": {"group_size": config.group_size, "temperature": config.temperature, "tis_cap": config.tis_cap},
-    }, config.train)
-    out = {"serve": serve, "sample": sample, "train": train}
+    serve = config.serve.model_copy(deep=True)
+    serve.port = server_port  # the section's port when it set one, else a free one (Loop picks it)
+    given(serve, data_dir=server_data_dir(run_dir))
+    name = serve.served_model_name
+
+    sample = config.sample.model_copy(deep=True)
+    given(sample.endpoint, base_url=server_url + "/v1", model=name)
+    given(sample.prompts, seed=config.seed + launch * SEED_STRIDE)
+    given(sample.queue, url=redis_url)
+    given(sample, output=run_dir / "sampler" / "rollouts.jsonl", summary_path=run_dir / "sampler" / "summary.json")
+
+    train = config.train.model_copy(deep=True)
+    if train.queue is not None:
+        given(train.queue, url=redis_url)
+    given(train, run_dir=run_dir / "train", resume=latest_train_state(run_dir / "train") is not None, push_url=server_url)
+    out: dict[str, BaseModel] = {"serve": serve, "sample": sample, "train": train}
     if config.eval:
         heldout = write_heldout(config, run_dir / "eval" / "heldout.jsonl")
-        out["eval"] = deep_merge({
-            "base_url": server_url + "/v1", "model": name, "benchmarks": [f"custom:{heldout}"],
-            "custom_scorer": "math_verify", "max_tokens": config.max_tokens, "temperature": 0.0, "watch": True,
-            "history": str(run_dir / "eval" / "history.jsonl"), "output_dir": str(run_dir / "eval"), "poll_s": 3.0,
-        }, config.eval_settings)
-    classes = {"serve": ServeConfig, "sample": GrpoSampleConfig, "train": TrainConfig, "eval": EvalConfig}
-    for key, values in out.items():
-        try:
-            classes[key].model_validate(values)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(map(str, first["loc"])) or "config"
-            raise UserError(f"invalid {key} setting {where}: {first['msg']} (got {first.get('input')!r})") from None
-    return out
+        evaluate = config.eval_settings.model_copy(deep=True)
+        given(evaluate, base_url=server_url + "/v1", model=name, benchmarks=[f"custom:{heldout}"],
+              history=run_dir / "eval" / "history.jsonl", output_dir=run_dir / "eval")
+        out["eval"] = evaluate
+    return {key: checked(key, value) for key, value in out.items()}
 
 
-def sync_sample_config(sample: dict[str, Any], config, round_index: int) -> dict[str, Any]:
+def sync_sample_config(sample: GrpoSampleConfig, config: LoopConfig, round_index: int) -> GrpoSampleConfig:
     """One sync round: exactly push_every steps' worth of prompts (uniform groups kept so the count is exact).
 
     The whole round must fit under the queue's backlog bound: nothing is consumed until the sampler
     has exited, so a smaller bound would block the sampler forever."""
     prompts = config.push_every * config.batch_size // config.group_size
-    backlog = max(sample["queue"]["max_backlog"], prompts * config.group_size)
-    return deep_merge(sample, {"prompts": {"seed": sample["prompts"]["seed"] + round_index * prompts, "num_prompts": prompts},
-                               "drop_uniform_groups": False, "queue": {"max_backlog": backlog}})
+    out = sample.model_copy(deep=True)
+    out.prompts.seed, out.prompts.num_prompts = sample.prompts.seed + round_index * prompts, prompts
+    out.drop_uniform_groups = False
+    out.queue.max_backlog = max(sample.queue.max_backlog, prompts * config.group_size)
+    return out
 
 
-def sync_train_config(train: dict[str, Any], config, resume: bool) -> dict[str, Any]:
+def sync_train_config(train: TrainConfig, config: LoopConfig, resume: bool) -> TrainConfig:
     """One sync round: train push_every steps (the last one pushes and checkpoints), then exit."""
-    return deep_merge(train, {"resume": resume, "stop_after": config.push_every})
+    return train.model_copy(update={"resume": resume, "stop_after": config.push_every})

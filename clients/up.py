@@ -32,63 +32,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from clients import process_group
+from clients.loop_configs import LoopConfig, component_configs, sync_sample_config, sync_train_config
 from clients.loop_status import LoopStatus, starvation_warning, status_table
-from sampler.config import QueueConfig
 from server.errors import UserError
 from server.net import free_port
 from trainer.checkpoint import latest_train_state
 
-DEFAULT_REWARDS = [
-    # correctness of the last number in the reply: SmolLM2 rarely writes 'Answer:', so a strict format has no signal
-    {"name": "reasoning_gym", "weight": 1.0, "options": {"answer_format": "last_number"}},
-    # a small bonus for ending with the asked-for 'Answer: <n>' line, which it can learn
-    {"name": "format_regex", "weight": 0.2, "options": {"pattern": r".*Answer:\s*-?\d+\s*\.?\s*$"}},
-]
-EASY_CHAIN_SUM = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
-
-
-class Config(BaseModel):
-    """Run the whole loop: redis, server, sampler, GRPO trainer and eval on version change, with a live view."""
-
-    run_dir: Path = Field(default=Path("runs/loop"), description="Run directory: configs, logs, redis AOF, checkpoints, metrics, eval history, report")
-    model: str = Field(default="smollm2-135m-instruct", description="Bundled model name (see `flywheel models`) or HF folder, served and trained")
-    redis_url: str | None = Field(default=None, description="Use this Redis instead of starting a local redis-server in run_dir/redis")
-    redis_server: str = Field(default="redis-server", description="redis-server binary to start when --redis-url is not given")
-    backend: Literal["transformers", "megatron"] = Field(default="transformers", description="Trainer backend")
-    sync: bool = Field(default=False, description="Generate, train, push, repeat (no overlap) instead of async")
-    max_steps: int = Field(default=30, gt=0, description="Optimizer steps of the whole run; the loop ends by itself after them")
-    push_every: int = Field(default=2, gt=0, description="Push weights to the server every K optimizer steps (one new policy version)")
-    max_staleness: int = Field(default=2, ge=0, description="The trainer drops rollouts more than this many versions behind its last push")
-    group_size: int = Field(default=8, ge=2, description="Completions per prompt (the GRPO group)")
-    batch_size: int = Field(default=16, gt=0, description="Completions per optimizer step (a multiple of group_size)")
-    max_backlog: int | None = Field(default=None, ge=1, description="Unacked rollouts the sampler may run ahead (default: 2 x batch_size x push_every)")
-    lr: float = Field(default=1e-5, gt=0, description="Trainer peak learning rate (1e-5 taught SmolLM2-135M the task in 30 steps; 2e-6 did not in 20: bench/results/loop_learning*.json)")
-    max_tokens: int = Field(default=96, gt=0, description="Maximum completion tokens per sample")
-    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature (the trainer uses the same)")
-    tis_cap: float | None = Field(default=2.0, gt=0, description="Truncated importance-sampling cap for off-policy correction (None: off)")
-    task: str = Field(default="chain_sum", description="reasoning-gym task the sampler draws prompts from")
-    task_options: dict[str, Any] = Field(default_factory=lambda: dict(EASY_CHAIN_SUM), description="reasoning-gym options of the task (default: 2-term, 1-digit chain_sum)")
-    rewards: list[dict[str, Any]] = Field(default_factory=lambda: [dict(r) for r in DEFAULT_REWARDS], description="Reward terms [{'name','weight','options'}] (default: last-number correctness + 0.2 format bonus)")
-    sampler_concurrency: int = Field(default=4, ge=1, description="Prompts the sampler keeps in flight (each one request for group_size samples)")
-    seed: int = Field(default=0, description="Seed of the training prompts (the eval set uses a far-away seed)")
-    eval: bool = Field(default=True, description="Evaluate every new policy version on a held-out set of the task")
-    eval_size: int = Field(default=20, ge=1, description="Held-out problems evaluated per version (greedy)")
-    eval_seed: int = Field(default=10_000_000, description="reasoning-gym seed of the held-out set (far from the training seeds)")
-    eval_wait_s: float = Field(default=300.0, ge=0, description="At the end, wait this long for eval to score the final version")
-    report: bool = Field(default=True, description="Write run_dir/report.html at the end")
-    live: bool | None = Field(default=None, description="Rich live view (default: when stdout is a terminal; else one status line per refresh)")
-    refresh_s: float = Field(default=2.0, gt=0, description="Seconds between status refreshes (also appended to run_dir/up/status.jsonl)")
-    startup_timeout_s: float = Field(default=900.0, gt=0, description="Give up when the server is not healthy after this long")
-    serve: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel serve` settings (ServeConfig fields), e.g. {max_num_seqs: 32}")
-    sample: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel sample grpo` settings (GrpoSampleConfig fields), merged over up's")
-    train: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel train` settings (TrainConfig fields), merged over up's")
-    eval_settings: dict[str, Any] = Field(default_factory=dict, description="Extra `flywheel eval` settings (eval Config fields), merged over up's")
+Config = LoopConfig  # the `flywheel up` command's settings (clients/loop_configs.py)
 
 
 # ---------------------------------------------------------------- child processes
@@ -164,9 +119,7 @@ def _raise_stop(signum, frame):
 class Loop:
     """Owns the run directory, the component configs and the children, from start to clean stop."""
 
-    def __init__(self, config: Config):
-        from clients.loop_configs import component_configs  # builds and validates every child's config
-
+    def __init__(self, config: LoopConfig):
         self.config = config
         self.run_dir = config.run_dir.resolve()
         for sub in ("config", "logs", "up", "redis", "eval"):
@@ -176,7 +129,7 @@ class Loop:
         self.state["launches"] += 1
         self.admin_token = self.state.setdefault("admin_token", secrets.token_urlsafe(18))
         self.redis_url = config.redis_url or f"redis://127.0.0.1:{free_port()}/0"
-        self.server_port = int(config.serve.get("port") or free_port())
+        self.server_port = config.serve.port if "port" in config.serve.model_fields_set and config.serve.port else free_port()
         self.server_url = f"http://127.0.0.1:{self.server_port}"
         self.configs = component_configs(config, self.run_dir, self.redis_url, self.server_port, self.state["launches"])
         self.files = {name: self._write_config(name, values) for name, values in self.configs.items()}
@@ -185,9 +138,10 @@ class Loop:
         self.state_path.write_text(json.dumps(self.state, indent=2))
         self.state_path.chmod(0o600)
 
-    def _write_config(self, name: str, values: dict[str, Any]) -> Path:
+    def _write_config(self, name: str, config: BaseModel) -> Path:
+        """Every field of the child's config, as the child reads it (`--config FILE`): what ran is on disk."""
         path = self.run_dir / "config" / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(json.loads(json.dumps(values, default=str)), sort_keys=False))
+        path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         return path
 
     def _record_pids(self) -> None:
@@ -254,7 +208,7 @@ class Loop:
         self.start_server()
         if self.config.eval:
             self.start("eval", cli_child("eval", ["eval"], self.files["eval"], self.run_dir))
-        status = LoopStatus(self.run_dir, self.server_url, QueueConfig(**self.configs["train"]["queue"]))
+        status = LoopStatus(self.run_dir, self.server_url, self.configs["train"].queue)
         try:
             return self._run_sync(status) if self.config.sync else self._run_async(status)
         finally:
@@ -266,8 +220,6 @@ class Loop:
         return self._watch(status, until="trainer")
 
     def _run_sync(self, status: LoopStatus) -> int:
-        from clients.loop_configs import sync_sample_config, sync_train_config
-
         while True:
             found = latest_train_state(self.run_dir / "train")
             step = found[1].step if found else 0
@@ -359,7 +311,7 @@ class Loop:
         self._record_pids()
 
 
-def run(config: Config) -> int:
+def run(config: LoopConfig) -> int:
     if config.batch_size % config.group_size:
         raise UserError(f"--batch-size {config.batch_size} must be a multiple of --group-size {config.group_size} (whole groups per step)")
     loop = Loop(config)  # builds and validates every component's config first
