@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from server.errors import UserError
+from server.jsonl import read_json_lines
 
 
 class Config(BaseModel):
@@ -31,15 +32,8 @@ class Config(BaseModel):
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line being written right now
-    return rows
+    """The rows of a file a running component appends to (a half-written last line is skipped); [] before it exists."""
+    return read_json_lines(path, skip_bad=True) if path.is_file() else []
 
 
 def train_rows(run_dir: Path) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@ JSONL lines hold "messages" (chat) or "prompt" (text), plus optional "answer", "
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -18,6 +17,7 @@ from typing import Any, Callable, Iterator
 from sampler.config import PromptSourceConfig, QueueConfig
 from sampler.queue import PromptQueue
 from server.errors import UserError
+from server.jsonl import JSONLineError, json_lines
 
 
 @dataclass
@@ -62,14 +62,8 @@ def check_jsonl(config: PromptSourceConfig) -> None:
 
 def jsonl_prompts(config: PromptSourceConfig) -> Iterator[PromptItem]:
     count = 0
-    with config.path.open() as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{config.path}:{number}: not JSON: {exc}") from None
+    try:
+        for number, row in json_lines(config.path):
             if not isinstance(row, dict) or not ("messages" in row or "prompt" in row):
                 raise UserError(f"{config.path}:{number}: needs a 'messages' or 'prompt' field")
             messages = _with_system(row["messages"], config.system) if "messages" in row else None
@@ -78,6 +72,8 @@ def jsonl_prompts(config: PromptSourceConfig) -> Iterator[PromptItem]:
             count += 1
             if config.num_prompts and count >= config.num_prompts:
                 return
+    except JSONLineError as exc:
+        raise UserError(f"{exc.where}: not JSON: {exc.error}") from None
 
 
 def capture_prompts(config: PromptSourceConfig, queue: QueueConfig) -> Iterator[PromptItem]:

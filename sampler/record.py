@@ -1,7 +1,8 @@
 """The rollout record: what the sampler produces and the trainer consumes.
 
 Wire format (owned here, documented here):
-    A record is a pydantic model serialised with msgpack as a map of its fields (`to_bytes`),
+    A record is a pydantic model serialised with msgpack as a map of its fields (`to_bytes`, the
+    framing of server/framing.py, shared with the capture format),
     stored in one Redis stream entry under the field `r`, or one JSON object per line in JSONL
     (`to_json`). `schema_version` is checked on decode: a record from an unknown schema is
     refused (RecordError), never half-read.
@@ -21,8 +22,9 @@ import time
 import uuid
 from typing import Any, Literal
 
-import msgpack
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from server.framing import from_msgpack, to_msgpack, validate_versioned
 
 SCHEMA_VERSION = 1
 
@@ -80,15 +82,11 @@ class RolloutRecord(BaseModel):
 
     # ---- serialisation
     def to_bytes(self) -> bytes:
-        return msgpack.packb(self.model_dump(mode="json"), use_bin_type=True)
+        return to_msgpack(self)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "RolloutRecord":
-        try:
-            obj = msgpack.unpackb(data, raw=False)
-        except Exception as exc:  # msgpack raises several unrelated types on garbage
-            raise RecordError(f"not msgpack: {exc}") from None
-        return cls.from_obj(obj)
+        return cls.from_obj(from_msgpack(data, RecordError))
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -103,15 +101,7 @@ class RolloutRecord(BaseModel):
 
     @classmethod
     def from_obj(cls, obj: Any) -> "RolloutRecord":
-        if not isinstance(obj, dict):
-            raise RecordError(f"a record must be a map, got {type(obj).__name__}")
-        if obj.get("schema_version") != SCHEMA_VERSION:
-            raise RecordError(f"schema_version {obj.get('schema_version')!r} is not supported (expected {SCHEMA_VERSION})")
-        try:
-            return cls.model_validate(obj)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise RecordError(f"invalid record field {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        return validate_versioned(cls, obj, what="record", schema_version=SCHEMA_VERSION, error=RecordError)
 
     def total_reward(self) -> float:
         return sum(r.value * r.weight for r in self.rewards)

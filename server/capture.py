@@ -33,9 +33,10 @@ import time
 import uuid
 from typing import Any, Callable, Literal
 
-import msgpack
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.framing import from_msgpack, to_msgpack, validate_versioned
 
 log = logging.getLogger("flywheel.capture")
 SCHEMA_VERSION = 1
@@ -68,23 +69,12 @@ class CapturedRequest(BaseModel):
     redacted: bool = Field(default=False, description="Set by a redaction hook that changed the capture")
 
     def to_bytes(self) -> bytes:
-        return msgpack.packb(self.model_dump(mode="json"), use_bin_type=True)
+        return to_msgpack(self)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "CapturedRequest":
-        try:
-            obj = msgpack.unpackb(data, raw=False)
-        except Exception as exc:  # msgpack raises several unrelated types on garbage
-            raise CaptureFormatError(f"not msgpack: {exc}") from None
-        if not isinstance(obj, dict):
-            raise CaptureFormatError(f"a capture must be a map, got {type(obj).__name__}")
-        if obj.get("schema_version") != SCHEMA_VERSION:
-            raise CaptureFormatError(f"capture schema_version {obj.get('schema_version')!r} is not supported (expected {SCHEMA_VERSION})")
-        try:
-            return cls.model_validate(obj)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise CaptureFormatError(f"invalid capture field {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        obj = from_msgpack(data, CaptureFormatError)
+        return validate_versioned(cls, obj, what="capture", schema_version=SCHEMA_VERSION, error=CaptureFormatError)
 
 
 def load_redact(path: str | None) -> Callable[[CapturedRequest], CapturedRequest | None] | None:

@@ -15,7 +15,6 @@ Bad input raises DataError naming the file and line.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Iterator
 import torch
 
 from sampler.record import RecordError, RolloutRecord
+from server.jsonl import JSONLineError, json_lines
 from trainer.policy_interface import IGNORE
 
 
@@ -55,17 +55,12 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     if not path.exists():
         raise DataError(f"{path}: file not found")
     found = False
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+    try:
+        for n, obj in json_lines(path):
             found = True
-            yield where, obj
+            yield f"{path}:{n}", obj
+    except JSONLineError as exc:
+        raise DataError(f"{exc.where}: not valid JSON ({exc.error.msg})") from None
     if not found:
         raise DataError(f"{path}: empty dataset (no JSON lines)")
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from server.errors import UserError
+from server.jsonl import read_json_lines
 
 
 class MetricsLog:
@@ -39,7 +40,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise UserError(f"no metrics.jsonl in {run_dir}")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_json_lines(path)
     # a resumed run re-logs the steps after its checkpoint: keep the last value of each step
     by_step = {row["step"]: row for row in rows}
     return [by_step[s] for s in sorted(by_step)]

@@ -27,6 +27,8 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, Field
 
+from server.jsonl import JSONLineError, json_lines
+
 
 class DatasetError(ValueError):
     """A benchmark that cannot be loaded: unknown name, missing package, malformed file."""
@@ -215,13 +217,11 @@ def load_custom(path: str | Path, default_scorer: str = "exact_match") -> list[E
         raise DatasetError(f"custom benchmark file not found: {path}")
     name = f"custom:{path.name}"
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            x = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
+    try:
+        rows = list(json_lines(path))
+    except JSONLineError as exc:
+        raise DatasetError(f"{exc.where}: not a JSON object ({exc.error.msg})") from None
+    for n, x in rows:
         if not isinstance(x, dict) or not isinstance(x.get("prompt"), str) or "answer" not in x:
             raise DatasetError(f"{path}:{n}: each line needs a string 'prompt' and an 'answer'")
         items.append(EvalItem(id=str(x.get("id", n)), benchmark=name, prompt=x["prompt"], answer=x["answer"],

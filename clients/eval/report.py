@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.eval.runner import Sample, pass_at_k
+from server.jsonl import read_json_lines
 
 
 def _stderr(values: list[float]) -> float:
@@ -131,4 +132,4 @@ def read_samples(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "samples.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not an eval run (no samples.jsonl)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_json_lines(path)

@@ -16,20 +16,17 @@ from typing import Any, Callable
 
 import httpx
 
+from server.jsonl import JSONLineError, read_json_lines
 from server.status import fetch_status
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}:{n}: not a JSON line") from None
-    return out
+    try:
+        return read_json_lines(path)
+    except JSONLineError as exc:
+        raise ValueError(f"{exc.where}: not a JSON line") from None
 
 
 def policy_version(server_url: str, timeout_s: float = 10.0) -> int:
