@@ -34,6 +34,24 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 # ---------------------------------------------------------------- HF <-> full megatron
 
 
+def _renamed_layer_tensors(arch: ModelArch, i: int) -> list[tuple[str, str]]:
+    """(HF name, megatron name) of layer i's tensors that only change name (both directions use this
+    table; the fused ones, qkv and the dense fc1, are split or joined in place)."""
+    h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+    pairs = [("input_layernorm.weight", "input_layernorm.weight"),
+             ("post_attention_layernorm.weight", "pre_mlp_layernorm.weight"),
+             ("self_attn.o_proj.weight", "self_attention.linear_proj.weight")]
+    if arch.qk_layernorm:
+        pairs += [("self_attn.q_norm.weight", "self_attention.q_layernorm.weight"),
+                  ("self_attn.k_norm.weight", "self_attention.k_layernorm.weight")]
+    if arch.moe_layers[i]:
+        pairs += [("mlp.gate.weight", "mlp.router.weight"), ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj"),
+                  ("mlp.experts.down_proj", "mlp.experts.down_proj")]
+    else:
+        pairs += [("mlp.down_proj.weight", "mlp.linear_fc2.weight")]
+    return [(h + hf_name, m + mg_name) for hf_name, mg_name in pairs]
+
+
 def hf_to_full(hf: dict[str, torch.Tensor], arch: ModelArch) -> dict[str, torch.Tensor]:
     """HF state dict -> full (unsharded) megatron state dict."""
     hd, groups = arch.head_dim, arch.num_kv_heads
@@ -44,25 +62,15 @@ def hf_to_full(hf: dict[str, torch.Tensor], arch: ModelArch) -> dict[str, torch.
         out["output_layer.weight"] = hf["lm_head.weight"]
     for i in range(arch.num_layers):
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out[m + "input_layernorm.weight"] = hf[h + "input_layernorm.weight"]
-        out[m + "pre_mlp_layernorm.weight"] = hf[h + "post_attention_layernorm.weight"]
+        out.update({mg_name: hf[hf_name] for hf_name, mg_name in _renamed_layer_tensors(arch, i)})
         for kind in ("weight", "bias") if arch.attention_bias else ("weight",):
             q, k, v = (hf[h + f"self_attn.{p}_proj.{kind}"] for p in "qkv")
             tail = q.shape[1:]  # (H,) for weights, () for biases
             qkv = torch.cat([q.reshape(groups, per_group * hd, *tail), k.reshape(groups, hd, *tail),
                              v.reshape(groups, hd, *tail)], dim=1)
             out[m + f"self_attention.linear_qkv.{kind}"] = qkv.reshape(-1, *tail)
-        out[m + "self_attention.linear_proj.weight"] = hf[h + "self_attn.o_proj.weight"]
-        if arch.qk_layernorm:
-            out[m + "self_attention.q_layernorm.weight"] = hf[h + "self_attn.q_norm.weight"]
-            out[m + "self_attention.k_layernorm.weight"] = hf[h + "self_attn.k_norm.weight"]
-        if arch.moe_layers[i]:
-            out[m + "mlp.router.weight"] = hf[h + "mlp.gate.weight"]
-            out[m + "mlp.experts.gate_up_proj"] = hf[h + "mlp.experts.gate_up_proj"]
-            out[m + "mlp.experts.down_proj"] = hf[h + "mlp.experts.down_proj"]
-        else:
+        if not arch.moe_layers[i]:
             out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]])
-            out[m + "mlp.linear_fc2.weight"] = hf[h + "mlp.down_proj.weight"]
     return out
 
 
@@ -75,26 +83,16 @@ def full_to_hf(full: dict[str, torch.Tensor], arch: ModelArch) -> dict[str, torc
            "lm_head.weight": embed if arch.tie_word_embeddings else full["output_layer.weight"]}
     for i in range(arch.num_layers):
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out[h + "input_layernorm.weight"] = full[m + "input_layernorm.weight"]
-        out[h + "post_attention_layernorm.weight"] = full[m + "pre_mlp_layernorm.weight"]
+        out.update({hf_name: full[mg_name] for hf_name, mg_name in _renamed_layer_tensors(arch, i)})
         for kind in ("weight", "bias") if arch.attention_bias else ("weight",):
             qkv = full[m + f"self_attention.linear_qkv.{kind}"]
             tail = qkv.shape[1:]
             q, k, v = qkv.reshape(groups, (per_group + 2) * hd, *tail).split([per_group * hd, hd, hd], dim=1)
             for name, t in zip("qkv", (q, k, v)):
                 out[h + f"self_attn.{name}_proj.{kind}"] = t.reshape(-1, *tail).contiguous()
-        out[h + "self_attn.o_proj.weight"] = full[m + "self_attention.linear_proj.weight"]
-        if arch.qk_layernorm:
-            out[h + "self_attn.q_norm.weight"] = full[m + "self_attention.q_layernorm.weight"]
-            out[h + "self_attn.k_norm.weight"] = full[m + "self_attention.k_layernorm.weight"]
-        if arch.moe_layers[i]:
-            out[h + "mlp.gate.weight"] = full[m + "mlp.router.weight"]
-            out[h + "mlp.experts.gate_up_proj"] = full[m + "mlp.experts.gate_up_proj"]
-            out[h + "mlp.experts.down_proj"] = full[m + "mlp.experts.down_proj"]
-        else:
+        if not arch.moe_layers[i]:
             gate, up = full[m + "mlp.linear_fc1.weight"].chunk(2)
             out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate.contiguous(), up.contiguous()
-            out[h + "mlp.down_proj.weight"] = full[m + "mlp.linear_fc2.weight"]
     return out
 
 
