@@ -25,7 +25,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,23 +73,6 @@ def sampler_run(base_url: str, model: str, redis_url: str, args) -> dict:
     return {"tokens": summary["completion_tokens"], "seconds": summary["seconds"], "tokens_per_s": summary["tokens_per_s"]}
 
 
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
-    import redis
-
-    from server.net import free_port
-
-    port = free_port()
-    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            redis.Redis(port=port).ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    return proc, f"redis://127.0.0.1:{port}/0"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny-qwen3")
@@ -105,7 +87,7 @@ def main() -> int:
     from sampler.config import PromptSourceConfig
     from sampler.prompts import gym_prompts
     from server.models import resolve_model
-    from clients.servers import start_server
+    from clients.servers import start_redis, start_server
 
     items = list(gym_prompts(PromptSourceConfig(num_prompts=args.prompts)))
     work = Path(tempfile.mkdtemp(prefix="bench-sampler-"))

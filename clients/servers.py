@@ -1,4 +1,4 @@
-"""Start and stop real `flywheel serve` processes, for tests and benchmarks.
+"""Start and stop real `flywheel serve` processes and throwaway redis-servers, for tests and benchmarks.
 
 Only one vLLM server runs at a time on this machine: `start_server` takes an exclusive lock on
 /tmp/flywheel-vllm.lock for the life of the server (other test runs and benchmarks wait).
@@ -11,9 +11,11 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,3 +139,26 @@ def stop_server(proc: subprocess.Popen, timeout: float = 60) -> int:
     except ProcessLookupError:
         pass
     return proc.returncode
+
+
+def start_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A throwaway redis-server on loopback (no persistence), answering PING; returns (process, url).
+
+    The caller stops it (terminate). `port`: restart one on the port it had (a test of a Redis restart)."""
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server not found: apt-get update && apt-get install -y redis-server")
+    port = port or free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    client.close()
+    return proc, f"redis://127.0.0.1:{port}/0"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -193,26 +192,16 @@ def test_seen_ids_state_roundtrip():
 @pytest.fixture
 def own_redis(tmp_path):
     """A redis-server this test may stop and restart on the same port."""
-    from server.net import free_port
+    from clients.servers import start_redis
 
-    port = free_port()
-    cmd = [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
-           "--save", "", "--appendonly", "no"]
-    procs = []
+    proc, url = start_redis(tmp_path)
+    procs = [proc]
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
 
-    def start():
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
-        import redis
+    def start():  # again, on the same port
+        procs.append(start_redis(tmp_path, port)[0])
 
-        for _ in range(100):
-            try:
-                redis.Redis(port=port).ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-
-    start()
-    yield f"redis://127.0.0.1:{port}/0", procs, start
+    yield url, procs, start
     for p in procs:
         if p.poll() is None:
             p.terminate()
