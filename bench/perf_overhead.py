@@ -48,25 +48,30 @@ VLLM_BENCH = ("import sys\n"
 
 
 @contextmanager
-def start_bare_vllm(model_path: Path, workdir: Path, **overrides):
+def start_bare_vllm(model_path: Path, workdir: Path, weight_transfer: dict | None = None, **overrides):
     """A bare vLLM OpenAI server with the engine flags `flywheel serve` would use for the same
     settings as clients.servers.start_server (without Flywheel's worker extension and weight-transfer
-    backend), under the same one-server lock."""
+    backend), under the same one-server lock. `weight_transfer` (e.g. {"backend": "ipc"}) gives it
+    vLLM's own weight-transfer engine and RL routes instead (dev mode), as a baseline for pushes."""
     from server.config import ServeConfig
     from server.serve import engine_environment, on_cpu, vllm_argv
     from clients.servers import launch
     from server.net import free_port
 
     workdir.mkdir(parents=True, exist_ok=True)
-    config = ServeConfig(model=str(model_path), port=free_port(), data_dir=workdir / "data", kv_cache_gib=1, max_model_len=1024,
-                         max_num_seqs=32, **overrides)
+    settings = {"port": free_port(), "data_dir": workdir / "data", "kv_cache_gib": 1, "max_model_len": 1024,
+                "max_num_seqs": 32, **overrides}
+    config = ServeConfig(model=str(model_path), **settings)
     cpu = on_cpu()
-    name = model_path.name
+    name = config.served_model_name or model_path.name
     argv = vllm_argv(config, model_path, name, cpu)
     for flag in ("--worker-extension-cls", "--weight-transfer-config"):  # Flywheel's own additions
         i = argv.index(flag)
         del argv[i:i + 2]
     env = {**os.environ, **engine_environment(config, cpu)}
+    if weight_transfer is not None:
+        argv += ["--weight-transfer-config", json.dumps(weight_transfer)]
+        env |= {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # vLLM's client pickles handles
     for key in ("VLLM_CACHE_ROOT", "TMPDIR"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
     with launch([sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", *argv], workdir, config.port,

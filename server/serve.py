@@ -23,6 +23,21 @@ from server.models import OFFLINE_ENV, resolve_model
 Config = ServeConfig
 
 WORKER_EXTENSION = "server.weights.worker.WeightUpdateExtension"
+# The vLLM release this code is written against (its OpenAI server internals, RL routes and
+# weight-transfer engines change between minor releases): the `cpu` and `gpu` extras pin it.
+SUPPORTED_VLLM = (0, 32)
+
+
+def check_vllm_version(version: str) -> None:
+    """Refuse, with what to do, a vLLM outside the supported minor release."""
+    try:
+        found = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        found = None
+    if found != SUPPORTED_VLLM:
+        want = ".".join(map(str, SUPPORTED_VLLM))
+        raise UserError(f"vLLM {version} is installed, but Flywheel supports vLLM {want}.x only; "
+                        f"install it with `pip install 'flywheel[gpu]'` (GPU) or `pip install 'flywheel[cpu]'` (CPU)")
 
 
 def on_cpu() -> bool:
@@ -67,6 +82,7 @@ def engine_environment(config: ServeConfig, cpu: bool) -> dict[str, str]:
 
 
 def vllm_argv(config: ServeConfig, model_path: Path, served_name: str, cpu: bool) -> list[str]:
+    config = config.for_device(cpu)
     if cpu and config.weight_transfer_backend() != "flywheel":
         raise ValueError(f"weight transports {config.weight_transports}: nccl and ipc are vLLM's GPU engines "
                          f"and need a CUDA device; on CPU use shm and http")
@@ -78,7 +94,6 @@ def vllm_argv(config: ServeConfig, model_path: Path, served_name: str, cpu: bool
         "--port", str(config.port),
         "--dtype", dtype,
         "--max-model-len", str(config.max_model_len),
-        "--max-num-seqs", str(config.max_num_seqs),
         "--seed", str(config.seed),
         "--logprobs-mode", config.logprobs_mode,
         "--max-logprobs", str(config.max_logprobs),
@@ -93,7 +108,9 @@ def vllm_argv(config: ServeConfig, model_path: Path, served_name: str, cpu: bool
         argv.append("--enforce-eager")
     if not config.access_log:
         argv.append("--disable-uvicorn-access-log")
-    if not cpu:
+    if config.max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(config.max_num_seqs)]
+    if not cpu and config.gpu_memory_utilization is not None:
         argv += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
     return argv + list(config.vllm_args)
 
@@ -138,6 +155,7 @@ def run(config: ServeConfig) -> int:
     served_name = config.served_model_name or (config.model if "/" not in config.model else model_path.name)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     cpu = on_cpu()
+    config = config.for_device(cpu)  # what runs (and what /flywheel/status reports)
     env = engine_environment(config, cpu)
     for key in ("VLLM_CACHE_ROOT", "TMPDIR"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
@@ -145,6 +163,9 @@ def run(config: ServeConfig) -> int:
     admin_token = admin_token_for(config)
 
     import uvloop
+    import vllm
+
+    check_vllm_version(vllm.__version__)
     import vllm.entrypoints.launchers.api_server.entry as entry
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup

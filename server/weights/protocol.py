@@ -48,6 +48,8 @@ GPU_TRANSPORTS = ("nccl", "ipc")
 # A worker error that starts with this left every live tensor as it was (server/weights/apply.py):
 # the push failed, but the server is not marked broken.
 OLD_WEIGHTS_KEPT = "nothing applied, the old weights keep serving"
+# a worker's refusal of the pushed values themselves (NaN/Inf): the client's fault, answered 400
+BAD_VALUES = "refused values"
 
 
 class PushError(Exception):

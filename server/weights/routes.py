@@ -27,6 +27,7 @@ from server.routes import error, policy_of
 from server.weights.gpu import HandleError, check_ipc_handles
 from server.weights.protocol import (
     ADMIN_PREFIX,
+    BAD_VALUES,
     OLD_WEIGHTS_KEPT,
     SHA_HEADER,
     NCCLInitRequest,
@@ -216,7 +217,8 @@ async def _apply(engine, policy, body: PushRequest, info: dict) -> dict:
             await engine.reset_prefix_cache(reset_running_requests=False)
         except Exception as exc:
             if OLD_WEIGHTS_KEPT in str(exc):
-                raise PushError(500, f"weight update to version {body.version} failed: {exc}") from None
+                status = 400 if BAD_VALUES in str(exc) else 500
+                raise PushError(status, f"weight update to version {body.version} failed: {exc}") from None
             # The reload had started: the weights may be half old, half new. Refuse to serve them.
             policy.broken = f"weight update to version {body.version} failed while applying: {exc}"
             raise PushError(500, policy.broken) from None

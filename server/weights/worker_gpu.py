@@ -8,7 +8,8 @@ names nccl or ipc). Each is vLLM's engine (init handshake, NCCL receive, packed 
   - the layerwise reload session starts with the first GPU chunk and ends in finish, followed by
     the fix-ups vLLM's reload leaves undone (tied lm_head, CPU MoE packing: worker.after_reload);
   - ipc: the handles arrive as Flywheel's JSON form (gpu.py, never pickle) and every tensor is
-    mapped *before* the reload starts, so a bad handle fails while the old weights still serve.
+    mapped and checked for NaN/Inf *before* the reload starts, so a bad handle or bad values fail
+    while the old weights still serve.
 Cannot run without CUDA; the argument handling around it is tested in tests/test_weight_transports.py.
 """
 
@@ -18,7 +19,8 @@ import torch
 from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
 from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
 
-from server.weights.gpu import decode_ipc_args
+from server.weights.gpu import decode_ipc_args, non_finite
+from server.weights.protocol import BAD_VALUES, OLD_WEIGHTS_KEPT
 from server.weights.worker import after_reload, receive_files
 
 
@@ -79,6 +81,10 @@ class FlywheelIPCEngine(_FlywheelSession, IPCWeightTransferEngine):
             args = list(args)
             args[6] = device_index  # as vLLM's engine does: the receiver's own index of that GPU
             weights.append((name, rebuild_cuda_tensor(*args)))
-        self.begin_native()  # 2. only now take the model apart
+        bad = non_finite(weights)  # 2. values a server must never serve (NaN/Inf give empty answers)
+        if bad:
+            raise ValueError(f"{OLD_WEIGHTS_KEPT}: {BAD_VALUES}: {len(bad)} tensor(s) hold NaN or Inf "
+                             f"(first: {bad[0]!r})")
+        self.begin_native()  # 3. only now take the model apart
         with disable_mtp_completeness_check():
             self.model.load_weights(weights)
