@@ -40,6 +40,7 @@ DEFAULT_REWARDS = [
 ]
 EASY_CHAIN_SUM = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 
+
 def given(section: BaseModel, /, **values: Any) -> None:
     """Set each named field of `section` that the user did not set to the loop's value (validated as that field)."""
     for name, value in values.items():
