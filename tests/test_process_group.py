@@ -28,7 +28,8 @@ COMPONENT = textwrap.dedent("""
             open(marker, "w").write("graceful")
             os._exit(0)
         signal.signal(signal.SIGTERM, signal.SIG_IGN if ignore else graceful)
-        open(marker + ".ready", "w").write(str(os.getpid()))
+        open(marker + ".tmp", "w").write(str(os.getpid()))
+        os.replace(marker + ".tmp", marker + ".ready")  # whole or absent: the stopper reads it once it exists
         while True:
             time.sleep(0.1)
     while not os.path.exists(marker + ".ready"):
