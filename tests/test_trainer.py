@@ -169,6 +169,7 @@ def test_cli_reports_bad_data_in_one_line(tmp_path, tiny_model, capsys):
     bad.write_text(json.dumps({"messages": sft_rows(1)[0]["messages"]}) + "\n" + json.dumps({"text": "x"}) + "\n")
     assert main(["train", "--objective", "sft", "--model", str(tiny_model), "--data", str(bad),
                  "--run-dir", str(tmp_path / "run"), "--max-seq-len", "64", "--micro-batch-tokens", "128"]) == 2
-    message = capsys.readouterr().err.removesuffix("\n")
+    err = capsys.readouterr().err  # transformers' loading bar comes first
+    message = err[err.find("flywheel train: error: "):].removesuffix("\n")
     assert message.startswith("flywheel train: error: ") and "bad.jsonl:2" in message and "\n" not in message
     assert main(["train", "--objective", "sft", "--run-dir", str(tmp_path / "r2")]) == 2  # neither data nor queue
