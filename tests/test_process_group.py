@@ -93,6 +93,7 @@ def test_a_group_of_zombies_is_gone_and_a_running_one_is_not():
             os.setpgid(0, 0)
             time.sleep(float(sys.argv[1]))
             os._exit(0)
+        os.setpgid(pid, pid)  # the parent too (the classic fork race): the group exists before its pid is printed
         print(pid, flush=True)
         time.sleep(60)  # never waits for it: the child stays a zombie of this parent
     """), "0.5"], stdout=subprocess.PIPE, text=True)
