@@ -103,8 +103,8 @@ async def stage_bucket(push_id: str, index: int, request: Request) -> JSONRespon
 def _bucket_paths(push: PushRequest, request: Request) -> list[str]:
     if push.transport == "shm":
         paths = [b.path for b in push.buckets]
-        if any(p is None or not os.path.isabs(p) for p in paths):
-            raise PushError(400, "shm transport: every bucket needs an absolute `path`")
+        if any(p is None or not os.path.isabs(p) or not p.endswith(".safetensors") for p in paths):
+            raise PushError(400, "shm transport: every bucket needs an absolute `path` to a .safetensors file")
         return paths
     if not push.push_id:
         raise PushError(400, "http transport: `push_id` is required")
@@ -156,7 +156,16 @@ async def push(body: PushRequest, request: Request):
     """Validate the whole push, then apply it under a pause; all-or-nothing."""
     policy = policy_of(request)
     t0 = time.perf_counter()
-    await policy.update_lock.acquire()
+    timeout_s = request.app.state.flywheel_config.push_lock_timeout_s
+    try:  # one push at a time; a push that cannot get its turn gives up instead of queueing forever
+        await asyncio.wait_for(policy.update_lock.acquire(), timeout_s)
+    except TimeoutError:
+        _drop_staged(body, request)
+        return error(503, f"another weight push held the update lock for over {timeout_s} s; nothing applied, retry later")
+    if await request.is_disconnected():  # its client gave up while it waited: applying it would surprise everyone
+        policy.update_lock.release()
+        _drop_staged(body, request)
+        return error(400, "the client disconnected before its push could start; nothing applied")
     try:
         info, summary = await asyncio.to_thread(_check_push, body, request)
     except PushError as exc:
@@ -223,7 +232,8 @@ async def _apply(engine, policy, body: PushRequest, info: dict) -> dict:
             policy.broken = f"weight update to version {body.version} failed while applying: {exc}"
             raise PushError(500, policy.broken) from None
     finally:
-        await engine.resume_generation()
+        if not policy.admin_paused:  # an admin's pause outlives the push; only the admin resumes
+            await engine.resume_generation()
     t_done = time.perf_counter()
     return {"pause": round(t_paused - t0, 4), "apply": round(t_done - t_paused, 4)}
 
