@@ -196,7 +196,7 @@ def pushes(fw, bare, model_a, args, tokenizer_dir: Path) -> dict:
     from transformers import AutoTokenizer
 
     from server.weights.client import push_weights
-    from server.weights.gpu import non_finite
+    from server.weights.worker import non_finite
 
     gpu = torch.cuda.is_available()
     model_b = perturbed(model_a, seed=7)

@@ -50,6 +50,7 @@ GPU_TRANSPORTS = ("nccl", "ipc")
 # the push failed, but the server is not marked broken.
 OLD_WEIGHTS_KEPT = "nothing applied, the old weights keep serving"
 MAX_VERSION = 2**53 - 1
+PUSH_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # ASCII only: the upload route and the commit accept the same ids
 # a worker's refusal of the pushed values themselves (NaN/Inf): the client's fault, answered 400
 BAD_VALUES = "refused values"
 
@@ -97,7 +98,7 @@ class PushRequest(BaseModel):
     version: int = Field(ge=1, le=MAX_VERSION, description="The version this push creates; must be newer than the served one (at most 2**53 - 1, what JSON clients read exactly)")
     transport: Transport = Field(description="How the tensors travel: shm/http buckets, or vLLM's nccl/ipc engines")
     buckets: list[BucketRef] = Field(default_factory=list, description="shm/http: all buckets of the push")
-    push_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="http transport: the upload id")
+    push_id: str | None = Field(default=None, pattern=PUSH_ID_PATTERN, description="http transport: the upload id")
     tensors: TensorList | None = Field(default=None, description="nccl/ipc: every tensor of the push")
     ipc_handles: list[dict] | None = Field(default=None, description="ipc: one encoded CUDA-IPC handle per tensor (server/weights/gpu.py)")
     pause_mode: Literal["keep", "wait", "abort"] = Field(default="keep", description="What in-flight requests do during the update")
