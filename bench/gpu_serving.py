@@ -121,7 +121,7 @@ def sync():
 def both_servers(folder: Path, work: Path, args):
     """flywheel serve and bare vLLM, started at the same time (their start-ups overlap). Each lives in
     a thread that stays until the end: the servers die with the thread that started them
-    (tests/servers.py sets PR_SET_PDEATHSIG, which follows the parent *thread*)."""
+    (clients/servers.py sets PR_SET_PDEATHSIG, which follows the parent *thread*)."""
     from perf_overhead import start_bare_vllm
     from clients.servers import start_server, vllm_lock
 
@@ -197,7 +197,7 @@ def pushes(fw, bare, model_a, args, tokenizer_dir: Path) -> dict:
 
     from server.status import fetch_status
     from server.weights.client import push_weights
-    from server.weights.gpu import non_finite
+    from server.weights.worker import non_finite
 
     gpu = torch.cuda.is_available()
     model_b = perturbed(model_a, seed=7)

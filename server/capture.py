@@ -42,7 +42,8 @@ log = logging.getLogger("flywheel.capture")
 SCHEMA_VERSION = 1
 FIELD = b"r"
 PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
-_NOT_SAMPLING = ("messages", "prompt", "model", "stream")
+# cache_salt: a tenant's cache-isolation secret (and Flywheel's per-version salt), never captured
+_NOT_SAMPLING = ("messages", "prompt", "model", "stream", "cache_salt")
 
 
 class CaptureFormatError(ValueError):
@@ -223,8 +224,7 @@ class CaptureMiddleware:
         if not isinstance(request, dict):
             raise ValueError("request body is not a JSON object")
         texts, finish = response.result()
-        now = getattr(self.policy, "version", None)
-        versions = list(range(version, now + 1)) if version is not None and now is not None else []
+        versions = self.policy.versions_since(version) if version is not None and self.policy is not None else []
         return CapturedRequest(
             endpoint=endpoint, model=request.get("model"),
             messages=request.get("messages") if endpoint == "chat" else None,

@@ -38,6 +38,8 @@ class ServeConfig(BaseModel):
     weight_apply: Literal["staged", "layerwise"] = Field(default="staged", description="How a CPU server applies a push: staged = into staging tensors kept between pushes, one re-pack per layer (about 2x faster; costs one extra copy of the weights in RAM); layerwise = vLLM's in-place layerwise reload (one layer at a time). GPUs always use layerwise")
     max_push_bytes: int = Field(default=64 * 2**30, gt=0, description="Largest total size of one weight push")
     max_bucket_bytes: int = Field(default=2 * 2**30, gt=0, description="Largest single bucket of a weight push over HTTP")
+    push_lock_timeout_s: float = Field(default=300.0, gt=0, description="A weight push waits at most this long for the one before it to finish (503 after; nothing applied)")
+    max_request_bytes: int = Field(default=4 * 2**20, gt=0, description="Largest request body on the OpenAI routes (413 above it): bounds what one request can make the tokenizer chew (a 20 MB /tokenize string took 30 s of CPU). Weight buckets have their own limit")
     capture_redis_url: str | None = Field(default=None, description="Capture production requests into this Redis (opt-in; off when unset)")
     capture_stream: str = Field(default="prompts", description="Redis stream that captured prompts go to")
     capture_rate: float = Field(default=1.0, ge=0, le=1, description="Fraction of production requests captured")

@@ -14,8 +14,11 @@ Versions (see shared/DESIGN.md; header names from server/status.py): every respo
   x-flywheel-policy-version:  the version serving when the response started
   x-flywheel-policy-versions: every version served between the request's arrival and then
                               (more than one when a push happened mid-request with pause mode keep)
-Non-streaming completion bodies get a top-level "policy_versions" list; each streamed chunk
-gets "policy_version" (the version serving when that chunk left the server).
+Non-streaming completion bodies get a top-level "policy_versions" list; each streamed event
+gets "policy_version" (the version serving when that chunk left the server), event by event.
+
+Request bodies on the OpenAI routes are read whole first, at most `max_request_bytes` (413 above);
+generation requests are checked and salted per policy version (server/request_body.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.policy import PolicyState
+from server.request_body import BadRequest, EventStamper, rewrite_request
 from server.status import VERSION_HEADER, VERSIONS_HEADER
 
 OPENAI_PREFIXES = ("/v1/", "/v2/", "/inference/", "/tokenize", "/detokenize", "/invocations", "/pooling",
@@ -41,8 +45,10 @@ def openai_error(status: int, message: str, type_: str, code: str | None = None)
     return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code or status}}).encode()
 
 
-async def send_json_error(send: Send, status: int, message: str, type_: str) -> None:
-    body = openai_error(status, message, type_)
+async def send_json_error(send: Send, status: int, message: str, type_: str, param: str | None = None) -> None:
+    body = json.loads(openai_error(status, message, type_))
+    body["error"]["param"] = param
+    body = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
@@ -74,9 +80,11 @@ class _Tokens:
 
 
 class FlywheelMiddleware:
-    def __init__(self, app: ASGIApp, policy: PolicyState, admin_token: str, api_key: str | None = None):
+    def __init__(self, app: ASGIApp, policy: PolicyState, admin_token: str, api_key: str | None = None,
+                 max_request_bytes: int = 4 * 2**20):
         self.app = app
         self.policy = policy
+        self.max_request_bytes = max_request_bytes
         self.admin = _Tokens(admin_token)
         self.users = _Tokens(api_key, admin_token) if api_key else _Tokens()
 
@@ -99,13 +107,61 @@ class FlywheelMiddleware:
             await send_json_error(send, 503, f"not serving: {self.policy.broken}; push a complete set of weights",
                                   "service_unavailable")
             return
+        if scope["method"] == "POST" and path.startswith(OPENAI_PREFIXES):
+            replay = await self._read_body(scope, receive, send, path)
+            if replay is None:
+                return  # refused, answered
+            scope, receive = replay
         await self.app(scope, receive, self._stamping(send, path))
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send, path: str):
+        """The whole request body, bounded, checked and (generation routes) salted; then replayed to
+        vLLM. Returns (scope, receive) for the app, or None once an error has been answered."""
+        limit = self.max_request_bytes
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await send_json_error(send, 413, f"request body of {declared} bytes exceeds max_request_bytes={limit}",
+                                  "invalid_request_error")
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await send_json_error(send, 413, f"request body exceeds max_request_bytes={limit}", "invalid_request_error")
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        if path in STAMPED_PATHS:
+            try:
+                body = rewrite_request(body, path, self.policy.version)
+            except BadRequest as exc:
+                await send_json_error(send, 400, exc.message, "invalid_request_error", exc.param)
+                return None
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # afterwards: the client's disconnect, as vLLM expects
+
+        return {**scope, "headers": headers}, replay
 
     def _stamping(self, send: Send, path: str) -> Send:
         policy = self.policy
         start = policy.version
         stamp_body = path in STAMPED_PATHS
         state = {"mode": None, "buffer": [], "start": None}
+        events = EventStamper()
 
         async def stamped_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -143,10 +199,10 @@ class FlywheelMiddleware:
                 await send({"type": "http.response.body", "body": body})
                 return
             if message["type"] == "http.response.body" and state["mode"] == "sse":
-                body = message.get("body", b"")
-                if body:
-                    tag = b'data: {"policy_version":' + str(policy.version).encode() + b","
-                    message = {**message, "body": body.replace(b"data: {", tag)}
+                more = message.get("more_body", False)
+                message = {**message, "body": events.feed(message.get("body", b""), policy.version, final=not more)}
+                if more and not message["body"]:
+                    return  # half an event so far: it goes out with the rest
             await send(message)
 
         return stamped_send

@@ -12,6 +12,9 @@ import time
 from dataclasses import dataclass, field
 
 
+MAX_LISTED = 100
+
+
 @dataclass
 class PolicyState:
     model: str
@@ -22,6 +25,8 @@ class PolicyState:
     history: list[dict] = field(default_factory=list)  # one entry per applied push (bounded)
     failed_pushes: int = 0
     broken: str | None = None  # set when an update failed half-applied: serving stops until a push succeeds
+    admin_paused: bool = False  # an admin paused generation: a push must leave it paused
+    published: list[int] = field(default_factory=list)  # the versions pushed, in order (bounded)
     update_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def publish(self, version: int, **info) -> None:
@@ -33,7 +38,11 @@ class PolicyState:
         self.updated_at = time.time()
         self.history.append({"version": version, "at": self.updated_at, **info})
         del self.history[:-100]
+        self.published.append(version)
+        del self.published[:-MAX_LISTED]
 
     def versions_since(self, start: int) -> list[int]:
-        """Every version served from `start` until now: the ones that may have produced a response."""
-        return list(range(start, self.version + 1))
+        """Every version served from `start` until now: the ones that may have produced a response.
+        Versions need not be consecutive (a push may jump), so they come from the record of pushes,
+        never from a range; a request that spanned more than MAX_LISTED pushes lists the last ones."""
+        return [start] + [v for v in self.published if v > start][-MAX_LISTED:]

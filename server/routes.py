@@ -52,10 +52,12 @@ def error(status: int, message: str, type_: str = "invalid_request_error") -> JS
 @router.post("/flywheel/admin/pause")
 async def pause(request: Request, mode: PauseMode = Query("keep", description="keep: freeze in-flight requests; wait: drain them; abort: abort them")) -> JSONResponse:
     await request.app.state.engine_client.pause_generation(mode=mode)
+    policy_of(request).admin_paused = True  # until an admin resumes: a weight push keeps it paused
     return JSONResponse({"status": "paused", "mode": mode})
 
 
 @router.post("/flywheel/admin/resume")
 async def resume(request: Request) -> JSONResponse:
+    policy_of(request).admin_paused = False
     await request.app.state.engine_client.resume_generation()
     return JSONResponse({"status": "resumed"})

@@ -144,7 +144,8 @@ def install(app, config: ServeConfig, model_path: Path, served_name: str, admin_
         app.add_middleware(CaptureMiddleware, redis_url=config.capture_redis_url, stream=config.capture_stream,
                            rate=config.capture_rate, redact=config.capture_redact, policy=policy)
     # added last = outermost: auth runs before anything else, stamping sees the final response
-    app.add_middleware(FlywheelMiddleware, policy=policy, admin_token=admin_token, api_key=config.api_key)
+    app.add_middleware(FlywheelMiddleware, policy=policy, admin_token=admin_token, api_key=config.api_key,
+                       max_request_bytes=config.max_request_bytes)
 
 
 def run(config: ServeConfig) -> int:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import re
 import time
-from types import SimpleNamespace
 
 import httpx
 import msgpack
@@ -14,6 +13,7 @@ import pytest
 
 from sampler.queue import PromptQueue
 from server.capture import CaptureFormatError, CapturedRequest, CaptureMiddleware
+from server.policy import PolicyState
 
 
 async def openai_like_app(scope, receive, send):
@@ -53,7 +53,7 @@ def entries(redis_client, stream="prompts"):
 
 
 def test_captures_json_and_stream_responses(redis_client, redis_url):
-    policy = SimpleNamespace(version=3)
+    policy = PolicyState(model="m", served_model_name="m", version=3)
     app = CaptureMiddleware(openai_like_app, redis_url=redis_url, stream="prompts", policy=policy)
 
     async def go():

@@ -46,12 +46,20 @@ STOPPER = textwrap.dedent("""
     component, marker, grace, mode, timeout_s = sys.argv[1:6]
     adopted = process_group.become_subreaper()
     child = Child("component", [sys.executable, "-c", component, marker, grace, mode], Path(marker + ".log")).start()
-    while not Path(marker + ".ready").exists():
-        time.sleep(0.02)
-    grandchild = int(Path(marker + ".ready").read_text())
-    t0 = time.monotonic()
-    child.stop(timeout_s=float(timeout_s))
-    took = time.monotonic() - t0
+    try:
+        deadline = time.monotonic() + 60
+        while not Path(marker + ".ready").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the component's child never started")
+            time.sleep(0.02)
+        grandchild = int(Path(marker + ".ready").read_text())
+        t0 = time.monotonic()
+        child.stop(timeout_s=float(timeout_s))
+        took = time.monotonic() - t0
+    except BaseException:  # whatever failed here, leave nothing of the component running
+        import os, signal
+        os.killpg(child.proc.pid, signal.SIGKILL)
+        raise
     print(json.dumps({"adopted": adopted, "took": took, "pgid": child.proc.pid, "grandchild": grandchild,
                       "left": [m.__dict__ for m in process_group.members(child.proc.pid)]}))
 """)

@@ -107,3 +107,32 @@ def test_kill_and_resume_trains_every_record_exactly_once(tmp_path, tiny_model, 
     assert len(ids) == 24 and sorted(ids) == sorted(r.id for r in recs)  # none twice, none skipped
     after = queue.stats()
     assert after["pending"] == 0 and after["lag"] == 0 and after["dead_letter_length"] == 0
+
+
+def test_trained_records_are_not_acked_before_their_checkpoint_even_after_a_long_wait(tmp_path, tiny_model,
+                                                                                      redis_client, redis_url):
+    """Issue 16 defect 1: after a step that does not checkpoint, the wait for the next batch outlived
+    claim_idle_s, our own reclaim got the step's records back and acked them as duplicates; a crash
+    before the next checkpoint then lost them. They must stay pending and come back after a crash."""
+    import pytest
+
+    from server.errors import UserError
+    from trainer.checkpoint import TrainState
+    from trainer.queue_source import QueueSource
+
+    config = queue_config(tmp_path, tiny_model, redis_url, batch_size=4, save_every=2,
+                          queue={"url": redis_url, "claim_idle_s": 0.5},
+                          queue_input={"block_s": 0.2, "max_wait_s": 3})
+    RolloutQueue(config.queue).put(records(1))  # one group of 4: one step's worth
+    source = QueueSource(config)
+    first = source.next_step(0, TrainState())
+    trained = sorted(d.record.id for d in first.acks)
+    assert len(trained) == 4
+    with pytest.raises(UserError, match="no rollouts on stream"):  # no next batch: the wait (3 s) outlives claim_idle_s (0.5 s) six times
+        source.next_step(1, TrainState())
+    pending = redis_client.xpending(config.queue.stream, config.queue.group)["pending"]
+    assert pending == 4, "a trained but not yet checkpointed record was acked"
+    source.close()  # the trainer dies here, before the checkpoint of step 1
+    time.sleep(0.6)
+    again = QueueSource(config).next_step(0, TrainState())  # the restarted trainer, from the last checkpoint
+    assert sorted(d.record.id for d in again.acks) == trained

@@ -75,6 +75,8 @@ class TrainConfig(BaseModel):
     log_every: int = Field(default=1, gt=0, description="Write metrics every N steps")
     push_every: int = Field(default=0, ge=0, description="Push weights to the server every K steps (0: never)")
     push_url: str | None = Field(default=None, description="Server base URL for weight pushes (None: pushing is a no-op)")
+    push_retries: int = Field(default=5, ge=0, description="A push that fails on the way (server restarting, 5xx, timeout) is retried this many times with exponential backoff, then skipped (the run goes on)")
+    push_backoff_s: float = Field(default=1.0, gt=0, description="First retry delay of a failed push, doubled each retry (at most 30 s)")
     admin_token: str | None = Field(default=None, description="Admin token of the server's weight routes")
     max_staleness: int = Field(default=4, ge=0, description="Drop rollouts whose policy_version is more than this many versions behind the last push")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import httpx
@@ -21,6 +22,7 @@ class WeightPusher:
         self.enabled = bool(self.url) and self.every > 0
         self.checked_server = False
         self.buckets = None  # ShmBuckets, made on the first push to a server on this host
+        self.retries, self.backoff_s = config.push_retries, config.push_backoff_s
 
     def close(self) -> None:
         if self.buckets is not None:
@@ -36,28 +38,59 @@ class WeightPusher:
         except (httpx.HTTPError, ValueError):
             return None
 
-    def push(self, policy, last_version: int, step: int) -> tuple[int, dict]:
-        """Push as the next version; returns (version, metrics). Raises PushFailed on a refused push.
+    def next_version(self, last_version: int) -> int:
+        """The version the next push creates: last pushed + 1.
 
         A run resumed from a checkpoint older than its last push would reuse a version the server
         already has (and be refused): on the first push of a process, continue from the served
         version when it is ahead of the checkpoint's.
         """
-        try:
-            from server.weights.client import auto_transport, push_weights
-            from server.weights.shm_buckets import ShmBuckets
-        except ImportError:
-            raise UserError("--push-url is set but server/weights/client.py is not available") from None
         if not self.checked_server:
             self.checked_server = True
             served = self.served_version()
             if served is not None and served > last_version:
                 last_version = served
-        version = last_version + 1
+        return last_version + 1
+
+    def push(self, policy, version: int, step: int) -> dict:
+        """Push the policy as `version` (already in a durable checkpoint); returns metrics.
+
+        A server that restarts or stalls mid-push (connection reset, 5xx, timeout) is retried with
+        backoff, `retries` times; a refused push (4xx: the weights do not fit the served model) is
+        a bug and raises. If every attempt fails the run goes on: the version stays in the
+        checkpoint, so a restarted server gets it again, and the next push supersedes it.
+        """
+        try:
+            from server.weights.client import PushFailed, auto_transport, push_weights
+            from server.weights.shm_buckets import ShmBuckets
+        except ImportError:
+            raise UserError("--push-url is set but server/weights/client.py is not available") from None
         if self.buckets is None and auto_transport(self.url) == "shm":
             # the same layout every push: overwrite last push's files instead of writing new ones
             self.buckets = ShmBuckets()
-        start = time.perf_counter()
-        push_weights(self.url, policy.state_dict_hf(), version=version, admin_token=self.token,
-                     source=f"trainer step {step}", buckets=self.buckets)
-        return version, {"pushed_version": version, "push_s": time.perf_counter() - start}
+        start, failures, error = time.perf_counter(), 0, None
+        for attempt in range(self.retries + 1):
+            try:
+                push_weights(self.url, policy.state_dict_hf(), version=version, admin_token=self.token,
+                             source=f"trainer step {step}", buckets=self.buckets)
+                break
+            except PushFailed as exc:
+                served = self.served_version()
+                if served is not None and served >= version:
+                    break  # an earlier attempt was applied; only its answer was lost
+                if 400 <= exc.status < 500 and exc.status not in (408, 409, 429):
+                    raise
+                error = exc
+            except httpx.HTTPError as exc:  # the server went away or stalled mid-push
+                error = exc
+            failures += 1
+            if attempt < self.retries:
+                delay = min(self.backoff_s * 2**attempt, 30.0)
+                print(f"flywheel train: push of version {version} failed ({type(error).__name__}: {error}); "
+                      f"retry {attempt + 1}/{self.retries} in {delay:.1f} s", file=sys.stderr, flush=True)
+                time.sleep(delay)
+        else:
+            print(f"flywheel train: push of version {version} failed {failures} times; training goes on "
+                  f"(the next push supersedes it): {error}", file=sys.stderr, flush=True)
+            return {"push_failures": failures, "push_failed_version": version, "push_s": time.perf_counter() - start}
+        return {"pushed_version": version, "push_s": time.perf_counter() - start, "push_failures": failures}

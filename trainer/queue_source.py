@@ -2,11 +2,14 @@
 
 - Each step reads until it has `batch_size` records (whole groups when grpo.group_size is set;
   records of incomplete groups wait in a buffer for their siblings).
-- `seen` (from the checkpoint's trained ids) makes the queue ack-and-skip redeliveries of records
-  already trained; records of the current run are added as they are handed to a step.
-- Deliveries are acked by the recipe only after the checkpoint holding their step is written
-  (`ack_durable`); until then `keep_alive` touches them so nobody reclaims them. A crash before
-  the checkpoint leaves them pending: they are redelivered and retrained from the restored weights.
+- `seen` holds the ids of records in a durable checkpoint (from the checkpoint's trained ids, and
+  each `ack_durable` after one is written): the queue acks-and-skips their redeliveries.
+- Records handed to a step but not yet in a checkpoint are `in_flight`: never acked, never trained
+  again. Their deliveries are touched while the next batch is awaited, and if one comes back anyway
+  (our own reclaim after a long wait) it is left pending, not acked as a duplicate: acking it then
+  lost it for good when the trainer died before the next checkpoint (save_every > 1). A crash, or a
+  clean stop, before the checkpoint leaves them pending: they are redelivered and retrained from the
+  restored weights, which never saw them.
 - Records that do not decode (wrong shape, mismatched token/logprob lengths) are dead-lettered by
   the queue itself with the reason; stale ones are dropped, counted and acked with their step.
 """
@@ -28,6 +31,7 @@ class QueueSource:
         self.queue = RolloutQueue(config.queue, consumer=config.queue_input.consumer)
         self.seen: SeenIds | None = None
         self.buffer: dict[str, object] = {}  # record id -> Delivery, in arrival order
+        self.in_flight: dict[str, object] = {}  # record id -> Delivery: trained, not yet in a durable checkpoint
         self.items: list = []  # no file dataset behind this source
 
     def _ready(self) -> list:
@@ -58,20 +62,26 @@ class QueueSource:
                 raise UserError(f"no rollouts on stream {self.config.queue.stream!r} "
                                  f"for {wait.max_wait_s:.0f}s")
             for d in self.queue.get(count=self.config.batch_size, block_s=wait.block_s, seen=self.seen):
-                if d.record.id in self.buffer:  # the same record delivered again while buffered
-                    extra_acks.append(d)
-                    continue
+                mine = self.in_flight.get(d.record.id) or self.buffer.get(d.record.id)
+                if mine is not None:  # a record we hold came again
+                    if d.entry_id != mine.entry_id:
+                        extra_acks.append(d)  # another entry of it: acked with this step, once durable
+                    continue  # the same entry (our own reclaim): it stays pending until its checkpoint
                 self.buffer[d.record.id] = d
-            self.queue.touch(list(self.buffer.values()))
+            self.queue.touch(list(self.buffer.values()) + list(self.in_flight.values()))
         for d in ready:
             del self.buffer[d.record.id]
-            self.seen.add(d.record.id)
+            self.in_flight[d.record.id] = d
         data = rollout_step([d.record for d in ready], self.config, state)
         data.acks = ready + extra_acks
         return data
 
     def ack_durable(self, acks: list) -> None:
+        """The checkpoint holding these deliveries' steps is written: ack them; their records are seen."""
         self.queue.ack(acks)
+        for d in acks:
+            if self.in_flight.pop(d.record.id, None) is not None and self.seen is not None:
+                self.seen.add(d.record.id)
 
     def keep_alive(self, acks: list) -> None:
         if acks or self.buffer:

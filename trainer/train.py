@@ -5,8 +5,8 @@
     per step:   data = source.next_step(step)        samples of this step (stale rollouts dropped)
                 *_backward(policy, data)             trainer/objectives.py: loss + backward per micro-batch
                 clip, optimizer.step, schedule.step
-                push weights every K steps           trainer/push.py (version = last pushed + 1)
-                checkpoint every N steps, then ack   trainer/checkpoint.py (queue records acked once durable)
+                checkpoint every N steps and on push steps, then ack   trainer/checkpoint.py (records acked once durable)
+                push weights every K steps           trainer/push.py (version = last pushed + 1, after its checkpoint)
                 log metrics                          trainer/metrics.py (JSONL + TensorBoard) and the progress bar
 """
 
@@ -165,14 +165,18 @@ def train(config: TrainConfig) -> TrainState:
             state.remember(data.record_ids)
             pending_ack += data.acks
             source.keep_alive(pending_ack)
-            if pusher.due(state.step):
-                state.pushed_version, push_metrics = pusher.push(policy, state.pushed_version, state.step)
-                metrics |= push_metrics
-            if (config.save_every and state.step % config.save_every == 0) or state.step == last_step:
+            # Durable before visible: a push step checkpoints first, holding the version it is about to
+            # publish, so every version a server serves can be recovered (a resume pushes it again).
+            push_now = pusher.due(state.step)
+            if push_now:
+                state.pushed_version = pusher.next_version(state.pushed_version)
+            if push_now or (config.save_every and state.step % config.save_every == 0) or state.step == last_step:
                 save_checkpoint(config.run_dir, policy, optimizer, scheduler, state, keep=config.keep_checkpoints,
                                 layout=layout)
                 source.ack_durable(pending_ack)  # only now: the step that used them survives a crash
                 pending_ack = []
+            if push_now:
+                metrics |= pusher.push(policy, state.pushed_version, state.step)
             metrics["step_s"] = time.perf_counter() - start
             metrics["tokens_per_s"] = metrics.get("tokens", 0) / metrics["step_s"]
             if state.step % config.log_every == 0 or state.step == last_step:

@@ -69,18 +69,6 @@ def require_cuda(weights: dict, transport: str) -> None:
                              f"move the model to the GPU or use transport='shm' / 'http'")
 
 
-def non_finite(pairs: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-    """Names of the floating-point tensors holding a NaN or an Inf. One device sync for the whole
-    push (a flag per tensor, stacked), not one per tensor."""
-    floats = [(name, t) for name, t in pairs if t.is_floating_point()]
-    if not floats:
-        return []
-    finite = torch.stack([torch.isfinite(t).all() for _, t in floats])
-    if bool(finite.all()):
-        return []
-    return [name for (name, _), ok in zip(floats, finite.tolist()) if not ok]
-
-
 def encode_ipc_args(args: tuple, gpu_uuid: str) -> dict:
     """JSON form of one reduce_tensor(t)[1] tuple, keyed by the GPU it lives on."""
     if len(args) != len(IPC_FIELDS):

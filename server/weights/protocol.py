@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from pathlib import Path
 from collections.abc import Iterable
@@ -48,6 +49,8 @@ GPU_TRANSPORTS = ("nccl", "ipc")
 # A worker error that starts with this left every live tensor as it was (server/weights/apply.py):
 # the push failed, but the server is not marked broken.
 OLD_WEIGHTS_KEPT = "nothing applied, the old weights keep serving"
+MAX_VERSION = 2**53 - 1
+PUSH_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # ASCII only: the upload route and the commit accept the same ids
 # a worker's refusal of the pushed values themselves (NaN/Inf): the client's fault, answered 400
 BAD_VALUES = "refused values"
 
@@ -92,10 +95,10 @@ class TensorList(BaseModel):
 class PushRequest(BaseModel):
     """Body of POST /flywheel/admin/weights/push."""
 
-    version: int = Field(description="The version this push creates; must be newer than the served one")
+    version: int = Field(ge=1, le=MAX_VERSION, description="The version this push creates; must be newer than the served one (at most 2**53 - 1, what JSON clients read exactly)")
     transport: Transport = Field(description="How the tensors travel: shm/http buckets, or vLLM's nccl/ipc engines")
     buckets: list[BucketRef] = Field(default_factory=list, description="shm/http: all buckets of the push")
-    push_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="http transport: the upload id")
+    push_id: str | None = Field(default=None, pattern=PUSH_ID_PATTERN, description="http transport: the upload id")
     tensors: TensorList | None = Field(default=None, description="nccl/ipc: every tensor of the push")
     ipc_handles: list[dict] | None = Field(default=None, description="ipc: one encoded CUDA-IPC handle per tensor (server/weights/gpu.py)")
     pause_mode: Literal["keep", "wait", "abort"] = Field(default="keep", description="What in-flight requests do during the update")
@@ -130,26 +133,36 @@ TensorMeta = tuple[str, tuple[int, ...]]  # (safetensors dtype, shape)
 
 
 def read_header(path: str | os.PathLike) -> dict[str, dict]:
-    """Parse a safetensors header and check the file is as long as the header says."""
+    """Parse a safetensors header and check the file is as long as the header says.
+
+    Only a regular file is opened (a FIFO or a device would block the update lock), and every
+    failure gets the same message naming only the file, so a push cannot probe the host's files
+    (their existence, size or first bytes)."""
     path = Path(path)
+    refused = PushError(400, f"bucket {path.name}: not a complete safetensors file (missing, unreadable, "
+                             f"not a regular file, or truncated)")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise refused
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even if swapped for a FIFO meanwhile
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise refused
+            size = os.fstat(fh.fileno()).st_size
             prefix = fh.read(8)
             if len(prefix) < 8:
-                raise PushError(400, f"bucket {path.name}: {size} bytes, too short to be safetensors")
+                raise refused
             (n,) = struct.unpack("<Q", prefix)
             if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise PushError(400, f"bucket {path.name}: truncated or not safetensors (header of {n} bytes in a {size}-byte file)")
+                raise refused
             header = json.loads(fh.read(n))
-    except FileNotFoundError:
-        raise PushError(400, f"bucket {path} does not exist") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise PushError(400, f"bucket {path.name}: header is not JSON (not a safetensors file)") from None
-    header.pop("__metadata__", None)
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+        header.pop("__metadata__", None)
+        end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
+        raise refused from None
     if 8 + n + end != size:
-        raise PushError(400, f"bucket {path.name}: truncated ({size} bytes, header describes {8 + n + end})")
+        raise refused
     return header
 
 

@@ -13,6 +13,7 @@ import atexit
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -29,6 +30,7 @@ from server.weights.protocol import (
     ADMIN_PREFIX,
     BAD_VALUES,
     OLD_WEIGHTS_KEPT,
+    PUSH_ID_PATTERN,
     SHA_HEADER,
     NCCLInitRequest,
     PushError,
@@ -66,7 +68,7 @@ async def stage_bucket(push_id: str, index: int, request: Request) -> JSONRespon
     config = request.app.state.flywheel_config
     if "http" not in config.weight_transports:
         return error(400, "this server does not accept the http weight transport")
-    if not push_id.replace("-", "").replace("_", "").isalnum() or len(push_id) > 64 or not 0 <= index < 100_000:
+    if not re.fullmatch(PUSH_ID_PATTERN, push_id) or not 0 <= index < 100_000:
         return error(400, "push_id must be 1-64 of [A-Za-z0-9_-] and index in [0, 100000)")
     expected = request.headers.get(SHA_HEADER, "").lower()
     if len(expected) != 64:
@@ -74,6 +76,10 @@ async def stage_bucket(push_id: str, index: int, request: Request) -> JSONRespon
     declared = int(request.headers.get("content-length") or 0)
     if declared > config.max_bucket_bytes:
         return error(413, f"bucket of {declared} bytes exceeds max_bucket_bytes={config.max_bucket_bytes}")
+    staged = sum(f.stat().st_size for f in staging_root(request).glob("*/*") if f.is_file())
+    if staged + declared > config.max_push_bytes:  # uploads never committed must not fill the host's memory
+        return error(413, f"{staged} bytes are staged and not committed; this bucket would exceed max_push_bytes="
+                          f"{config.max_push_bytes} (commit or abandon the earlier uploads)")
     folder = staging_root(request) / push_id
     folder.mkdir(exist_ok=True)
     final = folder / f"bucket-{index:05d}.safetensors"
@@ -90,21 +96,30 @@ async def stage_bucket(push_id: str, index: int, request: Request) -> JSONRespon
         if digest.hexdigest() != expected:
             raise PushError(400, f"bucket {index}: checksum mismatch ({size} bytes received, sha256 {digest.hexdigest()[:12]}... != {expected[:12]}...)")
     except ClientDisconnect:
-        part.unlink(missing_ok=True)
+        _drop_refused_upload(part)
         return error(400, "client disconnected mid-bucket; nothing was applied")
     except PushError as exc:
-        part.unlink(missing_ok=True)
+        _drop_refused_upload(part)
         return error(exc.status, exc.message)
     part.rename(final)
     final.with_suffix(".sha256").write_text(expected)
     return JSONResponse({"push_id": push_id, "index": index, "bytes": size, "sha256": expected})
 
 
+def _drop_refused_upload(part: Path) -> None:
+    """A refused bucket leaves nothing: its partial file, and its push's folder if nothing else is in it."""
+    part.unlink(missing_ok=True)
+    try:
+        part.parent.rmdir()
+    except OSError:
+        pass  # other buckets of the push are staged there
+
+
 def _bucket_paths(push: PushRequest, request: Request) -> list[str]:
     if push.transport == "shm":
         paths = [b.path for b in push.buckets]
-        if any(p is None or not os.path.isabs(p) for p in paths):
-            raise PushError(400, "shm transport: every bucket needs an absolute `path`")
+        if any(p is None or not os.path.isabs(p) or not p.endswith(".safetensors") for p in paths):
+            raise PushError(400, "shm transport: every bucket needs an absolute `path` to a .safetensors file")
         return paths
     if not push.push_id:
         raise PushError(400, "http transport: `push_id` is required")
@@ -156,7 +171,16 @@ async def push(body: PushRequest, request: Request):
     """Validate the whole push, then apply it under a pause; all-or-nothing."""
     policy = policy_of(request)
     t0 = time.perf_counter()
-    await policy.update_lock.acquire()
+    timeout_s = request.app.state.flywheel_config.push_lock_timeout_s
+    try:  # one push at a time; a push that cannot get its turn gives up instead of queueing forever
+        await asyncio.wait_for(policy.update_lock.acquire(), timeout_s)
+    except TimeoutError:
+        _drop_staged(body, request)
+        return error(503, f"another weight push held the update lock for over {timeout_s} s; nothing applied, retry later")
+    if await request.is_disconnected():  # its client gave up while it waited: applying it would surprise everyone
+        policy.update_lock.release()
+        _drop_staged(body, request)
+        return error(400, "the client disconnected before its push could start; nothing applied")
     try:
         info, summary = await asyncio.to_thread(_check_push, body, request)
     except PushError as exc:
@@ -223,7 +247,8 @@ async def _apply(engine, policy, body: PushRequest, info: dict) -> dict:
             policy.broken = f"weight update to version {body.version} failed while applying: {exc}"
             raise PushError(500, policy.broken) from None
     finally:
-        await engine.resume_generation()
+        if not policy.admin_paused:  # an admin's pause outlives the push; only the admin resumes
+            await engine.resume_generation()
     t_done = time.perf_counter()
     return {"pause": round(t_paused - t0, 4), "apply": round(t_done - t_paused, 4)}
 

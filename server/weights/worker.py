@@ -30,6 +30,7 @@ from vllm.distributed.weight_transfer.base import WeightTransferEngine
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
 from server.weights.apply import StagedApply
+from server.weights.protocol import BAD_VALUES, OLD_WEIGHTS_KEPT
 
 BACKEND = "flywheel"
 APPLY_ENV = "FLYWHEEL_WEIGHT_APPLY"  # "staged" (default) or "layerwise"; set by `flywheel serve`
@@ -107,6 +108,29 @@ def retie_lm_head(model: torch.nn.Module, hf_config) -> bool:
     return True
 
 
+def non_finite(pairs) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an Inf.
+
+    Screened by each tensor's sum (a NaN or an Inf makes it non-finite; 0.02 s for 530 MB of fp32 on
+    one core, where isfinite() took 0.29 s), with one sync for the whole push; only a tensor whose sum
+    is not finite is checked exactly (a sum can also overflow with finite values)."""
+    floats = [(name, t) for name, t in pairs if t.is_floating_point()]
+    if not floats:
+        return []
+    sums = torch.stack([t.sum(dtype=torch.float32) for _, t in floats])
+    if bool(sums.isfinite().all()):
+        return []
+    suspects = [i for i, ok in enumerate(sums.isfinite().tolist()) if not ok]
+    return [floats[i][0] for i in suspects if not bool(torch.isfinite(floats[i][1]).all())]
+
+
+def refuse_non_finite(pairs) -> None:
+    """Raise, before the model is touched, when a push holds NaN or Inf (served, they give empty answers)."""
+    bad = non_finite(pairs)
+    if bad:
+        raise ValueError(f"{OLD_WEIGHTS_KEPT}: {BAD_VALUES}: {len(bad)} tensor(s) hold NaN or Inf (first: {bad[0]!r})")
+
+
 def read_files(files: list[str]) -> list[tuple[str, torch.Tensor]]:
     tensors = []
     for path in files:
@@ -117,6 +141,7 @@ def read_files(files: list[str]) -> list[tuple[str, torch.Tensor]]:
 
 def receive_files(engine: WeightTransferEngine, files: list[str]) -> None:
     tensors = read_files(files)  # 1. every tensor before the model is touched
+    refuse_non_finite(tensors)
     staged = staged_apply(engine)
     if staged is None:
         reload_in_place(engine.model, engine.model_config, tensors)  # 2. and 3.

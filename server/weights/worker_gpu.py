@@ -19,9 +19,8 @@ import torch
 from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
 from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
 
-from server.weights.gpu import decode_ipc_args, non_finite
-from server.weights.protocol import BAD_VALUES, OLD_WEIGHTS_KEPT
-from server.weights.worker import after_reload, receive_files
+from server.weights.gpu import decode_ipc_args
+from server.weights.worker import after_reload, receive_files, refuse_non_finite
 
 
 class _FlywheelSession:
@@ -81,10 +80,7 @@ class FlywheelIPCEngine(_FlywheelSession, IPCWeightTransferEngine):
             args = list(args)
             args[6] = device_index  # as vLLM's engine does: the receiver's own index of that GPU
             weights.append((name, rebuild_cuda_tensor(*args)))
-        bad = non_finite(weights)  # 2. values a server must never serve (NaN/Inf give empty answers)
-        if bad:
-            raise ValueError(f"{OLD_WEIGHTS_KEPT}: {BAD_VALUES}: {len(bad)} tensor(s) hold NaN or Inf "
-                             f"(first: {bad[0]!r})")
+        refuse_non_finite(weights)  # 2. values a server must never serve (NaN/Inf give empty answers)
         self.begin_native()  # 3. only now take the model apart
         with disable_mtp_completeness_check():
             self.model.load_weights(weights)
