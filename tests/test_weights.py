@@ -242,6 +242,9 @@ def _streams_during_push(srv, weights, version, mode, n=4, max_tokens=400, freez
         pytest.fail(f"on {attempts} attempts a stream of {max_tokens} tokens finished before the admin pause held")
     at_push = [{"chunks": out["chunks"], "done": "t_end" in out} for out in results]
     pushed = push_weights(srv.url, weights, version, srv.admin_token, pause_mode=mode)
+    if freeze_first:  # a push keeps an admin's pause (issue 16): the admin who froze the streams lets them go
+        assert httpx.get(srv.url + "/flywheel/status", timeout=60).json()["paused"] is True
+        httpx.post(srv.url + "/flywheel/admin/resume", headers=srv.admin_headers, timeout=120).raise_for_status()
     for t in threads:
         t.join(300)
     return pushed, results, at_push
