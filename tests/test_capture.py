@@ -14,16 +14,12 @@ import pytest
 from sampler.queue import PromptQueue
 from server.capture import CaptureFormatError, CapturedRequest, CaptureMiddleware
 from server.policy import PolicyState
+from tests.asgi import read_body
 
 
 async def openai_like_app(scope, receive, send):
     """Answers like vLLM's routes: a JSON completion, or SSE chunks when stream=true."""
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     request = json.loads(body)
     if request.get("stream"):
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})

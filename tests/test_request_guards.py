@@ -15,6 +15,7 @@ import pytest
 from server.middleware import FlywheelMiddleware
 from server.policy import PolicyState
 from server.request_body import EventStamper, rewrite_request
+from tests.asgi import read_body
 
 TRICKY = 'say data: {"x": 1} and data: {"y": 2}\n\nok'  # text that used to be rewritten inside the JSON
 TOKEN = "admin-token"
@@ -31,12 +32,7 @@ def completion_chunks(text: str) -> list[bytes]:
 
 def vllm_like(seen: list):
     async def app(scope, receive, send):
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         seen.append(json.loads(body) if body else None)
         stream = bool(seen[-1] and seen[-1].get("stream"))
         await send({"type": "http.response.start", "status": 200,
