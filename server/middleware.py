@@ -41,14 +41,12 @@ VERSION_HEADER_BYTES = VERSION_HEADER.encode()  # ASGI headers are bytes
 VERSIONS_HEADER_BYTES = VERSIONS_HEADER.encode()
 
 
-def openai_error(status: int, message: str, type_: str, code: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code or status}}).encode()
+def openai_error(status: int, message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code or status}}).encode()
 
 
 async def send_json_error(send: Send, status: int, message: str, type_: str, param: str | None = None) -> None:
-    body = json.loads(openai_error(status, message, type_))
-    body["error"]["param"] = param
-    body = json.dumps(body).encode()
+    body = openai_error(status, message, type_, param=param)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
