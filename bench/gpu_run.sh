@@ -4,9 +4,13 @@
 # and the extra wheels our code imports that the image lacks, into .gpu/extra (see bench/gpu_wheels.sh).
 #   run(carry=[".gpu/c01", ".gpu/device-setup.sh"], command="bash .gpu/device-setup.sh")
 #   run(carry=[".gpu/c02", ".gpu/device-setup.sh"], command="bash .gpu/device-setup.sh")
-#   run(carry=[".gpu/c03", ".gpu/SHA256SUMS", ".gpu/device-setup.sh", ".gpu/extra"], command="bash bench/gpu_run.sh setup tests")
+#   run(carry=[".gpu/c03", ".gpu/SHA256SUMS", ".gpu/device-setup.sh", ".gpu/extra", ".gpu/redis"], command="bash bench/gpu_run.sh setup tests")
 #   run(command="bash bench/gpu_run.sh bench06")      # perf_overhead_gpu.json + weight_push_gpu.json (0.6B)
 #   run(command="bash bench/gpu_run.sh bench8b")      # weight_push_gpu.json gains the 8B rows
+#   run(command="MODE=async TRANSPORT=ipc bash bench/gpu_run.sh loop")  # flywheel up on the GPU -> loop_gpu_async_ipc.json
+# .gpu/redis: Debian's redis-server with its libraries (the image has none), behind a wrapper that sets
+# LD_LIBRARY_PATH for it alone. The flywheel.* package is a folder of symlinks to the checkout's four
+# folders (a namespace package, as the wheel lays it out), on PYTHONPATH.
 # Every step leaves its logs and result files under $OUT (they come back with the call).
 set -uo pipefail
 OUT=${OUT:-/tmp/fw-out}; mkdir -p "$OUT" /tmp/fw-results
@@ -15,14 +19,21 @@ export FLYWHEEL_HOME=/tmp/fwhome
 step_setup() {
   bash .gpu/device-setup.sh || return 1
   python3 -m pip install -q --no-deps --target /tmp/fw-gpu/extra .gpu/extra/*.whl 2>&1 | tail -2
+  mkdir -p /tmp/fw-gpu/pkg/flywheel /tmp/fw-gpu/bin
+  for d in server sampler trainer clients; do ln -sfn "$PWD/$d" "/tmp/fw-gpu/pkg/flywheel/$d"; done
+  [ -d .gpu/redis ] && cp -r .gpu/redis /tmp/fw-gpu/redis
+  printf '#!/bin/sh\nexec python3 -m flywheel.clients.cli "$@"\n' > /tmp/fw-gpu/bin/flywheel
+  chmod +x /tmp/fw-gpu/bin/flywheel
   cat > /tmp/fw-gpu/fw.sh <<EOF
 . /tmp/fw-gpu/env.sh
-export PYTHONPATH=$PWD:/tmp/fw-gpu/site:/tmp/fw-gpu/extra FLYWHEEL_HOME=/tmp/fwhome
+export PYTHONPATH=/tmp/fw-gpu/pkg:/tmp/fw-gpu/site:/tmp/fw-gpu/extra FLYWHEEL_HOME=/tmp/fwhome
+export PATH=/tmp/fw-gpu/bin:/tmp/fw-gpu/redis/bin:\$PATH
 EOF
   . /tmp/fw-gpu/fw.sh
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
   python3 -c "import vllm, torch, transformers, httpx, redis, rich, msgpack, pytest; print('imports ok', vllm.__version__, torch.__version__, transformers.__version__)"
-  python3 -c "from server.models import resolve_model; print(resolve_model('tiny-qwen3'))"
+  python3 -c "from flywheel.server.models import resolve_model; print(resolve_model('tiny-qwen3'))"
+  redis-server --version
 }
 
 step_tests() {
@@ -46,6 +57,25 @@ step_bench8b() {
     --results /tmp/fw-results 2>&1 | tee "$OUT/bench8b.log" | grep -v "^INFO\|^(APIServer\|^(EngineCore" | tail -40
   cp /tmp/fw-results/*.json "$OUT/" 2>/dev/null
   for s in flywheel bare; do tail -150 /tmp/gs8b/$s/server.log > "$OUT/gs8b_${s}_server.log" 2>/dev/null; done
+}
+
+step_loop() {  # MODE=async|sync TRANSPORT=ipc|shm STEPS=8: flywheel up, server + learner on this one GPU
+  . /tmp/fw-gpu/fw.sh
+  local mode=${MODE:-async} transport=${TRANSPORT:-ipc}
+  [ -d /tmp/m06/qwen3-0.6b-random ] || python3 -c "
+import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from gpu_serving import build_model
+build_model('qwen3-0.6b', Path('/tmp/m06/qwen3-0.6b-random'), 'cpu', 0)" 2>&1 | tail -2
+  timeout 570 python3 bench/loop_throughput.py --model /tmp/m06/qwen3-0.6b-random \
+    --scorer flywheel.clients.tiny_reward:low_id_fraction --max-tokens 128 --steps ${STEPS:-8} --push-every 1 \
+    --batch-size 64 --group-size 8 --modes "$mode" --workdir /tmp/loop-$mode-$transport \
+    --set lr=1e-6 --set serve.gpu_memory_utilization=0.4 --set serve.max_num_seqs=256 \
+    --set train.bf16=true --set train.micro_batch_tokens=16384 --set train.push_transport=$transport \
+    --set sampler_concurrency=16 \
+    --out "$OUT/loop_gpu_${mode}_${transport}.json" 2>&1 | tail -30
+  for f in /tmp/loop-$mode-$transport/*.log; do tail -60 "$f" > "$OUT/loop_${mode}_${transport}_$(basename "$f")"; done
+  for f in $(find /tmp/loop-$mode-$transport -name "*.log" | grep -v "^/tmp/loop-$mode-$transport/[^/]*.log" | head -8); do
+    tail -40 "$f" > "$OUT/loopchild_${mode}_${transport}_$(basename "$f")"; done
+  nvidia-smi --query-gpu=memory.used --format=csv
 }
 
 for step in "$@"; do

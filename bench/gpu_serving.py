@@ -62,7 +62,7 @@ def build_model(shape: str, folder: Path, device: str, seed: int):
     """Random model of `shape` saved as an HF folder (bf16 safetensors + tokenizer); returns it (on device)."""
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    from server.models import resolve_model
+    from flywheel.server.models import resolve_model
 
     config = Qwen3Config(vocab_size=151936, max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
                          bos_token_id=151643, eos_token_id=151645, pad_token_id=151643, **SHAPES[shape])
@@ -123,7 +123,7 @@ def both_servers(folder: Path, work: Path, args):
     a thread that stays until the end: the servers die with the thread that started them
     (clients/servers.py sets PR_SET_PDEATHSIG, which follows the parent *thread*)."""
     from perf_overhead import start_bare_vllm
-    from clients.servers import start_server, vllm_lock
+    from flywheel.clients.servers import start_server, vllm_lock
 
     gpu = torch.cuda.is_available()
     common = {"max_model_len": args.max_model_len, "max_num_seqs": None if gpu else 32, "dtype": "bfloat16" if gpu else "auto"}
@@ -195,9 +195,9 @@ def serving(fw, bare, folder: Path, args) -> dict:
 def pushes(fw, bare, model_a, args, tokenizer_dir: Path) -> dict:
     from transformers import AutoTokenizer
 
-    from server.status import fetch_status
-    from server.weights.client import push_weights
-    from server.weights.worker import non_finite
+    from flywheel.server.status import fetch_status
+    from flywheel.server.weights.client import push_weights
+    from flywheel.server.weights.worker import non_finite
 
     gpu = torch.cuda.is_available()
     model_b = perturbed(model_a, seed=7)

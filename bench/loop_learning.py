@@ -23,8 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from clients.report import loop_summary  # noqa: E402
-from clients.servers import vllm_lock  # noqa: E402
+from flywheel.clients.report import loop_summary  # noqa: E402
+from flywheel.clients.servers import vllm_lock  # noqa: E402
 
 
 def reward_parts(run_dir: Path) -> dict:
@@ -50,7 +50,7 @@ def main() -> int:
     parser.add_argument("--eval-size", type=int, default=50)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "loop_learning.json")
     args, extra = parser.parse_known_args()  # anything else goes to `flywheel up`, e.g. --lr 1e-5
-    argv = [sys.executable, "-m", "clients.cli", "up", "--config", str(REPO / "configs" / "loop.yaml"),
+    argv = [sys.executable, "-m", "flywheel.clients.cli", "up", "--config", str(REPO / "configs" / "loop.yaml"),
             "--run-dir", str(args.run_dir), "--max-steps", str(args.steps), "--eval-size", str(args.eval_size),
             "--no-live", *extra]
     start = time.time()

@@ -53,10 +53,10 @@ def start_bare_vllm(model_path: Path, workdir: Path, weight_transfer: dict | Non
     settings as clients.servers.start_server (without Flywheel's worker extension and weight-transfer
     backend), under the same one-server lock. `weight_transfer` (e.g. {"backend": "ipc"}) gives it
     vLLM's own weight-transfer engine and RL routes instead (dev mode), as a baseline for pushes."""
-    from server.config import ServeConfig
-    from server.serve import engine_environment, on_cpu, vllm_argv
-    from clients.servers import launch
-    from server.net import free_port
+    from flywheel.server.config import ServeConfig
+    from flywheel.server.serve import engine_environment, on_cpu, vllm_argv
+    from flywheel.clients.servers import launch
+    from flywheel.server.net import free_port
 
     workdir.mkdir(parents=True, exist_ok=True)
     settings = {"port": free_port(), "data_dir": workdir / "data", "kv_cache_gib": 1, "max_model_len": 1024,
@@ -80,9 +80,9 @@ def start_bare_vllm(model_path: Path, workdir: Path, weight_transfer: dict | Non
 
 
 def our_load(base_url: str, model: str, tokenizer: str, args) -> dict:
-    from clients.perf.load import LoadTarget, closed_loop
-    from clients.perf.metrics import summarize
-    from clients.perf.prompts import LocalTokenizer, synthetic_prompts
+    from flywheel.clients.perf.load import LoadTarget, closed_loop
+    from flywheel.clients.perf.metrics import summarize
+    from flywheel.clients.perf.prompts import LocalTokenizer, synthetic_prompts
 
     target = LoadTarget(base_url=base_url, model=model)
     prompts = synthetic_prompts(LocalTokenizer(tokenizer), args.num_requests + 4, args.input_len, args.output_len, seed=args.seed)
@@ -120,8 +120,8 @@ def main() -> int:
     ap.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "perf_overhead.json")
     args = ap.parse_args()
 
-    from server.models import resolve_model
-    from clients.servers import start_server
+    from flywheel.server.models import resolve_model
+    from flywheel.clients.servers import start_server
 
     model_path = resolve_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="perf_overhead-"))

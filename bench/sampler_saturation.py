@@ -61,8 +61,8 @@ async def plain_client(base_url: str, model: str, items: list, args) -> dict:
 
 
 def sampler_run(base_url: str, model: str, redis_url: str, args) -> dict:
-    from sampler.config import EndpointConfig, GrpoSampleConfig, PromptSourceConfig, QueueConfig, SamplingConfig
-    from sampler.grpo import sample_grpo
+    from flywheel.sampler.config import EndpointConfig, GrpoSampleConfig, PromptSourceConfig, QueueConfig, SamplingConfig
+    from flywheel.sampler.grpo import sample_grpo
 
     config = GrpoSampleConfig(endpoint=EndpointConfig(base_url=base_url, model=model),
                               prompts=PromptSourceConfig(num_prompts=args.prompts),
@@ -84,10 +84,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from sampler.config import PromptSourceConfig
-    from sampler.prompts import gym_prompts
-    from server.models import resolve_model
-    from clients.servers import start_redis, start_server
+    from flywheel.sampler.config import PromptSourceConfig
+    from flywheel.sampler.prompts import gym_prompts
+    from flywheel.server.models import resolve_model
+    from flywheel.clients.servers import start_redis, start_server
 
     items = list(gym_prompts(PromptSourceConfig(num_prompts=args.prompts)))
     work = Path(tempfile.mkdtemp(prefix="bench-sampler-"))

@@ -131,9 +131,9 @@ def hf_model(config, init_sd, device, dtype, experts_impl: str | None, compile_l
 
 def megatron_model(config, init_sd, dtype, attention: str, experts: str, fused: bool = False,
                    compile_layers: bool = False):
-    from trainer.megatron.convert import load_hf_state_dict
-    from trainer.megatron.model import arch_from_hf, build_gpt
-    from trainer.policy_interface import ParallelConfig
+    from flywheel.trainer.megatron.convert import load_hf_state_dict
+    from flywheel.trainer.megatron.model import arch_from_hf, build_gpt
+    from flywheel.trainer.policy_interface import ParallelConfig
 
     arch = arch_from_hf(config)
     model = build_gpt(arch, ParallelConfig(), dtype=dtype, attention=attention, experts=experts, fused=fused,
@@ -346,8 +346,8 @@ def main() -> int:
     dtype = torch.bfloat16 if device.type == "cuda" or args.bf16 else torch.float32
     sizes = args.sizes or (["toy"] if args.toy else ["issue", "large"])
 
-    from trainer.megatron.parallel import init_parallel
-    from trainer.policy_interface import ParallelConfig
+    from flywheel.trainer.megatron.parallel import init_parallel
+    from flywheel.trainer.policy_interface import ParallelConfig
 
     init_parallel(ParallelConfig())
     # the same generous recompile budget for both backends' compiled variants (8 by default)

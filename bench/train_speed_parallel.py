@@ -67,9 +67,9 @@ def global_batches(size: dict, n: int = 4):
 
 
 def build_policy(folder: Path, tensor: int, expert: int, bf16: bool, compiled: bool):
-    from trainer.policy_interface import ParallelConfig, PolicyConfig
-    from trainer.megatron.model import compile_transformer_layers
-    from trainer.megatron.policy import MegatronPolicy
+    from flywheel.trainer.policy_interface import ParallelConfig, PolicyConfig
+    from flywheel.trainer.megatron.model import compile_transformer_layers
+    from flywheel.trainer.megatron.policy import MegatronPolicy
 
     policy = MegatronPolicy(PolicyConfig(backend="megatron", model=str(folder), bf16=bf16,
                                          parallel=ParallelConfig(tensor=tensor, expert=expert)))
@@ -136,7 +136,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    from trainer.megatron.parallel import device as current_device, init_parallel
+    from flywheel.trainer.megatron.parallel import device as current_device, init_parallel
 
     init_parallel(None)  # torch.distributed (torchrun's world, or a world of one)
     device = current_device()

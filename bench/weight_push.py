@@ -39,10 +39,10 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.models import resolve_model  # noqa: E402
-from server.weights.client import push_weights  # noqa: E402
-from server.weights.shm_buckets import ShmBuckets  # noqa: E402
-from clients.servers import start_server  # noqa: E402
+from flywheel.server.models import resolve_model  # noqa: E402
+from flywheel.server.weights.client import push_weights  # noqa: E402
+from flywheel.server.weights.shm_buckets import ShmBuckets  # noqa: E402
+from flywheel.clients.servers import start_server  # noqa: E402
 
 
 def fp32_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -76,7 +76,7 @@ def model_folder(name: str, workdir: Path) -> Path:
         return resolve_model(name)
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from server.models import qwen_tokenizer
+    from flywheel.server.models import qwen_tokenizer
 
     out = workdir / name
     torch.manual_seed(0)

@@ -33,18 +33,18 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from server.errors import UserError
+from flywheel.server.errors import UserError
 
 # subcommand -> (module path, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("server.serve", "Serve a model: vLLM's OpenAI server plus Flywheel's routes."),
-    "models": ("server.models", "List (and prepare) the bundled offline models."),
-    "sample": ("sampler.cli", "Generate scored rollouts (grpo, rejection, distill) into Redis / JSONL."),
-    "train": ("trainer.cli", "Train (CPT, SFT, DPO, GRPO) on files or the rollout queue."),
-    "eval": ("clients.eval.cli", "Evaluate any OpenAI endpoint on offline benchmarks."),
-    "perf": ("clients.perf.cli", "Load-test any OpenAI endpoint."),
-    "up": ("clients.up", "Run the whole loop: redis, server, sampler, trainer, eval."),
-    "report": ("clients.report", "Write the HTML report of a run directory."),
+    "serve": ("flywheel.server.serve", "Serve a model: vLLM's OpenAI server plus Flywheel's routes."),
+    "models": ("flywheel.server.models", "List (and prepare) the bundled offline models."),
+    "sample": ("flywheel.sampler.cli", "Generate scored rollouts (grpo, rejection, distill) into Redis / JSONL."),
+    "train": ("flywheel.trainer.cli", "Train (CPT, SFT, DPO, GRPO) on files or the rollout queue."),
+    "eval": ("flywheel.clients.eval.cli", "Evaluate any OpenAI endpoint on offline benchmarks."),
+    "perf": ("flywheel.clients.perf.cli", "Load-test any OpenAI endpoint."),
+    "up": ("flywheel.clients.up", "Run the whole loop: redis, server, sampler, trainer, eval."),
+    "report": ("flywheel.clients.report", "Write the HTML report of a run directory."),
 }
 
 

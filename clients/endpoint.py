@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from server.errors import UserError
+from flywheel.server.errors import UserError
 
 
 def served_model(base_url: str, model: str | None, api_key: str = "EMPTY") -> str:

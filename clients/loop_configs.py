@@ -23,12 +23,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
-from clients.eval.cli import Config as EvalConfig
-from sampler.config import GrpoSampleConfig, PromptSourceConfig, QueueConfig
-from server.config import ServeConfig
-from server.errors import UserError
-from trainer.checkpoint import latest_train_state
-from trainer.config import TrainConfig
+from flywheel.clients.eval.cli import Config as EvalConfig
+from flywheel.sampler.config import GrpoSampleConfig, PromptSourceConfig, QueueConfig
+from flywheel.server.config import ServeConfig
+from flywheel.server.errors import UserError
+from flywheel.trainer.checkpoint import latest_train_state
+from flywheel.trainer.config import TrainConfig
 
 SEED_STRIDE = 100_000  # prompts one launch may draw before the next launch's seed range starts
 

@@ -26,9 +26,9 @@ from typing import Any
 import httpx
 from rich.table import Table
 
-from sampler.config import QueueConfig
-from sampler.queue import RolloutQueue
-from server.status import fetch_status
+from flywheel.sampler.config import QueueConfig
+from flywheel.sampler.queue import RolloutQueue
+from flywheel.server.status import fetch_status
 
 
 def last_json_line(path: Path) -> dict[str, Any] | None:

@@ -20,8 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from server.errors import UserError
-from server.jsonl import read_json_lines
+from flywheel.server.errors import UserError
+from flywheel.server.jsonl import read_json_lines
 
 
 class Config(BaseModel):

@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from clients.endpoint import wait_healthy
-from server.net import free_port
+from flywheel.clients.endpoint import wait_healthy
+from flywheel.server.net import free_port
 
 LOCK = Path("/tmp/flywheel-vllm.lock")
 STARTUP_TIMEOUT_S = float(os.environ.get("FLYWHEEL_TEST_STARTUP_TIMEOUT", "420"))
@@ -95,7 +95,7 @@ def start_server(model: str | os.PathLike, workdir: Path, **overrides):
                 "max_num_seqs": 32, "admin_token": admin_token, **overrides}
     served_name = overrides.get("served_model_name") or Path(model).name
     settings.setdefault("served_model_name", served_name)
-    argv = [sys.executable, "-m", "clients.cli", "serve", "--model", str(model)]
+    argv = [sys.executable, "-m", "flywheel.clients.cli", "serve", "--model", str(model)]
     for key, value in settings.items():
         if value is not None:
             argv += _flag(key, value)

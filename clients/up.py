@@ -36,12 +36,12 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from clients import process_group
-from clients.loop_configs import LoopConfig, component_configs, sync_sample_config, sync_train_config
-from clients.loop_status import LoopStatus, starvation_warning, status_table
-from server.errors import UserError
-from server.net import free_port
-from trainer.checkpoint import latest_train_state
+from flywheel.clients import process_group
+from flywheel.clients.loop_configs import LoopConfig, component_configs, sync_sample_config, sync_train_config
+from flywheel.clients.loop_status import LoopStatus, starvation_warning, status_table
+from flywheel.server.errors import UserError
+from flywheel.server.net import free_port
+from flywheel.trainer.checkpoint import latest_train_state
 
 Config = LoopConfig  # the `flywheel up` command's settings (clients/loop_configs.py)
 
@@ -101,7 +101,7 @@ class Child:
 
 
 def cli_child(name: str, command: list[str], config_file: Path, run_dir: Path, env: dict[str, str] | None = None) -> Child:
-    argv = [sys.executable, "-m", "clients.cli", *command, "--config", str(config_file)]
+    argv = [sys.executable, "-m", "flywheel.clients.cli", *command, "--config", str(config_file)]
     return Child(name, argv, run_dir / "logs" / f"{name}.log", env)
 
 
@@ -180,7 +180,7 @@ class Loop:
         client.close()
 
     def start_server(self) -> None:
-        from clients.endpoint import wait_healthy
+        from flywheel.clients.endpoint import wait_healthy
 
         child = self.start("server", cli_child("server", ["serve"], self.files["serve"], self.run_dir, self.secret_env))
         print(f"flywheel up: starting the server on {self.server_url} (log: {child.log_path})", flush=True)
@@ -195,7 +195,7 @@ class Loop:
         found = latest_train_state(self.run_dir / "train")
         if found is None or found[1].pushed_version <= 0:
             return
-        from server.weights.client import push_weights
+        from flywheel.server.weights.client import push_weights
 
         folder, state = found
         version = state.pushed_version
@@ -285,7 +285,7 @@ class Loop:
 
     def _finish(self, status: LoopStatus) -> int:
         """Training is done: give eval time to score the last version, then record the final accounting."""
-        from clients.loop_status import last_json_line
+        from flywheel.clients.loop_status import last_json_line
 
         final_version = status.sample().get("policy_version")
         deadline = time.time() + self.config.eval_wait_s
@@ -332,7 +332,7 @@ def run(config: LoopConfig) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if config.report:
-        from clients.report import write_report
+        from flywheel.clients.report import write_report
 
         try:
             print(f"flywheel up: report: {write_report(loop.run_dir)}", flush=True)

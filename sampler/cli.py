@@ -10,10 +10,10 @@ OpenAI API; see sampler/run.py for concurrency, sampler/rewards for the reward t
 
 from __future__ import annotations
 
-from sampler.config import DistillConfig, GrpoSampleConfig, RejectionConfig
-from sampler.distill import run as run_distill
-from sampler.grpo import run as run_grpo
-from sampler.rejection import run as run_rejection
+from flywheel.sampler.config import DistillConfig, GrpoSampleConfig, RejectionConfig
+from flywheel.sampler.distill import run as run_distill
+from flywheel.sampler.grpo import run as run_grpo
+from flywheel.sampler.rejection import run as run_rejection
 
 Config = GrpoSampleConfig
 run = run_grpo

@@ -16,11 +16,11 @@ import os
 import httpx
 from openai import AsyncOpenAI
 
-from sampler.config import EndpointConfig, SamplingConfig
-from sampler.prompts import PromptItem
-from sampler.record import RolloutRecord
-from server.errors import UserError
-from server.status import response_versions
+from flywheel.sampler.config import EndpointConfig, SamplingConfig
+from flywheel.sampler.prompts import PromptItem
+from flywheel.sampler.record import RolloutRecord
+from flywheel.server.errors import UserError
+from flywheel.server.status import response_versions
 
 
 class Endpoint:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from sampler.rewards.combine import RewardSpec
+from flywheel.sampler.rewards.combine import RewardSpec
 
 
 class QueueConfig(BaseModel):

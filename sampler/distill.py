@@ -20,12 +20,12 @@ from collections import Counter
 from pathlib import Path
 
 
-from sampler.client import Endpoint
-from sampler.config import DistillConfig
-from sampler.prompts import PromptItem
-from sampler.queue import RolloutQueue
-from sampler.record import RecordError, RolloutRecord
-from sampler.run import JsonlWriter, RunStats, build_scorer, finish, push, run_prompts, score_group
+from flywheel.sampler.client import Endpoint
+from flywheel.sampler.config import DistillConfig
+from flywheel.sampler.prompts import PromptItem
+from flywheel.sampler.queue import RolloutQueue
+from flywheel.sampler.record import RecordError, RolloutRecord
+from flywheel.sampler.run import JsonlWriter, RunStats, build_scorer, finish, push, run_prompts, score_group
 
 log = logging.getLogger("flywheel.sample")
 

@@ -13,12 +13,12 @@ import asyncio
 import uuid
 
 
-from sampler.client import Endpoint
-from sampler.config import GrpoSampleConfig
-from sampler.prompts import PromptItem
-from sampler.queue import RolloutQueue
-from sampler.run import JsonlWriter, RunStats, build_scorer, finish, push, run_prompts, score_group
-from server.errors import UserError
+from flywheel.sampler.client import Endpoint
+from flywheel.sampler.config import GrpoSampleConfig
+from flywheel.sampler.prompts import PromptItem
+from flywheel.sampler.queue import RolloutQueue
+from flywheel.sampler.run import JsonlWriter, RunStats, build_scorer, finish, push, run_prompts, score_group
+from flywheel.server.errors import UserError
 
 
 async def sample_grpo(config: GrpoSampleConfig) -> dict:

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 
-from sampler.config import PromptSourceConfig, QueueConfig
-from sampler.queue import PromptQueue
-from server.errors import UserError
-from server.jsonl import JSONLineError, json_lines
+from flywheel.sampler.config import PromptSourceConfig, QueueConfig
+from flywheel.sampler.queue import PromptQueue
+from flywheel.server.errors import UserError
+from flywheel.server.jsonl import JSONLineError, json_lines
 
 
 @dataclass

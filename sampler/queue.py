@@ -42,8 +42,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import redis
 
-from sampler.config import QueueConfig
-from sampler.record import RecordError, RolloutRecord
+from flywheel.sampler.config import QueueConfig
+from flywheel.sampler.record import RecordError, RolloutRecord
 
 log = logging.getLogger("flywheel.queue")
 FIELD = b"r"
@@ -435,12 +435,12 @@ class PromptQueue(StreamQueue):
         super().__init__(config, **overrides)
 
     def encode(self, item: Any) -> bytes:
-        from server.capture import CapturedRequest
+        from flywheel.server.capture import CapturedRequest
 
         return CapturedRequest.model_validate(item).to_bytes()
 
     def decode(self, data: bytes) -> Any:
-        from server.capture import CaptureFormatError, CapturedRequest
+        from flywheel.server.capture import CaptureFormatError, CapturedRequest
 
         try:
             return CapturedRequest.from_bytes(data)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from server.framing import from_msgpack, to_msgpack, validate_versioned
+from flywheel.server.framing import from_msgpack, to_msgpack, validate_versioned
 
 SCHEMA_VERSION = 1
 

@@ -14,13 +14,13 @@ import uuid
 
 from pydantic import BaseModel, Field
 
-from sampler.client import Endpoint
-from sampler.config import RejectionConfig
-from sampler.prompts import PromptItem
-from sampler.queue import RolloutQueue
-from sampler.record import RolloutRecord
-from sampler.run import JsonlWriter, RunStats, build_scorer, finish, push, run_prompts, score_group
-from server.errors import UserError
+from flywheel.sampler.client import Endpoint
+from flywheel.sampler.config import RejectionConfig
+from flywheel.sampler.prompts import PromptItem
+from flywheel.sampler.queue import RolloutQueue
+from flywheel.sampler.record import RolloutRecord
+from flywheel.sampler.run import JsonlWriter, RunStats, build_scorer, finish, push, run_prompts, score_group
+from flywheel.server.errors import UserError
 
 
 class PreferencePair(BaseModel):

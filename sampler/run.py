@@ -19,11 +19,11 @@ from typing import Any, Awaitable, Callable, Iterator
 
 from tqdm import tqdm
 
-from sampler.config import SampleConfig
-from sampler.prompts import PromptItem, iter_prompts
-from sampler.record import RolloutRecord
-from sampler.rewards import RewardSpec, WeightedScorer
-from server.errors import UserError
+from flywheel.sampler.config import SampleConfig
+from flywheel.sampler.prompts import PromptItem, iter_prompts
+from flywheel.sampler.record import RolloutRecord
+from flywheel.sampler.rewards import RewardSpec, WeightedScorer
+from flywheel.server.errors import UserError
 
 log = logging.getLogger("flywheel.sample")
 

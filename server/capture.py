@@ -36,7 +36,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.framing import from_msgpack, to_msgpack, validate_versioned
+from flywheel.server.framing import from_msgpack, to_msgpack, validate_versioned
 
 log = logging.getLogger("flywheel.capture")
 SCHEMA_VERSION = 1

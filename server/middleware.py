@@ -30,9 +30,9 @@ import secrets
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.policy import PolicyState
-from server.request_body import BadRequest, EventStamper, rewrite_request
-from server.status import VERSION_HEADER, VERSIONS_HEADER
+from flywheel.server.policy import PolicyState
+from flywheel.server.request_body import BadRequest, EventStamper, rewrite_request
+from flywheel.server.status import VERSION_HEADER, VERSIONS_HEADER
 
 OPENAI_PREFIXES = ("/v1/", "/v2/", "/inference/", "/tokenize", "/detokenize", "/invocations", "/pooling",
                    "/classify", "/score", "/rerank")

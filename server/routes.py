@@ -12,8 +12,8 @@ from typing import Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from server.policy import PolicyState
-from server.status import STATUS_PATH, ServerStatus
+from flywheel.server.policy import PolicyState
+from flywheel.server.status import STATUS_PATH, ServerStatus
 
 router = APIRouter()
 

@@ -16,13 +16,13 @@ import tempfile
 import sys
 from pathlib import Path
 
-from server.config import ServeConfig
-from server.errors import UserError
-from server.models import OFFLINE_ENV, resolve_model
+from flywheel.server.config import ServeConfig
+from flywheel.server.errors import UserError
+from flywheel.server.models import OFFLINE_ENV, resolve_model
 
 Config = ServeConfig
 
-WORKER_EXTENSION = "server.weights.worker.WeightUpdateExtension"
+WORKER_EXTENSION = "flywheel.server.weights.worker.WeightUpdateExtension"
 # The vLLM release this code is written against (its OpenAI server internals, RL routes and
 # weight-transfer engines change between minor releases): the `cpu` and `gpu` extras pin it.
 SUPPORTED_VLLM = (0, 32)
@@ -117,10 +117,10 @@ def vllm_argv(config: ServeConfig, model_path: Path, served_name: str, cpu: bool
 
 def install(app, config: ServeConfig, model_path: Path, served_name: str, admin_token: str) -> None:
     """Mount Flywheel's state, routes and middleware on vLLM's FastAPI app."""
-    from server.middleware import FlywheelMiddleware
-    from server.policy import PolicyState
-    from server.routes import router
-    from server.weights.routes import router as weights_router
+    from flywheel.server.middleware import FlywheelMiddleware
+    from flywheel.server.policy import PolicyState
+    from flywheel.server.routes import router
+    from flywheel.server.weights.routes import router as weights_router
 
     policy = PolicyState(model=str(model_path), served_model_name=served_name)
     app.state.flywheel_policy = policy
@@ -139,7 +139,7 @@ def install(app, config: ServeConfig, model_path: Path, served_name: str, admin_
     # on the first request if we drop it, now including ours.
     app.middleware_stack = None
     if config.capture_redis_url:
-        from server.capture import CaptureMiddleware
+        from flywheel.server.capture import CaptureMiddleware
 
         app.add_middleware(CaptureMiddleware, redis_url=config.capture_redis_url, stream=config.capture_stream,
                            rate=config.capture_rate, redact=config.capture_redact, policy=policy)

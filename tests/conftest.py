@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.servers import start_redis
+from flywheel.clients.servers import start_redis
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FLYWHEEL_HOME", str(REPO / ".flywheel"))
@@ -53,14 +53,14 @@ def redis_client(redis_url):
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from server.models import resolve_model
+    from flywheel.server.models import resolve_model
 
     return resolve_model("tiny-qwen3")
 
 
 @pytest.fixture(scope="session")
 def tiny_moe_model() -> Path:
-    from server.models import resolve_model
+    from flywheel.server.models import resolve_model
 
     return resolve_model("tiny-qwen3-moe")
 
@@ -68,7 +68,7 @@ def tiny_moe_model() -> Path:
 @pytest.fixture(scope="session")
 def server(tiny_model, tmp_path_factory):
     """A real Flywheel server on tiny-qwen3, shared by the session."""
-    from clients.servers import start_server
+    from flywheel.clients.servers import start_server
 
     with start_server(tiny_model, tmp_path_factory.mktemp("serve")) as srv:
         yield srv

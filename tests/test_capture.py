@@ -11,9 +11,9 @@ import httpx
 import msgpack
 import pytest
 
-from sampler.queue import PromptQueue
-from server.capture import CaptureFormatError, CapturedRequest, CaptureMiddleware
-from server.policy import PolicyState
+from flywheel.sampler.queue import PromptQueue
+from flywheel.server.capture import CaptureFormatError, CapturedRequest, CaptureMiddleware
+from flywheel.server.policy import PolicyState
 from tests.asgi import read_body
 
 
@@ -115,7 +115,7 @@ def test_redaction_hook_by_dotted_path(redis_client, redis_url):
 
 
 def test_redis_down_never_breaks_or_slows_responses(caplog):
-    from server.net import free_port
+    from flywheel.server.net import free_port
 
     app = CaptureMiddleware(openai_like_app, redis_url=f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)
 

@@ -12,13 +12,13 @@ import time
 import pytest
 from openai import OpenAI
 
-from sampler.queue import PromptQueue
+from flywheel.sampler.queue import PromptQueue
 
 pytestmark = pytest.mark.slow
 
 
 def test_real_server_captures_into_prompts_stream(tiny_model, tmp_path_factory, redis_client, redis_url):
-    from clients.servers import start_server
+    from flywheel.clients.servers import start_server
 
     # a short folder: vLLM's IPC socket paths live under it and must stay under the 107-byte unix limit
     with start_server(tiny_model, tmp_path_factory.mktemp("cap"), capture_redis_url=redis_url, capture_rate=1.0) as srv:

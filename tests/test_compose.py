@@ -11,11 +11,11 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from clients.cli import _unwrap_optional, build_config
-from clients.eval.cli import Config as EvalConfig
-from sampler.config import GrpoSampleConfig
-from server.config import ServeConfig
-from trainer.config import TrainConfig
+from flywheel.clients.cli import _unwrap_optional, build_config
+from flywheel.clients.eval.cli import Config as EvalConfig
+from flywheel.sampler.config import GrpoSampleConfig
+from flywheel.server.config import ServeConfig
+from flywheel.trainer.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())

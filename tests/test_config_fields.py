@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from clients.cli import COMMANDS
+from flywheel.clients.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_MODULES = ["server.config", "server.status", "sampler.config", "trainer.config", "trainer.policy_interface",
-                  "clients.loop_configs"]
+CONFIG_MODULES = ["flywheel.server.config", "flywheel.server.status", "flywheel.sampler.config", "flywheel.trainer.config", "flywheel.trainer.policy_interface",
+                  "flywheel.clients.loop_configs"]
 
 
 def nested_models(tp) -> list[type[BaseModel]]:
@@ -32,7 +32,7 @@ def nested_models(tp) -> list[type[BaseModel]]:
 
 def command_configs() -> set[type[BaseModel]]:
     """Every command's and subcommand's Config, every model nested in one, and the backends' PolicyConfig."""
-    from trainer.policy_interface import PolicyConfig  # built from TrainConfig, not a field of it
+    from flywheel.trainer.policy_interface import PolicyConfig  # built from TrainConfig, not a field of it
 
     todo: list[type[BaseModel]] = [PolicyConfig]
     for module_path, _ in COMMANDS.values():

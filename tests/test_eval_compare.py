@@ -6,11 +6,11 @@ import json
 import subprocess
 import sys
 
-from clients.eval.compare import compare_runs, paired_bootstrap
-from clients.eval.datasets import load_gsm8k_style
-from clients.eval.report import read_samples, write_run
-from clients.eval.runner import Sample, grade
-from clients.eval.watch import plot_history, read_history
+from flywheel.clients.eval.compare import compare_runs, paired_bootstrap
+from flywheel.clients.eval.datasets import load_gsm8k_style
+from flywheel.clients.eval.report import read_samples, write_run
+from flywheel.clients.eval.runner import Sample, grade
+from flywheel.clients.eval.watch import plot_history, read_history
 
 
 def _run(tmp_path, name, right_ids):
@@ -53,12 +53,12 @@ def test_compare_cli(tmp_path):
     run_a, _ = _run(tmp_path, "a", set(ids[:6]))
     run_b, _ = _run(tmp_path, "b", set(ids[:3]))
     out = tmp_path / "cmp.json"
-    proc = subprocess.run([sys.executable, "-m", "clients.cli", "eval", "compare", str(run_a), str(run_b), "--output", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "flywheel.clients.cli", "eval", "compare", str(run_a), str(run_b), "--output", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "gsm8k-style" in proc.stdout and "-0.2500" in proc.stdout
     assert json.loads(out.read_text())["benchmarks"]["gsm8k-style"]["regressed"] == 3
-    bad = subprocess.run([sys.executable, "-m", "clients.cli", "eval", "compare", str(run_a), str(tmp_path / "nope")],
+    bad = subprocess.run([sys.executable, "-m", "flywheel.clients.cli", "eval", "compare", str(run_a), str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "no samples.jsonl" in bad.stderr
 

@@ -12,9 +12,9 @@ import re
 
 import pytest
 
-from clients.eval.datasets import (DatasetError, champ_answers, load_benchmark, load_collection, load_custom,
+from flywheel.clients.eval.datasets import (DatasetError, champ_answers, load_benchmark, load_collection, load_custom,
                                    load_gsm8k_style, load_mmlu_dev)
-from clients.eval.runner import EvalItem, grade_reply, pass_at_k
+from flywheel.clients.eval.runner import EvalItem, grade_reply, pass_at_k
 
 
 @pytest.mark.parametrize("name,count", [("mmlu-dev", 281), ("mmlu-dev-generative", 281), ("humaneval", 164),

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from clients.eval.datasets import load_mmlu_dev
-from clients.eval.runner import QuerySettings, grade, query_all
+from flywheel.clients.eval.datasets import load_mmlu_dev
+from flywheel.clients.eval.runner import QuerySettings, grade, query_all
 
-FLYWHEEL = [sys.executable, "-m", "clients.cli"]
+FLYWHEEL = [sys.executable, "-m", "flywheel.clients.cli"]
 
 
 def _flywheel(*args, timeout=300):
@@ -69,7 +69,7 @@ def test_loglikelihood_forced_answer(server, tiny_model):
     from openai import OpenAI
     from transformers import AutoTokenizer
 
-    from clients.eval.datasets import EvalItem
+    from flywheel.clients.eval.datasets import EvalItem
 
     context = "The following is a multiple choice question.\nAnswer:"
     tok = AutoTokenizer.from_pretrained(tiny_model)

@@ -19,8 +19,8 @@ import httpx
 import pytest
 import torch
 
-from server.weights.client import PushFailed, push_weights
-from clients.servers import start_server
+from flywheel.server.weights.client import PushFailed, push_weights
+from flywheel.clients.servers import start_server
 from tests.test_weights import assert_same, greedy, perturbed_copy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

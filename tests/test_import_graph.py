@@ -25,8 +25,13 @@ MAY_IMPORT = {"server": {"server"}, "sampler": {"sampler", "server"}, "trainer":
 
 
 def module_name(path: Path) -> str:
+    """server/weights/client.py -> flywheel.server.weights.client (pyproject's package-dir mapping)."""
     parts = path.relative_to(REPO).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    return ".".join(["flywheel", *(parts[:-1] if parts[-1] == "__init__" else parts)])
+
+
+def layer(module: str) -> str:
+    return module.split(".")[1]
 
 
 def our_modules() -> dict[str, Path]:
@@ -77,8 +82,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_walk_sees_lazy_and_relative_imports():
     graph = arrows(our_modules())
-    assert "server.weights.protocol" in graph["server.weights.client"]  # top-level
-    assert "server.weights.client" in graph["clients.up"]  # inside a method
+    assert "flywheel.server.weights.protocol" in graph["flywheel.server.weights.client"]  # top-level
+    assert "flywheel.server.weights.client" in graph["flywheel.clients.up"]  # inside a method
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
@@ -89,5 +94,19 @@ def test_no_import_circle():
 
 def test_no_upward_arrow():
     upward = sorted(f"{src} -> {dst}" for src, dsts in arrows(our_modules()).items() for dst in dsts
-                    if dst.split(".")[0] not in MAY_IMPORT[src.split(".")[0]])
+                    if layer(dst) not in MAY_IMPORT[layer(src)])
     assert not upward, "imports against the layering:\n" + "\n".join(upward)
+
+
+def test_nothing_imports_the_folders_by_their_bare_names():
+    """`import server` would load a second copy of a module beside flywheel.server (two PolicyState
+    classes, two registries); the folders are only reachable as flywheel.* once installed."""
+    bare = []
+    for path in sorted(REPO.glob("*/**/*.py")):
+        if ".venv" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bare += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in PACKAGES]
+    assert not bare, "import these as flywheel.*:\n" + "\n".join(bare)

@@ -28,9 +28,9 @@ import httpx
 import pytest
 import yaml
 
-from clients import process_group
-from clients.servers import vllm_lock
-from clients.tiny_reward import PROMPT_TEXT, SCORER
+from flywheel.clients import process_group
+from flywheel.clients.servers import vllm_lock
+from flywheel.clients.tiny_reward import PROMPT_TEXT, SCORER
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS, PUSH_EVERY, MAX_STALENESS, BATCH, GROUP = 12, 1, 1, 64, 8
@@ -58,7 +58,7 @@ def loop_config(tmp_path: Path, tiny_model: Path, **extra) -> Path:
 def start_up(config_path: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "a") as fh:
-        return subprocess.Popen([sys.executable, "-m", "clients.cli", "up", "--config", str(config_path)],
+        return subprocess.Popen([sys.executable, "-m", "flywheel.clients.cli", "up", "--config", str(config_path)],
                                 cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from clients.loop_status import UNIFORM_STREAK_WARNING, LoopStatus, starvation_warning, status_table
-from sampler.config import QueueConfig
-from sampler.queue import RolloutQueue
-from sampler.record import RolloutRecord
+from flywheel.clients.loop_status import UNIFORM_STREAK_WARNING, LoopStatus, starvation_warning, status_table
+from flywheel.sampler.config import QueueConfig
+from flywheel.sampler.queue import RolloutQueue
+from flywheel.sampler.record import RolloutRecord
 
 
 def record(i: int) -> RolloutRecord:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.losses import aggregate, dpo_loss, group_advantages, grpo_loss, k3_kl, nll_loss
+from flywheel.trainer.losses import aggregate, dpo_loss, group_advantages, grpo_loss, k3_kl, nll_loss
 
 
 def t(rows):

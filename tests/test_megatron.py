@@ -24,10 +24,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from server.net import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
+from flywheel.server.net import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
 
-from trainer.policy_interface import IGNORE, ParallelConfig, PolicyConfig  # noqa: E402
-from trainer.megatron.policy import document_mask  # noqa: E402
+from flywheel.trainer.policy_interface import IGNORE, ParallelConfig, PolicyConfig  # noqa: E402
+from flywheel.trainer.megatron.policy import document_mask  # noqa: E402
 
 
 def make_batch(vocab: int = 150000, packed: bool = True):
@@ -57,7 +57,7 @@ def run_step(policy):
 
 
 def hf_reference(path: Path):
-    from trainer.hf_backend import HFPolicy
+    from flywheel.trainer.hf_backend import HFPolicy
 
     policy = HFPolicy(PolicyConfig(backend="transformers", model=str(path)))
     lp, loss = run_step(policy)
@@ -98,7 +98,7 @@ def tiny_llama(tmp_path_factory, tiny_model) -> Path:
 @pytest.fixture(scope="module")
 def megatron_world():
     """One in-process world of size 1 (gloo) for this module; torn down after."""
-    from trainer.megatron.parallel import shutdown
+    from flywheel.trainer.megatron.parallel import shutdown
 
     yield
     shutdown()
@@ -113,7 +113,7 @@ def _models(request):
 def test_backends_agree_at_world_size_1(which, request, megatron_world, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from trainer.megatron import build_policy
+    from flywheel.trainer.megatron import build_policy
 
     path = _models(request)[which]
     ref = hf_reference(path)
@@ -145,8 +145,8 @@ def test_sft_training_gives_the_same_losses_on_both_backends(tiny_model, megatro
     """`flywheel train --backend megatron`: same config, same losses step by step, an HF checkpoint."""
     import json
 
-    from trainer.config import TrainConfig
-    from trainer.train import train
+    from flywheel.trainer.config import TrainConfig
+    from flywheel.trainer.train import train
 
     rows = [{"messages": [{"role": "user", "content": f"count to {i + 3}"},
                           {"role": "assistant", "content": " ".join(str(j) for j in range(i + 3))}]} for i in range(8)]
@@ -166,7 +166,7 @@ def test_sft_training_gives_the_same_losses_on_both_backends(tiny_model, megatro
 
 def test_packed_documents_are_isolated(tiny_model, megatron_world):
     """A document packed after another gives the log-probs it gives alone (position-id restart = boundary)."""
-    from trainer.megatron import build_policy
+    from flywheel.trainer.megatron import build_policy
 
     policy = build_policy(PolicyConfig(backend="megatron", model=str(tiny_model)))
     ids, pos, targets = make_batch(packed=True)
@@ -183,9 +183,9 @@ def test_packed_documents_are_isolated(tiny_model, megatron_world):
 def test_both_layer_specs_match_hf_logits(attention, experts, tiny_moe_model, megatron_world):
     from transformers import AutoModelForCausalLM
 
-    from trainer.megatron.convert import hf_state_dict, load_hf_state_dict
-    from trainer.megatron.model import arch_from_hf, build_gpt
-    from trainer.megatron.parallel import init_parallel
+    from flywheel.trainer.megatron.convert import hf_state_dict, load_hf_state_dict
+    from flywheel.trainer.megatron.model import arch_from_hf, build_gpt
+    from flywheel.trainer.megatron.parallel import init_parallel
 
     init_parallel()
     hf = AutoModelForCausalLM.from_pretrained(tiny_moe_model).eval()
@@ -207,7 +207,7 @@ def test_convert_cli_round_trip(tiny_moe_model, tmp_path):
     meg, back = tmp_path / "meg", tmp_path / "back"
     for args in (["--src", str(tiny_moe_model), "--dst", str(meg), "--expert-parallel", "2"],
                  ["--src", str(meg), "--dst", str(back), "--to", "hf"]):
-        proc = subprocess.run([sys.executable, "-m", "clients.cli", "train", "convert", *args], cwd=REPO, env=env,
+        proc = subprocess.run([sys.executable, "-m", "flywheel.clients.cli", "train", "convert", *args], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert (meg / "mp_rank_00_001" / "model_optim_rng.pt").is_file()
@@ -215,7 +215,7 @@ def test_convert_cli_round_trip(tiny_moe_model, tmp_path):
     converted = {k: v for f in back.glob("*.safetensors") for k, v in load_file(f).items()}
     assert set(converted) == set(original)
     assert all(torch.equal(converted[k], original[k]) for k in original)
-    bad = subprocess.run([sys.executable, "-m", "clients.cli", "train", "convert", "--src", str(tmp_path),
+    bad = subprocess.run([sys.executable, "-m", "flywheel.clients.cli", "train", "convert", "--src", str(tmp_path),
                           "--dst", str(tmp_path / "x"), "--to", "hf"], cwd=REPO, env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "not a megatron checkpoint folder" in bad.stderr
 
@@ -226,7 +226,7 @@ def test_convert_cli_round_trip(tiny_moe_model, tmp_path):
 def _worker(model: str, tensor: int, expert: int, out: Path) -> None:
     import torch.distributed as dist
 
-    from trainer.megatron import build_policy
+    from flywheel.trainer.megatron import build_policy
 
     policy = build_policy(PolicyConfig(backend="megatron", model=model, parallel=ParallelConfig(tensor=tensor, expert=expert)))
     ids, pos, _ = make_batch()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.policy_interface import IGNORE, PolicyConfig
+from flywheel.trainer.policy_interface import IGNORE, PolicyConfig
 
 
 def batch(length: int, seed: int):
@@ -33,10 +33,10 @@ def step(policy, length: int, seed: int):
 def build(backend: str, model, compile_: bool):
     config = PolicyConfig(backend=backend, model=str(model), compile=compile_)
     if backend == "megatron":
-        from trainer.megatron.policy import MegatronPolicy
+        from flywheel.trainer.megatron.policy import MegatronPolicy
 
         return MegatronPolicy(config)
-    from trainer.hf_backend import HFPolicy
+    from flywheel.trainer.hf_backend import HFPolicy
 
     return HFPolicy(config)
 
@@ -46,7 +46,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-    from trainer.megatron.parallel import shutdown
+    from flywheel.trainer.megatron.parallel import shutdown
 
     shutdown()
 

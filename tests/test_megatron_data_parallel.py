@@ -19,7 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from server.net import free_port as _free_port  # noqa: E402
+from flywheel.server.net import free_port as _free_port  # noqa: E402
 from tests.test_megatron_resume import hf_weights, losses, train_config, write_sft_data  # noqa: E402
 
 STEPS = 3
@@ -28,8 +28,8 @@ STEPS = 3
 def _worker(model: str, data: Path, run_dir: Path) -> None:
     import torch.distributed as dist
 
-    from trainer.megatron.policy import MegatronPolicy
-    from trainer.train import train
+    from flywheel.trainer.megatron.policy import MegatronPolicy
+    from flywheel.trainer.train import train
 
     calls = {"forwards": 0}
     forward = MegatronPolicy.forward_logprobs
@@ -56,7 +56,7 @@ def launch(model: Path, data: Path, run_dir: Path, ranks: int) -> None:
 
 @pytest.mark.slow  # a plain run and a 2-rank torchrun run: ~90 s on the shared 2-core machine
 def test_two_replicas_split_the_step_and_train_like_one(tmp_path):
-    from server.models import resolve_model
+    from flywheel.server.models import resolve_model
 
     model = Path(resolve_model("tiny-qwen3"))
     data = write_sft_data(tmp_path / "sft.jsonl")

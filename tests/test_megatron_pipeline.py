@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from server.net import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
+from flywheel.server.net import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
 
 from tests.test_megatron_resume import hf_weights, train_config, write_sft_data  # noqa: E402
 
@@ -30,7 +30,7 @@ STEPS = 3
 
 
 def _worker(model: str, data: Path, root: Path) -> None:
-    from trainer.train import train
+    from flywheel.trainer.train import train
 
     for name, pipeline in (("pp2", 2), ("pp1", 1)):  # pp1 at world size 2 is two data-parallel replicas
         train(train_config(model, data, root / name, 1, pipeline, 1, max_steps=STEPS, save_every=STEPS))
@@ -42,7 +42,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow  # one torchrun launch of 2 ranks training twice: ~60-90 s on the shared 2-core machine
 def test_pipeline_parallel_matches_pp1(tmp_path):
-    from server.models import resolve_model
+    from flywheel.server.models import resolve_model
 
     model = Path(resolve_model("tiny-qwen3"))
     data = write_sft_data(tmp_path / "sft.jsonl")

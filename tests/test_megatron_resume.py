@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from server.net import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
+from flywheel.server.net import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
 
 N, M = 2, 2  # steps before the stop, steps after the resume
 
@@ -35,7 +35,7 @@ def write_sft_data(path: Path) -> Path:
 
 
 def train_config(model: str, data: Path, run_dir: Path, tensor: int, pipeline: int, expert: int, **overrides):
-    from trainer.config import TrainConfig
+    from flywheel.trainer.config import TrainConfig
 
     # 4 samples of ~30 tokens, micro-batches of 64 tokens: every step accumulates over 2 micro-batches
     settings = dict(model=model, data=[str(data)], run_dir=run_dir, backend="megatron", objective="sft",
@@ -46,7 +46,7 @@ def train_config(model: str, data: Path, run_dir: Path, tensor: int, pipeline: i
 
 
 def _worker(phase: str, model: str, data: Path, root: Path, tensor: int, pipeline: int, expert: int) -> None:
-    from trainer.train import train
+    from flywheel.trainer.train import train
 
     if phase == "first":
         train(train_config(model, data, root / "straight", tensor, pipeline, expert))
@@ -98,7 +98,7 @@ def assert_resume_matches_straight(root: Path, ranks: int = 2) -> None:
 @pytest.mark.parametrize("which,tensor,pipeline,expert", [("tiny-qwen3", 2, 1, 1), ("tiny-qwen3-moe", 1, 1, 2)],
                          ids=["tp2-dense", "ep2-moe"])
 def test_resume_under_torchrun_matches_straight_run(which, tensor, pipeline, expert, tmp_path):
-    from server.models import resolve_model
+    from flywheel.server.models import resolve_model
 
     model = Path(resolve_model(which))
     data = write_sft_data(tmp_path / "sft.jsonl")

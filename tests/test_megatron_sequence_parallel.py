@@ -17,10 +17,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from server.net import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
+from flywheel.server.net import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
 
 from tests.test_megatron import assert_grads_close, make_batch, nll  # noqa: E402
-from trainer.policy_interface import ParallelConfig, PolicyConfig  # noqa: E402
+from flywheel.trainer.policy_interface import ParallelConfig, PolicyConfig  # noqa: E402
 
 T = 15  # odd: sequence parallelism splits T over 2 ranks, so the policy must pad
 
@@ -42,7 +42,7 @@ def step(policy) -> dict:
 def _worker(model_path: str, out: Path) -> None:
     import torch.distributed as dist
 
-    from trainer.megatron import build_policy
+    from flywheel.trainer.megatron import build_policy
 
     policy = build_policy(PolicyConfig(backend="megatron", model=model_path, parallel=ParallelConfig(tensor=2)))
     assert policy.model.config.sequence_parallel
@@ -55,7 +55,7 @@ def _worker(model_path: str, out: Path) -> None:
 
 
 def test_moe_with_tp2_trains_through_sequence_parallelism_without_te(tiny_moe_model, tmp_path):
-    from trainer.hf_backend import HFPolicy
+    from flywheel.trainer.hf_backend import HFPolicy
 
     out = tmp_path / "rank0.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),

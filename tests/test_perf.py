@@ -13,11 +13,11 @@ import time
 import pytest
 from openai import OpenAI
 
-from clients.perf.load import LoadTarget, closed_loop, open_loop, send_request
-from clients.perf.metrics import summarize
-from clients.perf.prompts import LocalTokenizer, ServerTokenizer, synthetic_prompts
+from flywheel.clients.perf.load import LoadTarget, closed_loop, open_loop, send_request
+from flywheel.clients.perf.metrics import summarize
+from flywheel.clients.perf.prompts import LocalTokenizer, ServerTokenizer, synthetic_prompts
 
-FLYWHEEL = [sys.executable, "-m", "clients.cli"]
+FLYWHEEL = [sys.executable, "-m", "flywheel.clients.cli"]
 
 
 def test_synthetic_prompts_are_token_exact(tiny_model, server):

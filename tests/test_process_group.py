@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from clients import process_group
+from flywheel.clients import process_group
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc (Linux)")
@@ -41,8 +41,8 @@ COMPONENT = textwrap.dedent("""
 STOPPER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from clients import process_group
-    from clients.up import Child
+    from flywheel.clients import process_group
+    from flywheel.clients.up import Child
     component, marker, grace, mode, timeout_s = sys.argv[1:6]
     adopted = process_group.become_subreaper()
     child = Child("component", [sys.executable, "-c", component, marker, grace, mode], Path(marker + ".log")).start()

@@ -10,8 +10,8 @@ import threading
 import httpx
 import pytest
 
-from server.weights.client import PushFailed, push_weights
-from clients.servers import start_server
+from flywheel.server.weights.client import PushFailed, push_weights
+from flywheel.clients.servers import start_server
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_pushes_take_turns_and_a_later_one_still_applies(srv, tiny_model):
 def test_non_finite_screen_is_exact():
     import torch
 
-    from server.weights.worker import non_finite
+    from flywheel.server.weights.worker import non_finite
 
     big = torch.full((4,), 3e38)  # finite, but its sum overflows: must not be refused
     nan = torch.ones(5)

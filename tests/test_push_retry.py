@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from server.weights.client import PushFailed
-from trainer.config import TrainConfig
-from trainer.push import WeightPusher
+from flywheel.server.weights.client import PushFailed
+from flywheel.trainer.config import TrainConfig
+from flywheel.trainer.push import WeightPusher
 
 
 class FlakyServer(ThreadingHTTPServer):
@@ -107,7 +107,7 @@ def test_a_refused_push_still_raises(flaky):
 def test_a_version_is_durable_before_it_is_pushed(flaky, tmp_path, tiny_model):
     """Issue 16 defect 3: the trainer pushed before it checkpointed, so a kill mid-push left the server
     serving a version no checkpoint held. Each push now finds its step's checkpoint, holding its version."""
-    from trainer.train import train
+    from flywheel.trainer.train import train
 
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},

@@ -15,8 +15,8 @@ import time
 import msgpack
 import pytest
 
-from sampler.queue import QueueFull, RolloutQueue, SeenIds
-from sampler.record import RolloutRecord
+from flywheel.sampler.queue import QueueFull, RolloutQueue, SeenIds
+from flywheel.sampler.record import RolloutRecord
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +44,7 @@ def test_put_get_ack_and_stats(redis_client, redis_url):
 
 CONSUMER = textwrap.dedent("""
     import json, sys, time
-    from sampler.queue import RolloutQueue, SeenIds
+    from flywheel.sampler.queue import RolloutQueue, SeenIds
     url, checkpoint = sys.argv[1], sys.argv[2]
     q = RolloutQueue(url=url, stream="t", claim_idle_s=0.5, consumer="doomed")
     batch = q.get(count=4, block_s=5)
@@ -192,7 +192,7 @@ def test_seen_ids_state_roundtrip():
 @pytest.fixture
 def own_redis(tmp_path):
     """A redis-server this test may stop and restart on the same port."""
-    from clients.servers import start_redis
+    from flywheel.clients.servers import start_redis
 
     proc, url = start_redis(tmp_path)
     procs = [proc]

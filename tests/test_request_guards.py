@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 
-from server.middleware import FlywheelMiddleware
-from server.policy import PolicyState
-from server.request_body import EventStamper, rewrite_request
+from flywheel.server.middleware import FlywheelMiddleware
+from flywheel.server.policy import PolicyState
+from flywheel.server.request_body import EventStamper, rewrite_request
 from tests.asgi import read_body
 
 TRICKY = 'say data: {"x": 1} and data: {"y": 2}\n\nok'  # text that used to be rewritten inside the JSON

@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sampler.record import Reward
-from sampler.rewards import ScorerError, WeightedScorer, get_scorer, list_scorers
-from sampler.rewards.extract import extract_answer
+from flywheel.sampler.record import Reward
+from flywheel.sampler.rewards import ScorerError, WeightedScorer, get_scorer, list_scorers
+from flywheel.sampler.rewards.extract import extract_answer
 
 
 def test_registry_lists_builtins_and_rejects_unknown():
@@ -214,7 +214,7 @@ def test_http_scorer_against_local_server(judge_url):
 
 
 def test_http_scorer_failure_raises_or_falls_back(judge_url):
-    from sampler.rewards.remote import RemoteRewardError
+    from flywheel.sampler.rewards.remote import RemoteRewardError
 
     _Judge.failures_left = 10
     with pytest.raises(RemoteRewardError, match="after 2 attempts"):

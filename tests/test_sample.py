@@ -7,14 +7,14 @@ import json
 import math
 from collections import defaultdict
 
-from sampler.config import DistillConfig, EndpointConfig, GrpoSampleConfig, PromptSourceConfig, QueueConfig, RejectionConfig, SamplingConfig
-from sampler.distill import sample_distill
-from sampler.grpo import sample_grpo
-from sampler.queue import PromptQueue, RolloutQueue
-from sampler.record import RolloutRecord
-from sampler.rejection import PreferencePair, sample_rejection
-from sampler.rewards import RewardSpec
-from server.capture import CapturedRequest
+from flywheel.sampler.config import DistillConfig, EndpointConfig, GrpoSampleConfig, PromptSourceConfig, QueueConfig, RejectionConfig, SamplingConfig
+from flywheel.sampler.distill import sample_distill
+from flywheel.sampler.grpo import sample_grpo
+from flywheel.sampler.queue import PromptQueue, RolloutQueue
+from flywheel.sampler.record import RolloutRecord
+from flywheel.sampler.rejection import PreferencePair, sample_rejection
+from flywheel.sampler.rewards import RewardSpec
+from flywheel.server.capture import CapturedRequest
 
 
 def first_token_even(completion, answer, completion_token_ids=(), **context):
@@ -176,7 +176,7 @@ def test_grpo_from_capture_stream_acks_prompts(server, redis_client, redis_url):
 
 
 def test_cli_rejects_bad_settings(tmp_path, capsys):
-    from clients.cli import main
+    from flywheel.clients.cli import main
 
     assert main(["sample", "rejection", "--prompts.kind", "jsonl", "--prompts.path", str(tmp_path / "none.jsonl"),
                  "--no-progress", "--endpoint.model", "m"]) == 2

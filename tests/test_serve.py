@@ -14,8 +14,8 @@ import httpx
 import openai
 import pytest
 
-from clients import process_group
-from clients.servers import start_server
+from flywheel.clients import process_group
+from flywheel.clients.servers import start_server
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from server.weights.shm_buckets import PREFIX, ShmBuckets, sweep_stale
+from flywheel.server.weights.shm_buckets import PREFIX, ShmBuckets, sweep_stale
 
 
 def read_back(paths) -> dict:
@@ -74,7 +74,7 @@ def test_folders_of_dead_processes_are_swept(tmp_path):
 
 
 def test_push_weights_drops_the_files_when_the_push_fails(tmp_path):
-    from server.weights.client import push_weights
+    from flywheel.server.weights.client import push_weights
 
     with ShmBuckets(root=tmp_path) as buckets:
         with pytest.raises(Exception):  # nothing listens on this port

@@ -3,8 +3,8 @@
 import openai
 import pytest
 
-from server.models import resolve_model
-from clients.servers import start_server
+from flywheel.server.models import resolve_model
+from flywheel.clients.servers import start_server
 
 
 @pytest.mark.slow

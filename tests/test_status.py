@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 from openai import OpenAI
 
-from server.status import VERSION_HEADER, VERSIONS_HEADER, ServerStatus, fetch_status, response_version, response_versions
+from flywheel.server.status import VERSION_HEADER, VERSIONS_HEADER, ServerStatus, fetch_status, response_version, response_versions
 
 
 def test_versions_come_from_the_headers_then_the_body():

@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.errors import UserError
-from trainer.backend import build_policy
-from trainer.policy_interface import IGNORE, PolicyConfig
-from trainer.config import TrainConfig
-from trainer.data import collate, load_sft
-from trainer.objectives import nll_backward
-from trainer.train import train
+from flywheel.server.errors import UserError
+from flywheel.trainer.backend import build_policy
+from flywheel.trainer.policy_interface import IGNORE, PolicyConfig
+from flywheel.trainer.config import TrainConfig
+from flywheel.trainer.data import collate, load_sft
+from flywheel.trainer.objectives import nll_backward
+from flywheel.trainer.train import train
 
 
 def write_jsonl(path, rows):
@@ -151,7 +151,7 @@ def test_dpo_on_a_synthetic_preference_lowers_loss_and_raises_margin(tmp_path, t
 
 
 def test_plot_writes_png_curves(tmp_path, tiny_model):
-    from trainer.plot import plot_run
+    from flywheel.trainer.plot import plot_run
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -163,7 +163,7 @@ def test_plot_writes_png_curves(tmp_path, tiny_model):
 
 
 def test_cli_reports_bad_data_in_one_line(tmp_path, tiny_model, capsys):
-    from clients.cli import main
+    from flywheel.clients.cli import main
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": sft_rows(1)[0]["messages"]}) + "\n" + json.dumps({"text": "x"}) + "\n")

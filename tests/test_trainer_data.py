@@ -7,9 +7,9 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from sampler.record import RolloutRecord
-from trainer.policy_interface import IGNORE
-from trainer.data import (DataError, collate, load_dpo, load_rollouts, load_sft, load_text, micro_batches,
+from flywheel.sampler.record import RolloutRecord
+from flywheel.trainer.policy_interface import IGNORE
+from flywheel.trainer.data import (DataError, collate, load_dpo, load_rollouts, load_sft, load_text, micro_batches,
                           rollout_sample, take_step)
 
 
@@ -76,7 +76,7 @@ def test_long_cpt_documents_are_chunked(tmp_path, tokenizer):
 
 
 def test_padded_rows_are_their_own_document(tokenizer):
-    from trainer.data import Sample
+    from flywheel.trainer.data import Sample
 
     a, b = Sample([1, 2, 3, 4], [True] * 4), Sample([5, 6], [True] * 2)
     batch = collate([a, b], pad_id=9, pack=False)
@@ -96,7 +96,7 @@ def test_rollout_sample_aligns_behaviour_logprobs_with_targets():
 
 
 def test_micro_batches_respect_token_budget():
-    from trainer.data import Sample
+    from flywheel.trainer.data import Sample
 
     samples = [Sample([0] * n, [True] * n) for n in (5, 4, 3, 8, 1)]
     groups = micro_batches(samples, token_budget=9)

@@ -11,16 +11,16 @@ import json
 import pytest
 import torch
 
-from sampler.record import RolloutRecord
-from trainer.backend import build_policy
-from trainer.policy_interface import IGNORE, PolicyConfig
-from trainer.checkpoint import TrainState
-from clients.tiny_reward import TARGET  # reward = fraction of completion tokens equal to this id
-from trainer.config import TrainConfig
-from trainer.objectives import grpo_backward
-from trainer.optim import build_optimizer
-from trainer.sources import rollout_step
-from trainer.train import train
+from flywheel.sampler.record import RolloutRecord
+from flywheel.trainer.backend import build_policy
+from flywheel.trainer.policy_interface import IGNORE, PolicyConfig
+from flywheel.trainer.checkpoint import TrainState
+from flywheel.clients.tiny_reward import TARGET  # reward = fraction of completion tokens equal to this id
+from flywheel.trainer.config import TrainConfig
+from flywheel.trainer.objectives import grpo_backward
+from flywheel.trainer.optim import build_optimizer
+from flywheel.trainer.sources import rollout_step
+from flywheel.trainer.train import train
 
 PROMPT = [8713, TARGET, TARGET, TARGET]  # the tiny tied-embedding model copies tokens: mixed rewards at start
 NEW_TOKENS = 8

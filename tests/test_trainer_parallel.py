@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from clients.cli import build_config
-from server.errors import UserError
-from trainer.backend import build_policy
-from trainer.policy_interface import ParallelConfig, PolicyConfig
-from trainer.config import TrainConfig
+from flywheel.clients.cli import build_config
+from flywheel.server.errors import UserError
+from flywheel.trainer.backend import build_policy
+from flywheel.trainer.policy_interface import ParallelConfig, PolicyConfig
+from flywheel.trainer.config import TrainConfig
 
 
 def test_cli_flags_and_yaml_keys_build_the_same_parallel_config(tmp_path):

@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from clients.servers import start_server
-from trainer.config import TrainConfig
-from trainer.train import train
+from flywheel.clients.servers import start_server
+from flywheel.trainer.config import TrainConfig
+from flywheel.trainer.train import train
 
 PROMPT = "Once upon a time"
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import msgpack
 
-from sampler.config import QueueConfig
-from sampler.queue import RolloutQueue
-from sampler.record import RolloutRecord
-from trainer.checkpoint import latest_checkpoint
-from trainer.config import TrainConfig
-from trainer.train import train
+from flywheel.sampler.config import QueueConfig
+from flywheel.sampler.queue import RolloutQueue
+from flywheel.sampler.record import RolloutRecord
+from flywheel.trainer.checkpoint import latest_checkpoint
+from flywheel.trainer.config import TrainConfig
+from flywheel.trainer.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_kill_and_resume_trains_every_record_exactly_once(tmp_path, tiny_model, 
     recs = records(6)
     queue.put(recs)
     config = queue_config(tmp_path, tiny_model, redis_url, batch_size=4, max_steps=6, save_every=2)
-    argv = [sys.executable, "-m", "clients.cli", "train", "--objective", "grpo", "--model", str(tiny_model),
+    argv = [sys.executable, "-m", "flywheel.clients.cli", "train", "--objective", "grpo", "--model", str(tiny_model),
             "--run-dir", str(config.run_dir), "--lr", "1e-3", "--max-seq-len", "32", "--micro-batch-tokens", "128",
             "--batch-size", "4", "--max-steps", "6", "--save-every", "2", "--queue.url", redis_url,
             "--queue.claim-idle-s", "1", "--queue-input.block-s", "0.2", "--grpo.group-size", "4"]
@@ -116,9 +116,9 @@ def test_trained_records_are_not_acked_before_their_checkpoint_even_after_a_long
     before the next checkpoint then lost them. They must stay pending and come back after a crash."""
     import pytest
 
-    from server.errors import UserError
-    from trainer.checkpoint import TrainState
-    from trainer.queue_source import QueueSource
+    from flywheel.server.errors import UserError
+    from flywheel.trainer.checkpoint import TrainState
+    from flywheel.trainer.queue_source import QueueSource
 
     config = queue_config(tmp_path, tiny_model, redis_url, batch_size=4, save_every=2,
                           queue={"url": redis_url, "claim_idle_s": 0.5},

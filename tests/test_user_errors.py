@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from clients.cli import main
-from server.errors import UserError
+from flywheel.clients.cli import main
+from flywheel.server.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,13 +28,13 @@ def test_main_prints_one_line_and_returns_2(argv, message, capsys):
 
 
 def test_library_code_raises_user_error_instead_of_exiting(tmp_path):
-    from trainer.metrics import read_metrics
+    from flywheel.trainer.metrics import read_metrics
 
     with pytest.raises(UserError, match="no metrics.jsonl in"):
         read_metrics(tmp_path)
 
 
 def test_console_script_exits_with_code_2():
-    proc = subprocess.run([sys.executable, "-m", "clients.cli", "report", "/nonexistent/run"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "flywheel.clients.cli", "report", "/nonexistent/run"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr == "flywheel report: error: run directory not found: /nonexistent/run\n"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from server.weights.protocol import OLD_WEIGHTS_KEPT
-from clients.servers import vllm_lock
+from flywheel.server.weights.protocol import OLD_WEIGHTS_KEPT
+from flywheel.clients.servers import vllm_lock
 
 PROBE = Path(__file__).with_name("weight_apply_probe.py")
 
@@ -22,7 +22,7 @@ PROBE = Path(__file__).with_name("weight_apply_probe.py")
 # MoE through the staged path is also covered by tests/test_weights.py on a real server; here it is slow
 @pytest.fixture(scope="module", params=["tiny-qwen3", pytest.param("tiny-qwen3-moe", marks=pytest.mark.slow)])
 def probe(request) -> dict:
-    from server.models import resolve_model
+    from flywheel.server.models import resolve_model
 
     with vllm_lock():
         done = subprocess.run([sys.executable, str(PROBE), str(resolve_model(request.param))],

@@ -16,9 +16,9 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from server.config import ServeConfig
-from server.weights.client import push_weights, write_safetensors
-from server.weights.gpu import (
+from flywheel.server.config import ServeConfig
+from flywheel.server.weights.client import push_weights, write_safetensors
+from flywheel.server.weights.gpu import (
     IPC_FIELDS,
     HandleError,
     check_ipc_handles,
@@ -27,8 +27,8 @@ from server.weights.gpu import (
     require_cuda,
     tensor_list,
 )
-from server.weights.gpu_client import NCCLSender, gpu_commit_body
-from server.weights.protocol import (
+from flywheel.server.weights.gpu_client import NCCLSender, gpu_commit_body
+from flywheel.server.weights.protocol import (
     NCCLInitRequest,
     PushError,
     PushRequest,
@@ -55,7 +55,7 @@ def manifest(tmp_path) -> dict:
 
 
 def test_write_safetensors_is_read_back_exactly_by_safetensors_and_the_worker(tmp_path):
-    from server.weights.worker import read_files
+    from flywheel.server.weights.worker import read_files
 
     sd = {**small_model(), "empty": torch.zeros(0, 3), "flag": torch.tensor([True, False])}
     path = tmp_path / "b.safetensors"
@@ -184,7 +184,7 @@ def test_ipc_handle_codec_matches_torch_and_never_needs_pickle():
 
 
 def _weight_transfer_arg(config: ServeConfig, cpu: bool) -> dict:
-    from server.serve import vllm_argv
+    from flywheel.server.serve import vllm_argv
 
     argv = vllm_argv(config, Path("/m"), "m", cpu=cpu)
     return json.loads(argv[argv.index("--weight-transfer-config") + 1])
@@ -203,7 +203,7 @@ def test_serve_config_picks_the_vllm_weight_transfer_backend():
 
 
 def test_every_backend_the_config_can_name_is_registered_in_vllms_factory():
-    import server.weights.worker  # noqa: F401  (the worker extension: importing it registers them)
+    import flywheel.server.weights.worker  # noqa: F401  (the worker extension: importing it registers them)
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
     for transports in (["shm"], ["shm", "nccl"], ["ipc", "http"]):

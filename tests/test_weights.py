@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.weights.client import PushFailed, push_weights
-from server.weights.shm_buckets import ShmBuckets
-from clients.servers import start_server
+from flywheel.server.weights.client import PushFailed, push_weights
+from flywheel.server.weights.shm_buckets import ShmBuckets
+from flywheel.clients.servers import start_server
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1 2 3 4", "Hello, my name is"]
 
@@ -58,7 +58,7 @@ def status(url: str) -> dict:
 @pytest.fixture(scope="module", params=["tiny-qwen3", "tiny-qwen3-moe"])
 def family(request, tmp_path_factory):
     """(A path, B path, reference outputs of a fresh server on B) for a dense and an MoE model."""
-    from server.models import resolve_model
+    from flywheel.server.models import resolve_model
 
     a = resolve_model(request.param)
     b = perturbed_copy(a, tmp_path_factory.mktemp("ckpt") / f"{request.param}-B", seed=7)

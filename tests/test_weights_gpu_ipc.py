@@ -18,13 +18,13 @@ import torch
 ROOT = str(Path(__file__).resolve().parents[1])
 sys.path.insert(0, ROOT)
 
-from server.weights.gpu import encode_ipc_args, require_cuda, tensor_list  # noqa: E402
+from flywheel.server.weights.gpu import encode_ipc_args, require_cuda, tensor_list  # noqa: E402
 
 CHILD = r'''
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 from torch.multiprocessing.reductions import rebuild_cuda_tensor
-from server.weights.gpu import decode_ipc_args
+from flywheel.server.weights.gpu import decode_ipc_args
 body = json.loads(sys.stdin.read())
 here = str(torch.cuda.get_device_properties(0).uuid)
 out = {}

@@ -20,8 +20,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 
-from server.weights.apply import StagedApply  # noqa: E402
-from server.weights.worker import reload_in_place, repack_cpu_moe  # noqa: E402
+from flywheel.server.weights.apply import StagedApply  # noqa: E402
+from flywheel.server.weights.worker import reload_in_place, repack_cpu_moe  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1 2 3 4"]
 

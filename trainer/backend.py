@@ -13,19 +13,19 @@ from __future__ import annotations
 import importlib.util
 from typing import Callable
 
-from server.errors import UserError
-from trainer.policy_interface import Policy, PolicyConfig
+from flywheel.server.errors import UserError
+from flywheel.trainer.policy_interface import Policy, PolicyConfig
 
 
 def megatron_available() -> bool:
-    return importlib.util.find_spec("trainer.megatron") is not None
+    return importlib.util.find_spec("flywheel.trainer.megatron") is not None
 
 
 def _transformers(config: PolicyConfig) -> Policy:
     if config.parallel.splits_model:
         raise UserError(f"the transformers backend runs one process and cannot split the model "
                         f"(parallel: {config.parallel.model_dump()}); use --backend megatron")
-    from trainer.hf_backend import HFPolicy
+    from flywheel.trainer.hf_backend import HFPolicy
 
     return HFPolicy(config)
 
@@ -33,7 +33,7 @@ def _transformers(config: PolicyConfig) -> Policy:
 def _megatron(config: PolicyConfig) -> Policy:
     if not megatron_available():
         raise UserError("backend 'megatron' is not available (trainer/megatron is missing)")
-    from trainer.megatron import build_policy as build_megatron_policy
+    from flywheel.trainer.megatron import build_policy as build_megatron_policy
 
     return build_megatron_policy(config)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from server.errors import UserError
+from flywheel.server.errors import UserError
 
 MAX_REMEMBERED_IDS = 200_000
 LATEST = "latest"  # run_dir/checkpoints/latest: the newest complete checkpoint's folder name

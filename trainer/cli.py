@@ -14,15 +14,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from server.errors import UserError
-from trainer.config import TrainConfig
+from flywheel.server.errors import UserError
+from flywheel.trainer.config import TrainConfig
 
 Config = TrainConfig
 
 
 def run(config: TrainConfig) -> int:
-    from trainer.data import DataError
-    from trainer.train import train
+    from flywheel.trainer.data import DataError
+    from flywheel.trainer.train import train
 
     try:
         state = train(config)
@@ -41,7 +41,7 @@ class PlotConfig(BaseModel):
 
 def run_plot(config: PlotConfig) -> int:
     """Write PNG curves (loss, reward, KL, LR, throughput) of a training run."""
-    from trainer.plot import plot_run
+    from flywheel.trainer.plot import plot_run
 
     for path in plot_run(config.run_dir, config.out_dir):
         print(path)
@@ -51,6 +51,6 @@ def run_plot(config: PlotConfig) -> int:
 SUBCOMMANDS: dict = {"plot": (PlotConfig, run_plot)}
 
 # The megatron developer owns conversion (trainer/megatron/convert_cli.py: Config + run); expose it when present.
-if importlib.util.find_spec("trainer.megatron") is not None and importlib.util.find_spec("trainer.megatron.convert_cli") is not None:
-    _convert = importlib.import_module("trainer.megatron.convert_cli")
+if importlib.util.find_spec("flywheel.trainer.megatron") is not None and importlib.util.find_spec("flywheel.trainer.megatron.convert_cli") is not None:
+    _convert = importlib.import_module("flywheel.trainer.megatron.convert_cli")
     SUBCOMMANDS["convert"] = (_convert.Config, _convert.run)

@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from sampler.config import QueueConfig
-from trainer.policy_interface import ParallelConfig, PolicyConfig
+from flywheel.sampler.config import QueueConfig
+from flywheel.trainer.policy_interface import ParallelConfig, PolicyConfig
 
 
 class QueueInput(BaseModel):
@@ -75,6 +75,7 @@ class TrainConfig(BaseModel):
     log_every: int = Field(default=1, gt=0, description="Write metrics every N steps")
     push_every: int = Field(default=0, ge=0, description="Push weights to the server every K steps (0: never)")
     push_url: str | None = Field(default=None, description="Server base URL for weight pushes (None: pushing is a no-op)")
+    push_transport: Literal["auto", "shm", "http", "ipc"] = Field(default="auto", description="How pushed weights travel: ipc hands the server CUDA-IPC handles of the learner's own GPU tensors (no copy through the host; the learner and the server share the GPU); shm writes safetensors buckets to /dev/shm (a server on this host); http streams them. auto: ipc when the weights are on a GPU and the server (on this host) offers it, else shm on this host, else http")
     push_retries: int = Field(default=5, ge=0, description="A push that fails on the way (server restarting, 5xx, timeout) is retried this many times with exponential backoff, then skipped (the run goes on)")
     push_backoff_s: float = Field(default=1.0, gt=0, description="First retry delay of a failed push, doubled each retry (at most 30 s)")
     admin_token: str | None = Field(default=None, description="Admin token of the server's weight routes")

@@ -22,9 +22,9 @@ from typing import Any, Iterator
 
 import torch
 
-from sampler.record import RecordError, RolloutRecord
-from server.jsonl import JSONLineError, json_lines
-from trainer.policy_interface import IGNORE
+from flywheel.sampler.record import RecordError, RolloutRecord
+from flywheel.server.jsonl import JSONLineError, json_lines
+from flywheel.trainer.policy_interface import IGNORE
 
 
 class DataError(ValueError):

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer.policy_interface import IGNORE, PolicyConfig, resolve_model_path
+from flywheel.trainer.policy_interface import IGNORE, PolicyConfig, resolve_model_path
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

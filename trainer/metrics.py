@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from server.errors import UserError
-from server.jsonl import read_json_lines
+from flywheel.server.errors import UserError
+from flywheel.server.jsonl import read_json_lines
 
 
 class MetricsLog:

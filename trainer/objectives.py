@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from trainer.config import TrainConfig
-from trainer.data import PreferencePair, Sample, collate, micro_batches
-from trainer.losses import dpo_loss, grpo_loss, nll_loss, sequence_sums
+from flywheel.trainer.config import TrainConfig
+from flywheel.trainer.data import PreferencePair, Sample, collate, micro_batches
+from flywheel.trainer.losses import dpo_loss, grpo_loss, nll_loss, sequence_sums
 
 
 def _device(policy) -> torch.device:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from trainer.config import TrainConfig
+from flywheel.trainer.config import TrainConfig
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.metrics import read_metrics
+from flywheel.trainer.metrics import read_metrics
 
 PANELS = [
     ("loss", ["loss"]),

@@ -114,6 +114,6 @@ class Policy(Protocol):
 
 def resolve_model_path(model: str) -> Path:
     """A bundled model name or an HF folder -> the folder (what both backends load from)."""
-    from server.models import resolve_model
+    from flywheel.server.models import resolve_model
 
     return Path(resolve_model(model))

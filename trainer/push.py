@@ -7,9 +7,9 @@ import time
 
 import httpx
 
-from server.errors import UserError
-from server.status import fetch_status
-from trainer.config import TrainConfig
+from flywheel.server.errors import UserError
+from flywheel.server.status import fetch_status
+from flywheel.trainer.config import TrainConfig
 
 
 class WeightPusher:
@@ -23,6 +23,8 @@ class WeightPusher:
         self.checked_server = False
         self.buckets = None  # ShmBuckets, made on the first push to a server on this host
         self.retries, self.backoff_s = config.push_retries, config.push_backoff_s
+        self.requested_transport = config.push_transport
+        self.transport: str | None = None  # resolved on the first push
 
     def close(self) -> None:
         if self.buckets is not None:
@@ -37,6 +39,21 @@ class WeightPusher:
             return fetch_status(self.url, self.token).policy_version
         except (httpx.HTTPError, ValueError):
             return None
+
+    def resolve_transport(self, weights: dict) -> str:
+        """The transport of every push of this run, decided once (push_transport's description)."""
+        from flywheel.server.weights.client import auto_transport, is_loopback
+        if self.requested_transport != "auto":
+            return self.requested_transport
+        on_gpu = any(getattr(t, "is_cuda", False) for t in weights.values())
+        if on_gpu and is_loopback(self.url):
+            try:
+                offered = fetch_status(self.url, self.token).transports
+            except (httpx.HTTPError, ValueError):
+                offered = []
+            if "ipc" in offered:
+                return "ipc"
+        return auto_transport(self.url)
 
     def next_version(self, last_version: int) -> int:
         """The version the next push creates: last pushed + 1.
@@ -61,17 +78,21 @@ class WeightPusher:
         checkpoint, so a restarted server gets it again, and the next push supersedes it.
         """
         try:
-            from server.weights.client import PushFailed, auto_transport, push_weights
-            from server.weights.shm_buckets import ShmBuckets
+            from flywheel.server.weights.client import PushFailed, push_weights
+            from flywheel.server.weights.shm_buckets import ShmBuckets
         except ImportError:
             raise UserError("--push-url is set but server/weights/client.py is not available") from None
-        if self.buckets is None and auto_transport(self.url) == "shm":
+        weights = policy.state_dict_hf()
+        if self.transport is None:
+            self.transport = self.resolve_transport(weights)
+            print(f"flywheel train: pushing weights to {self.url} over {self.transport}", file=sys.stderr, flush=True)
+        if self.buckets is None and self.transport == "shm":
             # the same layout every push: overwrite last push's files instead of writing new ones
             self.buckets = ShmBuckets()
         start, failures, error = time.perf_counter(), 0, None
         for attempt in range(self.retries + 1):
             try:
-                push_weights(self.url, policy.state_dict_hf(), version=version, admin_token=self.token,
+                push_weights(self.url, weights, version=version, admin_token=self.token, transport=self.transport,
                              source=f"trainer step {step}", buckets=self.buckets)
                 break
             except PushFailed as exc:

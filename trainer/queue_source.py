@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import time
 
-from sampler.queue import RolloutQueue, SeenIds
-from server.errors import UserError
-from trainer.checkpoint import TrainState
-from trainer.config import TrainConfig
-from trainer.sources import StepData, rollout_step
+from flywheel.sampler.queue import RolloutQueue, SeenIds
+from flywheel.server.errors import UserError
+from flywheel.trainer.checkpoint import TrainState
+from flywheel.trainer.config import TrainConfig
+from flywheel.trainer.sources import StepData, rollout_step
 
 
 class QueueSource:

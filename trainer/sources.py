@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sampler.record import RolloutRecord
-from trainer.checkpoint import TrainState
-from trainer.config import TrainConfig
-from trainer.data import (DataError, load_dpo, load_rollouts, load_sft, load_text, rollout_sample, take_step)
-from trainer.losses import group_advantages
+from flywheel.sampler.record import RolloutRecord
+from flywheel.trainer.checkpoint import TrainState
+from flywheel.trainer.config import TrainConfig
+from flywheel.trainer.data import (DataError, load_dpo, load_rollouts, load_sft, load_text, rollout_sample, take_step)
+from flywheel.trainer.losses import group_advantages
 
 
 @dataclass

@@ -20,16 +20,16 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from server.errors import UserError
-from trainer.backend import build_policy
-from trainer.checkpoint import TrainState, check_resume_layout, latest_checkpoint, load_trainer_state, save_checkpoint
-from trainer.config import TrainConfig
-from trainer.metrics import MetricsLog
-from trainer.objectives import dpo_backward, grpo_backward, nll_backward, pair_logprob_sums
-from trainer.optim import build_optimizer
-from trainer.policy_interface import resolve_model_path
-from trainer.push import WeightPusher
-from trainer.sources import FileSource
+from flywheel.server.errors import UserError
+from flywheel.trainer.backend import build_policy
+from flywheel.trainer.checkpoint import TrainState, check_resume_layout, latest_checkpoint, load_trainer_state, save_checkpoint
+from flywheel.trainer.config import TrainConfig
+from flywheel.trainer.metrics import MetricsLog
+from flywheel.trainer.objectives import dpo_backward, grpo_backward, nll_backward, pair_logprob_sums
+from flywheel.trainer.optim import build_optimizer
+from flywheel.trainer.policy_interface import resolve_model_path
+from flywheel.trainer.push import WeightPusher
+from flywheel.trainer.sources import FileSource
 
 
 def is_main_rank() -> bool:
@@ -39,7 +39,7 @@ def is_main_rank() -> bool:
 
 def make_source(config: TrainConfig, tokenizer):
     if config.queue is not None:
-        from trainer.queue_source import QueueSource
+        from flywheel.trainer.queue_source import QueueSource
 
         return RankZeroSource(QueueSource(config) if is_main_rank() else None)
     return FileSource(config, tokenizer)  # a pure function of (step, seed): every rank computes the same batch
@@ -58,7 +58,7 @@ class RankZeroSource:
         self.items: list = []
 
     def next_step(self, step: int, state: TrainState):
-        from trainer.sources import StepData
+        from flywheel.trainer.sources import StepData
 
         dist = torch.distributed
         data = self.source.next_step(step, state) if self.source is not None else None

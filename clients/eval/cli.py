@@ -20,9 +20,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from clients.endpoint import served_model
-from clients.eval.datasets import LOADERS, DatasetError, EvalItem, load_benchmark, load_collection
-from server.errors import UserError
+from flywheel.clients.endpoint import served_model
+from flywheel.clients.eval.datasets import LOADERS, DatasetError, EvalItem, load_benchmark, load_collection
+from flywheel.server.errors import UserError
 
 
 class Config(BaseModel):
@@ -79,8 +79,8 @@ def load_items(config: Config) -> dict[str, list[EvalItem]]:
 
 
 def evaluate(config: Config, model: str, out_dir: Path, items: dict[str, list[EvalItem]]) -> dict:
-    from clients.eval.report import write_run
-    from clients.eval.runner import QuerySettings, grade, query_all
+    from flywheel.clients.eval.report import write_run
+    from flywheel.clients.eval.runner import QuerySettings, grade, query_all
 
     settings = QuerySettings(base_url=config.base_url, model=model, api_key=config.api_key, prompt_format=config.prompt_format,
                              chat_template=config.chat_template.read_text() if config.chat_template else None,
@@ -121,7 +121,7 @@ def run(config: Config) -> int:
         summary = evaluate(config, model, base_dir, items)
         return 1 if all(v["errors"] == v["n"] for v in summary["benchmarks"].values()) else 0
 
-    from clients.eval.watch import watch
+    from flywheel.clients.eval.watch import watch
 
     server_url = config.server_url or config.base_url.rstrip("/").removesuffix("/v1")
 
@@ -148,7 +148,7 @@ class CompareConfig(BaseModel):
 
 def run_compare(config: CompareConfig) -> int:
     """Compare two eval runs: per-benchmark deltas with paired bootstrap CIs and flipped samples."""
-    from clients.eval.compare import compare_runs, print_comparison
+    from flywheel.clients.eval.compare import compare_runs, print_comparison
 
     if len(config.runs) != 2:
         raise UserError(f"give exactly two run directories (RUN_A RUN_B), got {len(config.runs)}")
@@ -173,7 +173,7 @@ class PlotConfig(BaseModel):
 
 def run_plot(config: PlotConfig) -> int:
     """Draw accuracy vs policy version (PNG) from the --watch history."""
-    from clients.eval.watch import plot_history
+    from flywheel.clients.eval.watch import plot_history
 
     if not config.history.is_file():
         raise UserError(f"history file not found: {config.history}")

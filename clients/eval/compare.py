@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from clients.eval.report import read_samples
+from flywheel.clients.eval.report import read_samples
 
 
 def paired_bootstrap(diffs: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, Field
 
-from server.jsonl import JSONLineError, json_lines
+from flywheel.server.jsonl import JSONLineError, json_lines
 
 
 class DatasetError(ValueError):

@@ -19,7 +19,7 @@ import types
 from functools import lru_cache
 from typing import Any
 
-from sampler.record import Reward
+from flywheel.sampler.record import Reward
 
 
 @lru_cache(maxsize=1)

@@ -19,8 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from clients.eval.runner import Sample, pass_at_k
-from server.jsonl import read_json_lines
+from flywheel.clients.eval.runner import Sample, pass_at_k
+from flywheel.server.jsonl import read_json_lines
 
 
 def _stderr(values: list[float]) -> float:

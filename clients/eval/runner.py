@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from clients.eval.datasets import EvalItem
-from server.status import response_version
+from flywheel.clients.eval.datasets import EvalItem
+from flywheel.server.status import response_version
 
 
 
@@ -181,10 +181,10 @@ async def query_all(items: list[EvalItem], s: QuerySettings, desc: str = "eval")
 @lru_cache(maxsize=64)
 def _scorer(name: str, options: tuple) -> Any:
     if name == "ifbench":  # benchmark-specific verifier, not a reward
-        from clients.eval.ifbench_verifier import ifbench_score
+        from flywheel.clients.eval.ifbench_verifier import ifbench_score
 
         return ifbench_score
-    from sampler.rewards import get_scorer
+    from flywheel.sampler.rewards import get_scorer
 
     return get_scorer(name, **dict(options))
 

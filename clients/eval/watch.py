@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import httpx
 
-from server.jsonl import JSONLineError, read_json_lines
-from server.status import fetch_status
+from flywheel.server.jsonl import JSONLineError, read_json_lines
+from flywheel.server.status import fetch_status
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:

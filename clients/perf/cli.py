@@ -23,11 +23,11 @@ from typing import Literal
 import httpx
 from pydantic import BaseModel, Field
 
-from clients.endpoint import served_model
-from clients.perf.load import LoadTarget, RequestResult, closed_loop, open_loop, send_request
-from clients.perf.metrics import summarize
-from clients.perf.prompts import LocalTokenizer, Prompt, ServerTokenizer, dataset_prompts, synthetic_prompts
-from server.errors import UserError
+from flywheel.clients.endpoint import served_model
+from flywheel.clients.perf.load import LoadTarget, RequestResult, closed_loop, open_loop, send_request
+from flywheel.clients.perf.metrics import summarize
+from flywheel.clients.perf.prompts import LocalTokenizer, Prompt, ServerTokenizer, dataset_prompts, synthetic_prompts
+from flywheel.server.errors import UserError
 
 
 class Config(BaseModel):
@@ -139,7 +139,7 @@ def run(config: Config) -> int:
             for r in rs:
                 fh.write(json.dumps({"run": label, **asdict(r)}) + "\n")
     if config.plots:
-        from clients.perf.plots import latency_cdf, throughput_vs_concurrency
+        from flywheel.clients.perf.plots import latency_cdf, throughput_vs_concurrency
 
         if any(r["mode"] == "closed" for r in runs):
             throughput_vs_concurrency(runs, out_dir / "throughput_vs_concurrency.png")

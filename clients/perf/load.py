@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from clients.perf.prompts import Prompt
+from flywheel.clients.perf.prompts import Prompt
 
 
 @dataclass

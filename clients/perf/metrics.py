@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from clients.perf.load import RequestResult
+from flywheel.clients.perf.load import RequestResult
 
 PERCENTILES = (50, 90, 95, 99)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.perf.load import RequestResult
+from flywheel.clients.perf.load import RequestResult
 
 
 def _plt():

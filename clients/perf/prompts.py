@@ -92,7 +92,7 @@ def synthetic_prompts(tok: Tokenizer, num: int, input_len: int, output_len: int,
 
 def dataset_prompts(name: str, num: int, output_len: int, seed: int = 0) -> list[Prompt]:
     """Prompts of an eval benchmark (clients.eval.datasets), cycled to `num`; input_len comes from usage."""
-    from clients.eval.datasets import load_benchmark
+    from flywheel.clients.eval.datasets import load_benchmark
 
     items = load_benchmark(name)
     random.Random(seed).shuffle(items)

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sampler.record import Reward
-from sampler.rewards.registry import Scorer, register_scorer
+from flywheel.sampler.record import Reward
+from flywheel.sampler.rewards.registry import Scorer, register_scorer
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
 _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)

@@ -6,8 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sampler.record import Reward
-from sampler.rewards.registry import Scorer, get_scorer, register_scorer
+from flywheel.sampler.record import Reward
+from flywheel.sampler.rewards.registry import Scorer, get_scorer, register_scorer
 
 
 class RewardSpec(BaseModel):

@@ -10,9 +10,9 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from sampler.record import Reward
-from sampler.rewards.extract import AnswerFormat, extract_answer
-from sampler.rewards.registry import Scorer, ScorerError, register_scorer
+from flywheel.sampler.record import Reward
+from flywheel.sampler.rewards.extract import AnswerFormat, extract_answer
+from flywheel.sampler.rewards.registry import Scorer, ScorerError, register_scorer
 
 
 @lru_cache(maxsize=None)

@@ -8,9 +8,9 @@ from typing import Any
 
 import math_verify
 
-from sampler.record import Reward
-from sampler.rewards.extract import AnswerFormat, extract_answer, strip_think
-from sampler.rewards.registry import Scorer, ScorerError, register_scorer
+from flywheel.sampler.record import Reward
+from flywheel.sampler.rewards.extract import AnswerFormat, extract_answer, strip_think
+from flywheel.sampler.rewards.registry import Scorer, ScorerError, register_scorer
 
 # sympy can take a very long time on adversarial input; math-verify's own timeout uses SIGALRM,
 # which only works in the main thread, so off the main thread we bound the input length instead.

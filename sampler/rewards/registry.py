@@ -11,7 +11,7 @@ import importlib
 import inspect
 from typing import Any, Callable, Protocol
 
-from sampler.record import Reward
+from flywheel.sampler.record import Reward
 
 
 class Scorer(Protocol):

@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 
-from sampler.record import Reward
-from sampler.rewards.registry import Scorer, ScorerError, register_scorer
+from flywheel.sampler.record import Reward
+from flywheel.sampler.rewards.registry import Scorer, ScorerError, register_scorer
 
 
 class RemoteRewardError(RuntimeError):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from sampler.record import Reward
-from sampler.rewards.registry import Scorer, ScorerError, register_scorer
+from flywheel.sampler.record import Reward
+from flywheel.sampler.rewards.registry import Scorer, ScorerError, register_scorer
 
 
 @register_scorer("format_think")

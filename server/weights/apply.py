@@ -34,7 +34,7 @@ from vllm.model_executor.model_loader.reload.meta import SKIP_MODULES, SKIP_TENS
 from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
-from server.weights.protocol import OLD_WEIGHTS_KEPT
+from flywheel.server.weights.protocol import OLD_WEIGHTS_KEPT
 
 # post-processing this module knows to be a pure function of the loaded weights
 KNOWN_METHODS = (UnquantizedLinearMethod, UnquantizedEmbeddingMethod)

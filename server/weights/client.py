@@ -32,8 +32,8 @@ from urllib.parse import urlparse
 import httpx
 import torch
 
-from server.weights.protocol import ADMIN_PREFIX, GPU_TRANSPORTS, SHA_HEADER, TORCH_DTYPES
-from server.weights.push_answer import PushFailed, push_answer  # noqa: F401  (PushFailed: what push_weights raises)
+from flywheel.server.weights.protocol import ADMIN_PREFIX, GPU_TRANSPORTS, SHA_HEADER, TORCH_DTYPES
+from flywheel.server.weights.push_answer import PushFailed, push_answer  # noqa: F401  (PushFailed: what push_weights raises)
 
 Transport = Literal["auto", "shm", "http", "nccl", "ipc"]
 TRANSPORTS = ("auto", "shm", "http", *GPU_TRANSPORTS)
@@ -148,7 +148,7 @@ def push_weights(url: str, weights: dict | str | os.PathLike, version: int, admi
         if not isinstance(weights, dict):
             raise ValueError(f"transport={transport!r} pushes a state dict of CUDA tensors, not a folder; "
                              f"push a checkpoint folder with transport='shm' or 'http'")
-        from server.weights.gpu_client import push_gpu
+        from flywheel.server.weights.gpu_client import push_gpu
 
         t0 = time.perf_counter()
         with httpx.Client(timeout=timeout, headers=headers) as http:

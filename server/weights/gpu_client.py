@@ -24,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import torch
 
-from server.status import fetch_status
-from server.weights.gpu import encode_ipc_args, require_cuda, tensor_list
-from server.weights.protocol import ADMIN_PREFIX, NCCLInitRequest
-from server.weights.push_answer import PushFailed, push_answer
+from flywheel.server.status import fetch_status
+from flywheel.server.weights.gpu import encode_ipc_args, require_cuda, tensor_list
+from flywheel.server.weights.protocol import ADMIN_PREFIX, NCCLInitRequest
+from flywheel.server.weights.push_answer import PushFailed, push_answer
 
 DEFAULT_PACKED_BUFFER_BYTES = 1 << 30
 

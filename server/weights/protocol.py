@@ -36,7 +36,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from server.weights.gpu import TORCH_DTYPES  # noqa: F401  (re-exported: the dtype table of every transport)
+from flywheel.server.weights.gpu import TORCH_DTYPES  # noqa: F401  (re-exported: the dtype table of every transport)
 
 ADMIN_PREFIX = "/flywheel/admin/weights"
 SHA_HEADER = "x-flywheel-sha256"

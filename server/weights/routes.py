@@ -24,9 +24,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
 
-from server.routes import error, policy_of
-from server.weights.gpu import HandleError, check_ipc_handles
-from server.weights.protocol import (
+from flywheel.server.routes import error, policy_of
+from flywheel.server.weights.gpu import HandleError, check_ipc_handles
+from flywheel.server.weights.protocol import (
     ADMIN_PREFIX,
     BAD_VALUES,
     OLD_WEIGHTS_KEPT,

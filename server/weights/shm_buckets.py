@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from server.weights.client import _dedupe_tied, bucketize, write_safetensors
+from flywheel.server.weights.client import _dedupe_tied, bucketize, write_safetensors
 
 PREFIX = "flywheel-buckets-"
 

@@ -29,8 +29,8 @@ from safetensors import safe_open
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-from server.weights.apply import StagedApply
-from server.weights.protocol import BAD_VALUES, OLD_WEIGHTS_KEPT
+from flywheel.server.weights.apply import StagedApply
+from flywheel.server.weights.protocol import BAD_VALUES, OLD_WEIGHTS_KEPT
 
 BACKEND = "flywheel"
 APPLY_ENV = "FLYWHEEL_WEIGHT_APPLY"  # "staged" (default) or "layerwise"; set by `flywheel serve`
@@ -204,4 +204,4 @@ if BACKEND not in WeightTransferEngineFactory._registry:
 # vLLM's GPU engines plus Flywheel's bucket path and fix-ups; imported only when a server selects them
 for _name, _cls in (("flywheel_nccl", "FlywheelNCCLEngine"), ("flywheel_ipc", "FlywheelIPCEngine")):
     if _name not in WeightTransferEngineFactory._registry:
-        WeightTransferEngineFactory.register_engine(_name, "server.weights.worker_gpu", _cls)
+        WeightTransferEngineFactory.register_engine(_name, "flywheel.server.weights.worker_gpu", _cls)

@@ -19,8 +19,8 @@ import torch
 from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
 from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
 
-from server.weights.gpu import decode_ipc_args
-from server.weights.worker import after_reload, receive_files, refuse_non_finite
+from flywheel.server.weights.gpu import decode_ipc_args
+from flywheel.server.weights.worker import after_reload, receive_files, refuse_non_finite
 
 
 class _FlywheelSession:

@@ -12,6 +12,6 @@
 
 def build_policy(config):
     """trainer.backend.build_policy's entry point for `backend: megatron`."""
-    from trainer.megatron.policy import MegatronPolicy
+    from flywheel.trainer.megatron.policy import MegatronPolicy
 
     return MegatronPolicy(config)

@@ -26,7 +26,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from trainer.megatron.model import ModelArch
+from flywheel.trainer.megatron.model import ModelArch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 

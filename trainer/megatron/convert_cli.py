@@ -18,9 +18,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
-from server.errors import UserError
-from trainer.megatron.convert import Layout, full_to_hf, hf_to_full, join_shards, shard_full
-from trainer.megatron.model import arch_from_hf
+from flywheel.server.errors import UserError
+from flywheel.trainer.megatron.convert import Layout, full_to_hf, hf_to_full, join_shards, shard_full
+from flywheel.trainer.megatron.model import arch_from_hf
 
 META = "flywheel_megatron.json"
 # files of an HF folder that are not weights: they travel with the megatron checkpoint
@@ -88,7 +88,7 @@ def run(config: Config) -> int:
             raise UserError(f"{config.dst} exists (pass --overwrite to replace it)")
         shutil.rmtree(config.dst)
     if config.to == "megatron":
-        from server.models import resolve_model
+        from flywheel.server.models import resolve_model
 
         try:
             src = Path(resolve_model(config.src))

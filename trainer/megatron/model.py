@@ -152,8 +152,8 @@ def layer_specs(config, attention: Literal["sdpa", "local"] = "sdpa",
     from megatron.core.transformer.moe.moe_layer import MoESubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    from trainer.megatron.attention import SDPACoreAttention
-    from trainer.megatron.experts import GroupedExperts, SyncFreeMoELayer
+    from flywheel.trainer.megatron.attention import SDPACoreAttention
+    from flywheel.trainer.megatron.experts import GroupedExperts, SyncFreeMoELayer
 
     block = copy.deepcopy(get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm"))
     for spec in block.layer_specs:
@@ -166,7 +166,7 @@ def layer_specs(config, attention: Literal["sdpa", "local"] = "sdpa",
                 submodules=MoESubmodules(experts=ModuleSpec(module=GroupedExperts),
                                          shared_experts=mlp.submodules.shared_experts))
     if config.sequence_parallel:
-        from trainer.megatron.sequence_parallel import use_sequence_parallel_norms
+        from flywheel.trainer.megatron.sequence_parallel import use_sequence_parallel_norms
 
         use_sequence_parallel_norms(block)
     return block
@@ -240,7 +240,7 @@ def compile_transformer_layers(model) -> None:
         model.compute_language_model_loss = torch.compile(_cross_entropy)
     # dynamic=None: the first shape compiles static; a new shape (the trainer's token-budget
     # micro-batches vary in length) recompiles once with dynamic shapes instead of once per length
-    from trainer.megatron.experts import SyncFreeDispatcher
+    from flywheel.trainer.megatron.experts import SyncFreeDispatcher
 
     for layer in decoder.layers:
         dispatcher = getattr(layer.mlp, "token_dispatcher", None)

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from server.errors import UserError
-from server.net import free_port
-from trainer.megatron.cpu_patches import apply_patches
+from flywheel.server.errors import UserError
+from flywheel.server.net import free_port
+from flywheel.trainer.megatron.cpu_patches import apply_patches
 
 if TYPE_CHECKING:
-    from trainer.policy_interface import ParallelConfig
+    from flywheel.trainer.policy_interface import ParallelConfig
 
 
 

@@ -28,10 +28,10 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from trainer.policy_interface import IGNORE, PolicyConfig, resolve_model_path
-from trainer.megatron.convert import full_to_hf, gather_full, hf_state_dict, load_hf_state_dict
-from trainer.megatron.model import arch_from_hf, build_gpt
-from trainer.megatron.parallel import device, init_parallel
+from flywheel.trainer.policy_interface import IGNORE, PolicyConfig, resolve_model_path
+from flywheel.trainer.megatron.convert import full_to_hf, gather_full, hf_state_dict, load_hf_state_dict
+from flywheel.trainer.megatron.model import arch_from_hf, build_gpt
+from flywheel.trainer.megatron.parallel import device, init_parallel
 
 _TP_PARTIAL_GRADS = ("q_layernorm.weight", "k_layernorm.weight")
 
@@ -82,7 +82,7 @@ class MegatronPolicy:
         init_parallel(config.parallel, seed=config.seed)
         self.dtype = torch.bfloat16 if config.bf16 else torch.float32
         if config.parallel.pipeline > 1:
-            from trainer.megatron.pipeline import apply_cpu_patches
+            from flywheel.trainer.megatron.pipeline import apply_cpu_patches
 
             apply_cpu_patches()
         self.model = build_gpt(self.arch, config.parallel, dtype=self.dtype,
@@ -95,7 +95,7 @@ class MegatronPolicy:
         self.pipeline = None
         self._pending: list = []  # PP: this step's micro-batches awaiting the forward+backward schedule
         if config.parallel.pipeline > 1:
-            from trainer.megatron.pipeline import PipelineRunner
+            from flywheel.trainer.megatron.pipeline import PipelineRunner
 
             self.pipeline = PipelineRunner(self.model, _logprobs_from_logits, document_mask)
 
@@ -113,7 +113,7 @@ class MegatronPolicy:
         return _logprobs_from_logits(logits, targets, temperature)[:, :t]
 
     def _pipeline_logprobs(self, input_ids, position_ids, targets, temperature: float) -> torch.Tensor:
-        from trainer.megatron.pipeline import MicroBatch
+        from flywheel.trainer.megatron.pipeline import MicroBatch
 
         batch = MicroBatch(input_ids, position_ids, targets, temperature)
         logprobs = self.pipeline.logprobs(batch)
