@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from flywheel.server.errors import UserError
@@ -17,10 +18,13 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.writer = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # the JSONL is the record; TensorBoard events are a view of it
+                print("flywheel train: tensorboard is not installed; writing metrics.jsonl only", file=sys.stderr)
+            else:
+                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

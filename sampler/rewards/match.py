@@ -6,7 +6,6 @@ import re
 import threading
 from typing import Any
 
-import math_verify
 
 from flywheel.sampler.record import Reward
 from flywheel.sampler.rewards.extract import AnswerFormat, extract_answer, strip_think
@@ -28,6 +27,8 @@ def _as_latex(text: str) -> str:
 
 def math_equal(predicted: str, gold: Any, timeout_s: int = 5) -> bool:
     timeout = _math_timeout(timeout_s)
+    import math_verify  # imported on first use: registering the scorers stays light (sympy, antlr)
+
     gold_parsed = math_verify.parse(_as_latex(str(gold)), parsing_timeout=timeout)
     pred_parsed = math_verify.parse(_as_latex(predicted[:_MAX_ANSWER_CHARS]), parsing_timeout=timeout)
     if not gold_parsed or not pred_parsed:
