@@ -48,12 +48,33 @@ sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("FLYWHEEL_HOME", str(REPO / ".flywheel"))
 
 SHAPES = {  # Qwen3 configs of the released models' shapes (random weights)
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                 intermediate_size=128, tie_word_embeddings=True),
-    "qwen3-0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                       head_dim=128, intermediate_size=3072, tie_word_embeddings=True),
-    "qwen3-8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                     head_dim=128, intermediate_size=12288, tie_word_embeddings=False),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=128,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-0.6b": dict(
+        hidden_size=1024,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=3072,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=12288,
+        tie_word_embeddings=False,
+    ),
 }
 PROBE = "The quick brown fox jumps over the lazy dog. " * 4
 
@@ -64,8 +85,16 @@ def build_model(shape: str, folder: Path, device: str, seed: int):
 
     from flywheel.server.models import resolve_model
 
-    config = Qwen3Config(vocab_size=151936, max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                         bos_token_id=151643, eos_token_id=151645, pad_token_id=151643, **SHAPES[shape])
+    config = Qwen3Config(
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        pad_token_id=151643,
+        **SHAPES[shape],
+    )
     torch.manual_seed(seed)
     with torch.device(device):
         model = Qwen3ForCausalLM(config).to(torch.bfloat16)
@@ -89,13 +118,18 @@ def perturbed(model, seed: int):
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for p in other.parameters():
-            p.add_(0.05 * p.float().std().to(p.dtype) * torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype))
+            p.add_(
+                0.05 * p.float().std().to(p.dtype) * torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype)
+            )
     return other
 
 
 def served_logprobs(url: str, model: str, ids: list[int]) -> list[float]:
-    r = httpx.post(url + "/v1/completions", timeout=120, json={
-        "model": model, "prompt": ids, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0})
+    r = httpx.post(
+        url + "/v1/completions",
+        timeout=120,
+        json={"model": model, "prompt": ids, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0},
+    )
     r.raise_for_status()
     rows = r.json()["choices"][0]["prompt_logprobs"][1:]
     return [row[str(t)]["logprob"] for row, t in zip(rows, ids[1:])]
@@ -123,15 +157,23 @@ def both_servers(folder: Path, work: Path, args):
     a thread that stays until the end: the servers die with the thread that started them
     (clients/servers.py sets PR_SET_PDEATHSIG, which follows the parent *thread*)."""
     from perf_overhead import start_bare_vllm
+
     from flywheel.clients.servers import start_server, vllm_lock
 
     gpu = torch.cuda.is_available()
-    common = {"max_model_len": args.max_model_len, "max_num_seqs": None if gpu else 32, "dtype": "bfloat16" if gpu else "auto"}
+    common = {
+        "max_model_len": args.max_model_len,
+        "max_num_seqs": None if gpu else 32,
+        "dtype": "bfloat16" if gpu else "auto",
+    }
     if gpu:
         common["gpu_memory_utilization"] = args.gpu_memory_utilization
-    launches = {"flywheel": start_server(folder, work / "flywheel", served_model_name="m", **common),
-                "vllm": start_bare_vllm(folder, work / "bare", served_model_name="m",
-                                        weight_transfer={"backend": "ipc"} if gpu else None, **common)}
+    launches = {
+        "flywheel": start_server(folder, work / "flywheel", served_model_name="m", **common),
+        "vllm": start_bare_vllm(
+            folder, work / "bare", served_model_name="m", weight_transfer={"backend": "ipc"} if gpu else None, **common
+        ),
+    }
     servers, errors, ready, done = {}, {}, threading.Semaphore(0), threading.Event()
 
     def hold(name, cm):
@@ -167,16 +209,24 @@ def serving(fw, bare, folder: Path, args) -> dict:
 
     out = {}
     for c in args.concurrency:
-        load = SimpleNamespace(num_requests=max(8, c * args.requests_per_slot), input_len=args.input_len,
-                               output_len=args.output_len, parallel=c, seed=args.seed)
+        load = SimpleNamespace(
+            num_requests=max(8, c * args.requests_per_slot),
+            input_len=args.input_len,
+            output_len=args.output_len,
+            parallel=c,
+            seed=args.seed,
+        )
         rows = {"flywheel": [], "vllm": []}
         for rep in range(args.reps):
             order = [("flywheel", fw), ("vllm", bare)][:: 1 if rep % 2 == 0 else -1]
             for name, srv in order:
                 rows[name].append(our_load(srv.base_url, "m", str(folder), load))
                 r = rows[name][-1]
-                print(f"c={c} rep {rep} {name}: {r['output_throughput']:.0f} tok/s, TTFT p50 {r['ttft_ms_p50']:.1f} ms, "
-                      f"errors {r['errors']} {r.get('first_error', '')}", flush=True)
+                print(
+                    f"c={c} rep {rep} {name}: {r['output_throughput']:.0f} tok/s, TTFT p50 {r['ttft_ms_p50']:.1f} ms, "
+                    f"errors {r['errors']} {r.get('first_error', '')}",
+                    flush=True,
+                )
                 if r["errors"] == r["requests"]:
                     raise RuntimeError(f"{name} answered no request at c={c}: {r.get('first_error')}")
         for name in rows:
@@ -184,7 +234,9 @@ def serving(fw, bare, folder: Path, args) -> dict:
             out[f"c{c}_{name}_ttft_ms_p50"] = statistics.median(r["ttft_ms_p50"] for r in rows[name])
             out[f"c{c}_{name}_output_throughput_reps"] = [round(r["output_throughput"], 1) for r in rows[name]]
             out[f"c{c}_{name}_errors"] = sum(r["errors"] for r in rows[name])
-        out[f"c{c}_throughput_vs_vllm_ratio"] = out[f"c{c}_flywheel_output_throughput"] / out[f"c{c}_vllm_output_throughput"]
+        out[f"c{c}_throughput_vs_vllm_ratio"] = (
+            out[f"c{c}_flywheel_output_throughput"] / out[f"c{c}_vllm_output_throughput"]
+        )
         out[f"c{c}_ttft_p50_vs_vllm_ratio"] = out[f"c{c}_flywheel_ttft_ms_p50"] / out[f"c{c}_vllm_ttft_ms_p50"]
     # the headline: the worst concurrency for each (the issue's goal holds only if it holds at every one)
     out["throughput_vs_vllm_ratio"] = min(out[f"c{c}_throughput_vs_vllm_ratio"] for c in args.concurrency)
@@ -206,7 +258,11 @@ def pushes(fw, bare, model_a, args, tokenizer_dir: Path) -> dict:
     ids = AutoTokenizer.from_pretrained(tokenizer_dir)(PROBE)["input_ids"]
     reference = {k: learner_logprobs(m, ids) for k, m in modules.items()}
     nbytes = sum(t.numel() * t.element_size() for t in weights["A"].values())
-    out = {"push_tensors": len(weights["A"]), "push_bytes": nbytes, "learner_logprob_gap_a_vs_b": mean_abs(reference["A"], reference["B"])}
+    out = {
+        "push_tensors": len(weights["A"]),
+        "push_bytes": nbytes,
+        "learner_logprob_gap_a_vs_b": mean_abs(reference["A"], reference["B"]),
+    }
 
     # d2d: copy the same tensors into preallocated ones (what a push cannot beat)
     dst = {n: torch.empty_like(t) for n, t in weights["A"].items()}
@@ -243,10 +299,17 @@ def pushes(fw, bare, model_a, args, tokenizer_dir: Path) -> dict:
         rows.append({"wall": wall, **result["seconds"]})
         served = served_logprobs(fw.url, "m", ids)
         gaps.append((mean_abs(served, reference[which]), mean_abs(served, reference["AB"[i % 2]])))
-        print(f"flywheel {transport} push {i} ({which}): {wall:.3f} s {result['seconds']}; served vs pushed "
-              f"{gaps[-1][0]:.4f}, vs the other {gaps[-1][1]:.4f}", flush=True)
-    out |= {"flywheel_push_first_s": rows[0]["wall"], "flywheel_push_s": statistics.median(r["wall"] for r in rows[1:]),
-            "flywheel_push_transport": transport, "flywheel_push_s_reps": [round(r["wall"], 4) for r in rows[1:]]}
+        print(
+            f"flywheel {transport} push {i} ({which}): {wall:.3f} s {result['seconds']}; served vs pushed "
+            f"{gaps[-1][0]:.4f}, vs the other {gaps[-1][1]:.4f}",
+            flush=True,
+        )
+    out |= {
+        "flywheel_push_first_s": rows[0]["wall"],
+        "flywheel_push_s": statistics.median(r["wall"] for r in rows[1:]),
+        "flywheel_push_transport": transport,
+        "flywheel_push_s_reps": [round(r["wall"], 4) for r in rows[1:]],
+    }
     for key in ("validate", "pause", "apply", "total"):
         out[f"flywheel_push_{key}_s"] = statistics.median(r[key] for r in rows[1:] if key in r)
     out["served_vs_pushed_logprob_gap_max"] = max(g for g, _ in gaps)
@@ -258,8 +321,12 @@ def pushes(fw, bare, model_a, args, tokenizer_dir: Path) -> dict:
         from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo, IPCTrainerWeightTransferEngine
 
         client = HTTPVLLMWeightSyncClient(bare.url)
-        engines = {k: IPCTrainerWeightTransferEngine.trainer_init(IPCTrainerInitInfo(rank=0), client=client,
-                                                                   source=ModuleSource(m)) for k, m in modules.items()}
+        engines = {
+            k: IPCTrainerWeightTransferEngine.trainer_init(
+                IPCTrainerInitInfo(rank=0), client=client, source=ModuleSource(m)
+            )
+            for k, m in modules.items()
+        }
         own, own_gaps = [], []
         for i in range(args.pushes + 1):
             which = "BA"[i % 2]
@@ -270,8 +337,12 @@ def pushes(fw, bare, model_a, args, tokenizer_dir: Path) -> dict:
             served = served_logprobs(bare.url, "m", ids)
             own_gaps.append(mean_abs(served, reference[which]))
             print(f"vLLM ipc push {i} ({which}): {own[-1]:.3f} s; served vs pushed {own_gaps[-1]:.4f}", flush=True)
-        out |= {"vllm_ipc_push_first_s": own[0], "vllm_ipc_push_s": statistics.median(own[1:]),
-                "vllm_ipc_push_s_reps": [round(x, 4) for x in own[1:]], "vllm_served_vs_pushed_logprob_gap_max": max(own_gaps)}
+        out |= {
+            "vllm_ipc_push_first_s": own[0],
+            "vllm_ipc_push_s": statistics.median(own[1:]),
+            "vllm_ipc_push_s_reps": [round(x, 4) for x in own[1:]],
+            "vllm_served_vs_pushed_logprob_gap_max": max(own_gaps),
+        }
         out["push_vs_vllm_ipc_ratio"] = out["flywheel_push_s"] / out["vllm_ipc_push_s"]
     out["push_vs_d2d_copy_ratio"] = out["flywheel_push_s"] / out["d2d_copy_s"]
     return out
@@ -310,26 +381,41 @@ def main() -> int:
     folder = work / f"{args.shape}-random"
     t0 = time.time()
     model = build_model(args.shape, folder, "cuda" if gpu else "cpu", args.seed)
-    meta = {"command": " ".join(["python", *sys.argv]), "machine": f"{platform.node()} {os.cpu_count()} cpus",
-            "device": torch.cuda.get_device_name() if gpu else "cpu",
-            "versions": f"python {platform.python_version()}, torch {torch.__version__}, vllm {vllm.__version__}",
-            "date": time.strftime("%Y-%m-%d")}
+    meta = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": f"{platform.node()} {os.cpu_count()} cpus",
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "versions": f"python {platform.python_version()}, torch {torch.__version__}, vllm {vllm.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
     suffix = "_gpu" if gpu else "_cpu_smoke"
     with both_servers(folder, work, args) as (fw, bare, ready_s):
         if not args.no_perf:
             perf = serving(fw, bare, folder, args)
-            write(args.results / f"perf_overhead{suffix}.json", perf,
-                  meta | {"model": f"{args.shape} (random weights, bf16)", "concurrency": args.concurrency,
-                          "input_len": args.input_len, "output_len": args.output_len, "reps": args.reps,
-                          "servers_ready_s": ready_s,
-                          "flywheel_flags": "flywheel serve defaults on GPU (compiled, CUDA graphs, vLLM's max_num_seqs)",
-                          "gpu_memory_utilization": args.gpu_memory_utilization})
+            write(
+                args.results / f"perf_overhead{suffix}.json",
+                perf,
+                meta
+                | {
+                    "model": f"{args.shape} (random weights, bf16)",
+                    "concurrency": args.concurrency,
+                    "input_len": args.input_len,
+                    "output_len": args.output_len,
+                    "reps": args.reps,
+                    "servers_ready_s": ready_s,
+                    "flywheel_flags": "flywheel serve defaults on GPU (compiled, CUDA graphs, vLLM's max_num_seqs)",
+                    "gpu_memory_utilization": args.gpu_memory_utilization,
+                },
+            )
         if not args.no_push:
             push = pushes(fw, bare, model, args, folder)
             tag = args.shape.replace("-", "_").replace(".", "_")  # several shapes' rows in one file
             rows = {f"{tag}_{k}": v for k, v in push.items()}
             if args.shape == "qwen3-0.6b":  # the issue's headline keys
-                rows |= {"push_0_6b_s": push["flywheel_push_s"], "push_vs_vllm_ipc_ratio": push.get("push_vs_vllm_ipc_ratio")}
+                rows |= {
+                    "push_0_6b_s": push["flywheel_push_s"],
+                    "push_vs_vllm_ipc_ratio": push.get("push_vs_vllm_ipc_ratio"),
+                }
             write(args.results / f"weight_push{suffix}.json", rows, meta)
     print(f"done in {time.time() - t0:.0f} s")
     return 0

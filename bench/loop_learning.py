@@ -38,8 +38,9 @@ def reward_parts(run_dir: Path) -> dict:
     out = {"sampled_rollouts": len(records)}
     for label, part in (("first_quarter", records[:quarter]), ("last_quarter", records[-quarter:])):
         for name in sorted({r["name"] for rec in part for r in rec.get("rewards", [])}):
-            out[f"sampled_{name}_{label}"] = round(sum(r["value"] for rec in part for r in rec.get("rewards", [])
-                                                       if r["name"] == name) / len(part), 4)
+            out[f"sampled_{name}_{label}"] = round(
+                sum(r["value"] for rec in part for r in rec.get("rewards", []) if r["name"] == name) / len(part), 4
+            )
     return out
 
 
@@ -50,25 +51,63 @@ def main() -> int:
     parser.add_argument("--eval-size", type=int, default=50)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "loop_learning.json")
     args, extra = parser.parse_known_args()  # anything else goes to `flywheel up`, e.g. --lr 1e-5
-    argv = [sys.executable, "-m", "flywheel.clients.cli", "up", "--config", str(REPO / "configs" / "loop.yaml"),
-            "--run-dir", str(args.run_dir), "--max-steps", str(args.steps), "--eval-size", str(args.eval_size),
-            "--no-live", *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "flywheel.clients.cli",
+        "up",
+        "--config",
+        str(REPO / "configs" / "loop.yaml"),
+        "--run-dir",
+        str(args.run_dir),
+        "--max-steps",
+        str(args.steps),
+        "--eval-size",
+        str(args.eval_size),
+        "--no-live",
+        *extra,
+    ]
     start = time.time()
     with vllm_lock():
         rc = subprocess.call(argv, cwd=REPO)
     summary = loop_summary(args.run_dir)
-    history = [json.loads(line) for line in (args.run_dir / "eval" / "history.jsonl").read_text().splitlines() if line.strip()] \
-        if (args.run_dir / "eval" / "history.jsonl").is_file() else []
+    history = (
+        [
+            json.loads(line)
+            for line in (args.run_dir / "eval" / "history.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        if (args.run_dir / "eval" / "history.jsonl").is_file()
+        else []
+    )
     history.sort(key=lambda h: h["version"])
     score = lambda h: sum(h["scores"].values()) / len(h["scores"])
-    results = {"command": " ".join(["python", "bench/loop_learning.py", *sys.argv[1:]]), "machine": platform.node(),
-               "rc": rc, "wall_s": round(time.time() - start, 1), "steps": summary.get("steps"),
-               "eval_size": args.eval_size, "eval_versions": len(history)}
+    results = {
+        "command": " ".join(["python", "bench/loop_learning.py", *sys.argv[1:]]),
+        "machine": platform.node(),
+        "rc": rc,
+        "wall_s": round(time.time() - start, 1),
+        "steps": summary.get("steps"),
+        "eval_size": args.eval_size,
+        "eval_versions": len(history),
+    }
     if history:
-        results |= {"eval_before_version": history[0]["version"], "eval_before": score(history[0]),
-                    "eval_after_version": history[-1]["version"], "eval_after": score(history[-1])}
-        results["after_vs_before_ratio"] = round(results["eval_after"] / results["eval_before"], 3) if results["eval_before"] else None
-    for key in ("reward_first_quarter", "reward_last_quarter", "optimizer_steps_per_hour", "rollouts_per_s", "dropped_stale"):
+        results |= {
+            "eval_before_version": history[0]["version"],
+            "eval_before": score(history[0]),
+            "eval_after_version": history[-1]["version"],
+            "eval_after": score(history[-1]),
+        }
+        results["after_vs_before_ratio"] = (
+            round(results["eval_after"] / results["eval_before"], 3) if results["eval_before"] else None
+        )
+    for key in (
+        "reward_first_quarter",
+        "reward_last_quarter",
+        "optimizer_steps_per_hour",
+        "rollouts_per_s",
+        "dropped_stale",
+    ):
         if summary.get(key) is not None:
             results[key] = summary[key]
     results |= reward_parts(args.run_dir)

@@ -36,15 +36,16 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("FLYWHEEL_HOME", str(REPO / ".flywheel"))
 
-VLLM_BENCH = ("import sys\n"
-              "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
-              "from vllm.benchmarks.serve import add_cli_args, main\n"
-              "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))\n")
+VLLM_BENCH = (
+    "import sys\n"
+    "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+    "from vllm.benchmarks.serve import add_cli_args, main\n"
+    "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))\n"
+)
 
 
 @contextmanager
@@ -53,29 +54,41 @@ def start_bare_vllm(model_path: Path, workdir: Path, weight_transfer: dict | Non
     settings as clients.servers.start_server (without Flywheel's worker extension and weight-transfer
     backend), under the same one-server lock. `weight_transfer` (e.g. {"backend": "ipc"}) gives it
     vLLM's own weight-transfer engine and RL routes instead (dev mode), as a baseline for pushes."""
-    from flywheel.server.config import ServeConfig
-    from flywheel.server.serve import engine_environment, on_cpu, vllm_argv
     from flywheel.clients.servers import launch
+    from flywheel.server.config import ServeConfig
     from flywheel.server.net import free_port
+    from flywheel.server.serve import engine_environment, on_cpu, vllm_argv
 
     workdir.mkdir(parents=True, exist_ok=True)
-    settings = {"port": free_port(), "data_dir": workdir / "data", "kv_cache_gib": 1, "max_model_len": 1024,
-                "max_num_seqs": 32, **overrides}
+    settings = {
+        "port": free_port(),
+        "data_dir": workdir / "data",
+        "kv_cache_gib": 1,
+        "max_model_len": 1024,
+        "max_num_seqs": 32,
+        **overrides,
+    }
     config = ServeConfig(model=str(model_path), **settings)
     cpu = on_cpu()
     name = config.served_model_name or model_path.name
     argv = vllm_argv(config, model_path, name, cpu)
     for flag in ("--worker-extension-cls", "--weight-transfer-config"):  # Flywheel's own additions
         i = argv.index(flag)
-        del argv[i:i + 2]
+        del argv[i : i + 2]
     env = {**os.environ, **engine_environment(config, cpu)}
     if weight_transfer is not None:
         argv += ["--weight-transfer-config", json.dumps(weight_transfer)]
         env |= {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # vLLM's client pickles handles
     for key in ("VLLM_CACHE_ROOT", "TMPDIR"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
-    with launch([sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", *argv], workdir, config.port,
-                name, env=env, what="bare vLLM") as server:
+    with launch(
+        [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", *argv],
+        workdir,
+        config.port,
+        name,
+        env=env,
+        what="bare vLLM",
+    ) as server:
         yield server
 
 
@@ -85,7 +98,9 @@ def our_load(base_url: str, model: str, tokenizer: str, args) -> dict:
     from flywheel.clients.perf.prompts import LocalTokenizer, synthetic_prompts
 
     target = LoadTarget(base_url=base_url, model=model)
-    prompts = synthetic_prompts(LocalTokenizer(tokenizer), args.num_requests + 4, args.input_len, args.output_len, seed=args.seed)
+    prompts = synthetic_prompts(
+        LocalTokenizer(tokenizer), args.num_requests + 4, args.input_len, args.output_len, seed=args.seed
+    )
     asyncio.run(closed_loop(target, prompts[:4], 4))  # warm-up, not measured
     results, duration, overhead = asyncio.run(closed_loop(target, prompts[4:], args.parallel))
     return summarize(results, duration) | overhead
@@ -93,11 +108,44 @@ def our_load(base_url: str, model: str, tokenizer: str, args) -> dict:
 
 def vllm_bench(server_url: str, model: str, tokenizer: str, args, out_dir: Path, rep: int) -> dict:
     name = f"vllm_bench_{rep}.json"
-    cmd = [sys.executable, "-c", VLLM_BENCH, "--backend", "vllm", "--base-url", server_url, "--endpoint", "/v1/completions",
-           "--model", model, "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len", str(args.input_len),
-           "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_requests), "--max-concurrency", str(args.parallel),
-           "--ignore-eos", "--num-warmups", "4", "--disable-tqdm", "--seed", str(args.seed), "--temperature", "0",
-           "--save-result", "--result-dir", str(out_dir), "--result-filename", name]
+    cmd = [
+        sys.executable,
+        "-c",
+        VLLM_BENCH,
+        "--backend",
+        "vllm",
+        "--base-url",
+        server_url,
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        model,
+        "--tokenizer",
+        tokenizer,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(args.input_len),
+        "--random-output-len",
+        str(args.output_len),
+        "--num-prompts",
+        str(args.num_requests),
+        "--max-concurrency",
+        str(args.parallel),
+        "--ignore-eos",
+        "--num-warmups",
+        "4",
+        "--disable-tqdm",
+        "--seed",
+        str(args.seed),
+        "--temperature",
+        "0",
+        "--save-result",
+        "--result-dir",
+        str(out_dir),
+        "--result-filename",
+        name,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"vllm.benchmarks.serve failed: {proc.stderr[-1500:]}")
@@ -120,8 +168,8 @@ def main() -> int:
     ap.add_argument("--output", type=Path, default=REPO / "bench" / "results" / "perf_overhead.json")
     args = ap.parse_args()
 
-    from flywheel.server.models import resolve_model
     from flywheel.clients.servers import start_server
+    from flywheel.server.models import resolve_model
 
     model_path = resolve_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="perf_overhead-"))
@@ -144,15 +192,23 @@ def main() -> int:
         "command": " ".join([sys.executable, *sys.argv]),
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
         "versions": f"python {platform.python_version()}, vllm {vllm.__version__}",
-        "model": args.model, "parallel": args.parallel, "num_requests": args.num_requests, "input_len": args.input_len,
-        "output_len": args.output_len, "reps": args.reps,
-        "flywheel_output_throughput": fw_tput, "vllm_output_throughput": bare_tput,
-        "flywheel_ttft_ms_p50": fw_ttft, "vllm_ttft_ms_p50": bare_ttft,
+        "model": args.model,
+        "parallel": args.parallel,
+        "num_requests": args.num_requests,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "reps": args.reps,
+        "flywheel_output_throughput": fw_tput,
+        "vllm_output_throughput": bare_tput,
+        "flywheel_ttft_ms_p50": fw_ttft,
+        "vllm_ttft_ms_p50": bare_ttft,
         "flywheel_vs_vllm_output_throughput_ratio": fw_tput / bare_tput,
         "flywheel_vs_vllm_ttft_p50_ratio": fw_ttft / bare_ttft,
-        "vllm_bench_output_throughput": vb_tput, "vllm_bench_ttft_ms_p50": median(bench_fw, "median_ttft_ms"),
+        "vllm_bench_output_throughput": vb_tput,
+        "vllm_bench_ttft_ms_p50": median(bench_fw, "median_ttft_ms"),
         "ours_vs_vllm_bench_output_throughput_ratio": fw_tput / vb_tput,
-        "ours_client_cpu_fraction": median(ours_fw, "client_cpu_fraction"), "ours_loop_lag_ms_p99": median(ours_fw, "loop_lag_ms_p99"),
+        "ours_client_cpu_fraction": median(ours_fw, "client_cpu_fraction"),
+        "ours_loop_lag_ms_p99": median(ours_fw, "loop_lag_ms_p99"),
         "flywheel_output_throughput_reps": [r["output_throughput"] for r in ours_fw],
         "vllm_output_throughput_reps": [r["output_throughput"] for r in ours_bare],
         "vllm_bench_output_throughput_reps": [r["output_throughput"] for r in bench_fw],
@@ -161,7 +217,11 @@ def main() -> int:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
-    for k in ("flywheel_vs_vllm_output_throughput_ratio", "flywheel_vs_vllm_ttft_p50_ratio", "ours_vs_vllm_bench_output_throughput_ratio"):
+    for k in (
+        "flywheel_vs_vllm_output_throughput_ratio",
+        "flywheel_vs_vllm_ttft_p50_ratio",
+        "ours_vs_vllm_bench_output_throughput_ratio",
+    ):
         print(f"{k}: {result[k]:.4f}")
     print(f"wrote {args.output}")
     return 0

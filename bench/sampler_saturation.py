@@ -39,8 +39,12 @@ async def plain_client(base_url: str, model: str, items: list, args) -> dict:
     import httpx
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=base_url, api_key="none", http_client=httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=args.concurrency)), timeout=600)
+    client = AsyncOpenAI(
+        base_url=base_url,
+        api_key="none",
+        http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=args.concurrency)),
+        timeout=600,
+    )
     todo = list(items)
     tokens = 0
 
@@ -48,9 +52,16 @@ async def plain_client(base_url: str, model: str, items: list, args) -> dict:
         nonlocal tokens
         while todo:
             item = todo.pop()
-            r = await client.chat.completions.create(model=model, messages=item.messages, n=args.n, temperature=1.0,
-                                                     max_tokens=args.max_tokens, seed=args.seed, logprobs=True,
-                                                     extra_body={"return_token_ids": True})
+            r = await client.chat.completions.create(
+                model=model,
+                messages=item.messages,
+                n=args.n,
+                temperature=1.0,
+                max_tokens=args.max_tokens,
+                seed=args.seed,
+                logprobs=True,
+                extra_body={"return_token_ids": True},
+            )
             tokens += sum(len(c.model_extra.get("token_ids") or []) for c in r.choices)
 
     start = time.monotonic()
@@ -61,16 +72,30 @@ async def plain_client(base_url: str, model: str, items: list, args) -> dict:
 
 
 def sampler_run(base_url: str, model: str, redis_url: str, args) -> dict:
-    from flywheel.sampler.config import EndpointConfig, GrpoSampleConfig, PromptSourceConfig, QueueConfig, SamplingConfig
+    from flywheel.sampler.config import (
+        EndpointConfig,
+        GrpoSampleConfig,
+        PromptSourceConfig,
+        QueueConfig,
+        SamplingConfig,
+    )
     from flywheel.sampler.grpo import sample_grpo
 
-    config = GrpoSampleConfig(endpoint=EndpointConfig(base_url=base_url, model=model),
-                              prompts=PromptSourceConfig(num_prompts=args.prompts),
-                              sampling=SamplingConfig(n=args.n, max_tokens=args.max_tokens, seed=args.seed),
-                              queue=QueueConfig(url=redis_url, stream=f"bench-{time.time_ns()}", max_backlog=100_000),
-                              concurrency=args.concurrency, drop_uniform_groups=False, progress=False)
+    config = GrpoSampleConfig(
+        endpoint=EndpointConfig(base_url=base_url, model=model),
+        prompts=PromptSourceConfig(num_prompts=args.prompts),
+        sampling=SamplingConfig(n=args.n, max_tokens=args.max_tokens, seed=args.seed),
+        queue=QueueConfig(url=redis_url, stream=f"bench-{time.time_ns()}", max_backlog=100_000),
+        concurrency=args.concurrency,
+        drop_uniform_groups=False,
+        progress=False,
+    )
     summary = asyncio.run(sample_grpo(config))
-    return {"tokens": summary["completion_tokens"], "seconds": summary["seconds"], "tokens_per_s": summary["tokens_per_s"]}
+    return {
+        "tokens": summary["completion_tokens"],
+        "seconds": summary["seconds"],
+        "tokens_per_s": summary["tokens_per_s"],
+    }
 
 
 def main() -> int:
@@ -84,10 +109,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    from flywheel.clients.servers import start_redis, start_server
     from flywheel.sampler.config import PromptSourceConfig
     from flywheel.sampler.prompts import gym_prompts
     from flywheel.server.models import resolve_model
-    from flywheel.clients.servers import start_redis, start_server
 
     items = list(gym_prompts(PromptSourceConfig(num_prompts=args.prompts)))
     work = Path(tempfile.mkdtemp(prefix="bench-sampler-"))
@@ -99,7 +124,10 @@ def main() -> int:
             for rep in range(args.reps):
                 plain.append(asyncio.run(plain_client(srv.base_url, srv.model, items, args)))
                 ours.append(sampler_run(srv.base_url, srv.model, redis_url, args))
-                print(f"rep {rep}: plain {plain[-1]['tokens_per_s']:.0f} tok/s, sampler {ours[-1]['tokens_per_s']:.0f} tok/s", flush=True)
+                print(
+                    f"rep {rep}: plain {plain[-1]['tokens_per_s']:.0f} tok/s, sampler {ours[-1]['tokens_per_s']:.0f} tok/s",
+                    flush=True,
+                )
     finally:
         redis_proc.terminate()
         redis_proc.wait(10)
@@ -114,9 +142,14 @@ def main() -> int:
         "command": " ".join([sys.executable, *sys.argv]),
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
         "versions": f"python {platform.python_version()}, vllm {vllm.__version__}, openai {openai.__version__}",
-        "model": args.model, "prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens,
-        "concurrency": args.concurrency, "reps": args.reps,
-        "plain_tokens_per_s": round(plain_tps, 1), "sampler_tokens_per_s": round(ours_tps, 1),
+        "model": args.model,
+        "prompts": args.prompts,
+        "n": args.n,
+        "max_tokens": args.max_tokens,
+        "concurrency": args.concurrency,
+        "reps": args.reps,
+        "plain_tokens_per_s": round(plain_tps, 1),
+        "sampler_tokens_per_s": round(ours_tps, 1),
         "plain_tokens_per_rep": statistics.median(r["tokens"] for r in plain),
         "sampler_tokens_per_rep": statistics.median(r["tokens"] for r in ours),
         "sampler_vs_plain_tokens_per_s_ratio": round(ours_tps / plain_tps, 3),

@@ -41,14 +41,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # name -> (dense/MoE shared shape, dense FFN, MoE (experts, top-k, expert FFN), batch, seq)
 SIZES = {
     # the configuration of issue 8
-    "issue": dict(layers=8, hidden=1024, heads=16, kv_heads=4, head_dim=64, vocab=32000, ffn=4096,
-                  experts=32, topk=4, moe_ffn=512, batch=8, seq=1024),
+    "issue": dict(
+        layers=8,
+        hidden=1024,
+        heads=16,
+        kv_heads=4,
+        head_dim=64,
+        vocab=32000,
+        ffn=4096,
+        experts=32,
+        topk=4,
+        moe_ffn=512,
+        batch=8,
+        seq=1024,
+    ),
     # larger pair: Qwen3-30B-A3B's attention and expert shapes (hidden 2048, 32/4 heads of 128,
     # experts of 768, top-8) with 64 experts and 12 layers so both backends fit side by side in time
-    "large": dict(layers=12, hidden=2048, heads=32, kv_heads=4, head_dim=128, vocab=32000, ffn=8192,
-                  experts=64, topk=8, moe_ffn=768, batch=8, seq=2048),
-    "toy": dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, vocab=512, ffn=128,
-                experts=4, topk=2, moe_ffn=64, batch=2, seq=32),
+    "large": dict(
+        layers=12,
+        hidden=2048,
+        heads=32,
+        kv_heads=4,
+        head_dim=128,
+        vocab=32000,
+        ffn=8192,
+        experts=64,
+        topk=8,
+        moe_ffn=768,
+        batch=8,
+        seq=2048,
+    ),
+    "toy": dict(
+        layers=2,
+        hidden=64,
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        vocab=512,
+        ffn=128,
+        experts=4,
+        topk=2,
+        moe_ffn=64,
+        batch=2,
+        seq=32,
+    ),
 }
 NOMINAL_H200_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100/H200 SXM
 
@@ -56,13 +92,29 @@ NOMINAL_H200_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100/H200 
 def hf_config(size: dict, moe: bool):
     from transformers import Qwen3Config, Qwen3MoeConfig
 
-    common = dict(vocab_size=size["vocab"], hidden_size=size["hidden"], num_hidden_layers=size["layers"],
-                  num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"], head_dim=size["head_dim"],
-                  max_position_embeddings=max(4096, size["seq"]), rms_norm_eps=1e-6, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=size["vocab"],
+        hidden_size=size["hidden"],
+        num_hidden_layers=size["layers"],
+        num_attention_heads=size["heads"],
+        num_key_value_heads=size["kv_heads"],
+        head_dim=size["head_dim"],
+        max_position_embeddings=max(4096, size["seq"]),
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
     if moe:
-        return Qwen3MoeConfig(**common, intermediate_size=size["ffn"], moe_intermediate_size=size["moe_ffn"],
-                              num_experts=size["experts"], num_experts_per_tok=size["topk"], norm_topk_prob=True,
-                              decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=False)
+        return Qwen3MoeConfig(
+            **common,
+            intermediate_size=size["ffn"],
+            moe_intermediate_size=size["moe_ffn"],
+            num_experts=size["experts"],
+            num_experts_per_tok=size["topk"],
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            output_router_logits=False,
+        )
     return Qwen3Config(**common, intermediate_size=size["ffn"])
 
 
@@ -83,7 +135,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
         a @ b
     reps = 20 if device.type == "cuda" else 3
     elapsed = _timed(lambda: a @ b, reps, device)
-    return 2 * n ** 3 * reps / elapsed
+    return 2 * n**3 * reps / elapsed
 
 
 def _timed(fn, reps: int, device: torch.device) -> float:
@@ -129,15 +181,23 @@ def hf_model(config, init_sd, device, dtype, experts_impl: str | None, compile_l
     return model, loss_fn
 
 
-def megatron_model(config, init_sd, dtype, attention: str, experts: str, fused: bool = False,
-                   compile_layers: bool = False):
+def megatron_model(
+    config, init_sd, dtype, attention: str, experts: str, fused: bool = False, compile_layers: bool = False
+):
     from flywheel.trainer.megatron.convert import load_hf_state_dict
     from flywheel.trainer.megatron.model import arch_from_hf, build_gpt
     from flywheel.trainer.policy_interface import ParallelConfig
 
     arch = arch_from_hf(config)
-    model = build_gpt(arch, ParallelConfig(), dtype=dtype, attention=attention, experts=experts, fused=fused,
-                      compile_layers=compile_layers)
+    model = build_gpt(
+        arch,
+        ParallelConfig(),
+        dtype=dtype,
+        attention=attention,
+        experts=experts,
+        fused=fused,
+        compile_layers=compile_layers,
+    )
     load_hf_state_dict(model, {k: v.to(next(model.parameters()).device) for k, v in init_sd.items()}, arch)
     model.train()
 
@@ -200,17 +260,22 @@ def measure(build, batches, device, warmup: int, steps: int, profile: bool = Fal
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    counter = iter(range(10 ** 9))
+    counter = iter(range(10**9))
     elapsed = _timed(lambda: step(next(counter)), steps, device)
     tokens = ids.numel() * steps
     top = top_kernels(step, device) if profile else None
-    out = {"initial_loss": initial_loss, "ms_per_step": 1000 * elapsed / steps, "tokens_per_s": tokens / elapsed,
-           "host_syncs_per_step": syncs, "params": sum(p.numel() for p in params)}
+    out = {
+        "initial_loss": initial_loss,
+        "ms_per_step": 1000 * elapsed / steps,
+        "tokens_per_s": tokens / elapsed,
+        "host_syncs_per_step": syncs,
+        "params": sum(p.numel() for p in params),
+    }
     if device.type == "cuda":
-        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if top:
         out["top_kernels"] = top
-    del model, opt, loss_fn
+    model = opt = loss_fn = None  # drop the references (a `del` would unbind names the closures read)
     torch._dynamo.reset()  # compiled variants: each model compiles afresh (no recompile limit carried over)
     gc.collect()
     if device.type == "cuda":
@@ -231,8 +296,18 @@ VARIANTS = {  # name -> (backend, options); dense models skip the expert-only va
 }
 
 
-def run_model(tag: str, size: dict, moe: bool, device, dtype, warmup: int, steps: int, slow_steps: int,
-              variants: list[str] | None = None, profile: bool = False) -> dict:
+def run_model(
+    tag: str,
+    size: dict,
+    moe: bool,
+    device,
+    dtype,
+    warmup: int,
+    steps: int,
+    slow_steps: int,
+    variants: list[str] | None = None,
+    profile: bool = False,
+) -> dict:
     config = hf_config(size, moe)
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
@@ -260,8 +335,14 @@ def run_model(tag: str, size: dict, moe: bool, device, dtype, warmup: int, steps
             build = lambda: megatron_model(config, init_sd, dtype, **opts)  # noqa: E731
         t0 = time.time()
         try:
-            r = measure(build, batches, device, warmup=1 if slow else warmup, steps=slow_steps if slow else steps,
-                        profile=profile and not slow)
+            r = measure(
+                build,
+                batches,
+                device,
+                warmup=1 if slow else warmup,
+                steps=slow_steps if slow else steps,
+                profile=profile and not slow,
+            )
         except Exception as exc:  # report and go on: one broken variant must not lose the others' numbers
             traceback.print_exc()
             results[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -269,9 +350,12 @@ def run_model(tag: str, size: dict, moe: bool, device, dtype, warmup: int, steps
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        print(f"[{tag}] {name:<26} {r['ms_per_step']:9.1f} ms/step {r['tokens_per_s']:>12,.0f} tok/s "
-              f"loss0 {r['initial_loss']:.5f} syncs {r['host_syncs_per_step']} "
-              f"mem {r.get('peak_mem_gib', 0):.1f} GiB ({time.time() - t0:.0f}s)", flush=True)
+        print(
+            f"[{tag}] {name:<26} {r['ms_per_step']:9.1f} ms/step {r['tokens_per_s']:>12,.0f} tok/s "
+            f"loss0 {r['initial_loss']:.5f} syncs {r['host_syncs_per_step']} "
+            f"mem {r.get('peak_mem_gib', 0):.1f} GiB ({time.time() - t0:.0f}s)",
+            flush=True,
+        )
         results[name] = r
     return results
 
@@ -306,18 +390,45 @@ def run_parallel(args) -> int:
     here = Path(__file__).resolve().parent
     out = args.out if args.out.name != "train_speed.json" else args.out.with_name(f"train_speed_{args.gpus}gpu.json")
     single = out.with_name(out.stem + "_single.json")
-    common = ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--toy"] if args.toy else []) \
-        + (["--bf16"] if args.bf16 else []) + (["--sizes", *args.sizes] if args.sizes else [])
+    common = (
+        ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+        + (["--toy"] if args.toy else [])
+        + (["--bf16"] if args.bf16 else [])
+        + (["--sizes", *args.sizes] if args.sizes else [])
+    )
     # NVLink multicast stays off (this machine's hosts are shared: KINDS.md)
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     script = str(here / "train_speed_parallel.py")
     subprocess.run([sys.executable, script, "--phase", "single", "--out", str(single), *common], env=env, check=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.gpus), script,
-                    "--phase", "multi", "--single", str(single), "--out", str(out), *common], env=env, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(args.gpus),
+            script,
+            "--phase",
+            "multi",
+            "--single",
+            str(single),
+            "--out",
+            str(out),
+            *common,
+        ],
+        env=env,
+        check=True,
+    )
     merged = json.loads(out.read_text())
     merged["command"] = " ".join(["python"] + sys.argv)
-    merged.update({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-                   "machine": platform.node(), "torch": torch.__version__, "python": platform.python_version()})
+    merged.update(
+        {
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+            "machine": platform.node(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        }
+    )
     out.write_text(json.dumps(merged, indent=1))
     for key, value in merged.items():
         if key.endswith(("_ratio", "_scaling_efficiency")):
@@ -328,17 +439,26 @@ def run_parallel(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=None, choices=list(SIZES), help="model sizes (default: issue large; --toy: toy)")
+    parser.add_argument(
+        "--sizes", nargs="+", default=None, choices=list(SIZES), help="model sizes (default: issue large; --toy: toy)"
+    )
     parser.add_argument("--toy", action="store_true", help="toy size on the CPU in fp32 (a smoke test of this script)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--slow-steps", type=int, default=3, help="timed steps of the serial-expert variants")
     parser.add_argument("--profile", action="store_true", help="record the top kernels of one step per variant")
     parser.add_argument("--bf16", action="store_true", help="bf16 on the CPU too (the GPU always runs bf16)")
-    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="variants to run (default: all)")
+    parser.add_argument(
+        "--variants", nargs="+", default=None, choices=list(VARIANTS), help="variants to run (default: all)"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_speed.json")
-    parser.add_argument("--gpus", type=int, default=1, help="> 1: megatron TP/EP/DP over this many GPUs with torchrun "
-                        "(bench/train_speed_parallel.py; writes train_speed_<N>gpu.json)")
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="> 1: megatron TP/EP/DP over this many GPUs with torchrun "
+        "(bench/train_speed_parallel.py; writes train_speed_<N>gpu.json)",
+    )
     args = parser.parse_args()
     if args.gpus > 1:
         return run_parallel(args)
@@ -357,18 +477,30 @@ def main() -> int:
     import megatron.core
     import transformers
 
-    flat = {"command": " ".join(["python"] + sys.argv), "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-            "machine": platform.node(), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
-            "transformers": transformers.__version__, "megatron_core": megatron.core.__version__,
-            "python": platform.python_version(), "measured_matmul_tflops": rate / 1e12,
-            "warmup_steps": args.warmup, "timed_steps": args.steps, "timed_steps_serial_experts": args.slow_steps}
+    flat = {
+        "command": " ".join(["python"] + sys.argv),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "machine": platform.node(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "megatron_core": megatron.core.__version__,
+        "python": platform.python_version(),
+        "measured_matmul_tflops": rate / 1e12,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "timed_steps_serial_experts": args.slow_steps,
+    }
     for size_name in sizes:
         size = SIZES[size_name]
         for moe in (False, True):
             tag = f"{size_name}_{'moe' if moe else 'dense'}"
-            flat[f"{tag}_config"] = json.dumps({k: v for k, v in size.items() if moe or k not in ("experts", "topk", "moe_ffn")})
-            results = run_model(tag, size, moe, device, dtype, args.warmup, args.steps, args.slow_steps, args.variants,
-                                args.profile)
+            flat[f"{tag}_config"] = json.dumps(
+                {k: v for k, v in size.items() if moe or k not in ("experts", "topk", "moe_ffn")}
+            )
+            results = run_model(
+                tag, size, moe, device, dtype, args.warmup, args.steps, args.slow_steps, args.variants, args.profile
+            )
             flat.update(flatten(tag, moe, size, results, rate))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(flat, indent=1, sort_keys=False))  # partial results survive a timeout

@@ -52,7 +52,9 @@ def save_hf_model(size: dict, moe: bool, folder: Path, dtype: torch.dtype) -> No
     model = AutoModelForCausalLM.from_config(hf_config(size, moe), dtype=dtype)
     model.save_pretrained(folder)
     vocab = {f"t{i}": i for i in range(size["vocab"])}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0"
+    )
     tokenizer.save_pretrained(folder)
 
 
@@ -67,25 +69,29 @@ def global_batches(size: dict, n: int = 4):
 
 
 def build_policy(folder: Path, tensor: int, expert: int, bf16: bool, compiled: bool):
-    from flywheel.trainer.policy_interface import ParallelConfig, PolicyConfig
     from flywheel.trainer.megatron.model import compile_transformer_layers
     from flywheel.trainer.megatron.policy import MegatronPolicy
+    from flywheel.trainer.policy_interface import ParallelConfig, PolicyConfig
 
-    policy = MegatronPolicy(PolicyConfig(backend="megatron", model=str(folder), bf16=bf16,
-                                         parallel=ParallelConfig(tensor=tensor, expert=expert)))
+    policy = MegatronPolicy(
+        PolicyConfig(
+            backend="megatron", model=str(folder), bf16=bf16, parallel=ParallelConfig(tensor=tensor, expert=expert)
+        )
+    )
     if compiled:
         compile_transformer_layers(policy.model)
     return policy
 
 
-def measure_layout(folder: Path, size: dict, tensor: int, expert: int, device, bf16: bool, compiled: bool,
-                   warmup: int, steps: int) -> dict:
+def measure_layout(
+    folder: Path, size: dict, tensor: int, expert: int, device, bf16: bool, compiled: bool, warmup: int, steps: int
+) -> dict:
     from megatron.core import parallel_state as ps
 
     policy = build_policy(folder, tensor, expert, bf16, compiled)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     share = size["batch"] // dp
-    batches = [tuple(t[dp_rank * share:(dp_rank + 1) * share].to(device) for t in b) for b in global_batches(size)]
+    batches = [tuple(t[dp_rank * share : (dp_rank + 1) * share].to(device) for t in b) for b in global_batches(size)]
     params = list(policy.parameters())
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=device.type == "cuda")
 
@@ -108,16 +114,25 @@ def measure_layout(folder: Path, size: dict, tensor: int, expert: int, device, b
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    counter = iter(range(10 ** 9))
+    counter = iter(range(10**9))
     elapsed = torch.tensor(_timed(lambda: step(next(counter)), steps, device), dtype=torch.float64)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank ends
-    peak = torch.tensor(torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0.0, dtype=torch.float64)
+    peak = torch.tensor(
+        torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0, dtype=torch.float64
+    )
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     tokens = size["batch"] * size["seq"] * steps
-    out = {"initial_loss": loss0, "ms_per_step": 1000 * float(elapsed) / steps, "tokens_per_s": tokens / float(elapsed),
-           "peak_mem_gib_max_over_ranks": float(peak), "gpus": dist.get_world_size(), "tensor": tensor,
-           "expert": expert, "data": dp}
-    del policy, opt, batches
+    out = {
+        "initial_loss": loss0,
+        "ms_per_step": 1000 * float(elapsed) / steps,
+        "tokens_per_s": tokens / float(elapsed),
+        "peak_mem_gib_max_over_ranks": float(peak),
+        "gpus": dist.get_world_size(),
+        "tensor": tensor,
+        "expert": expert,
+        "data": dp,
+    }
+    policy = opt = batches = None  # drop the references (a `del` would unbind names the closures read)
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -136,7 +151,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    from flywheel.trainer.megatron.parallel import device as current_device, init_parallel
+    from flywheel.trainer.megatron.parallel import device as current_device
+    from flywheel.trainer.megatron.parallel import init_parallel
 
     init_parallel(None)  # torch.distributed (torchrun's world, or a world of one)
     device = current_device()
@@ -147,7 +163,9 @@ def main() -> int:
     flat = dict(single) if args.phase == "multi" else {}
     variants = ["eager"] if args.eager_only else ["eager", "compiled"]
     # one folder all ranks read: rank 0 names it (a world on one host)
-    holder = [tempfile.mkdtemp(prefix="flywheel-bench-", dir=os.environ.get("FLYWHEEL_BENCH_TMP")) if rank == 0 else None]
+    holder = [
+        tempfile.mkdtemp(prefix="flywheel-bench-", dir=os.environ.get("FLYWHEEL_BENCH_TMP")) if rank == 0 else None
+    ]
     dist.broadcast_object_list(holder, src=0)
     tmp = holder[0]
     try:
@@ -160,14 +178,26 @@ def main() -> int:
                     save_hf_model(size, moe, folder, torch.bfloat16 if bf16 else torch.float32)
                 dist.barrier()
                 for layout, (tensor, expert, kind) in LAYOUTS.items():
-                    if (layout == "single") != (args.phase == "single") or kind not in ("both", "moe" if moe else "dense"):
+                    if (layout == "single") != (args.phase == "single") or kind not in (
+                        "both",
+                        "moe" if moe else "dense",
+                    ):
                         continue
                     for variant in variants:
                         key = f"{tag}_{layout}_{variant}"
                         t0 = time.time()
                         try:
-                            r = measure_layout(folder, size, tensor, expert, device, bf16, variant == "compiled",
-                                               args.warmup, args.steps)
+                            r = measure_layout(
+                                folder,
+                                size,
+                                tensor,
+                                expert,
+                                device,
+                                bf16,
+                                variant == "compiled",
+                                args.warmup,
+                                args.steps,
+                            )
                         except Exception as exc:  # one failing layout must not lose the others...
                             if world > 1:  # ...but a rank that left a collective hangs the others: stop
                                 raise
@@ -179,11 +209,16 @@ def main() -> int:
                         if layout != "single" and base:
                             flat[f"{key}_scaling_efficiency"] = r["tokens_per_s"] / (world * base)
                             flat[f"{key}_vs_single_{variant}_ratio"] = r["tokens_per_s"] / base
-                            flat[f"{key}_loss0_minus_single_loss0"] = r["initial_loss"] - flat[f"{tag}_single_{variant}_initial_loss"]
+                            flat[f"{key}_loss0_minus_single_loss0"] = (
+                                r["initial_loss"] - flat[f"{tag}_single_{variant}_initial_loss"]
+                            )
                         if rank == 0:
-                            print(f"[{tag}] {layout}/{variant:<9} {r['ms_per_step']:8.1f} ms/step "
-                                  f"{r['tokens_per_s']:>11,.0f} tok/s loss0 {r['initial_loss']:.5f} "
-                                  f"mem {r['peak_mem_gib_max_over_ranks']:.1f} GiB ({time.time() - t0:.0f}s)", flush=True)
+                            print(
+                                f"[{tag}] {layout}/{variant:<9} {r['ms_per_step']:8.1f} ms/step "
+                                f"{r['tokens_per_s']:>11,.0f} tok/s loss0 {r['initial_loss']:.5f} "
+                                f"mem {r['peak_mem_gib_max_over_ranks']:.1f} GiB ({time.time() - t0:.0f}s)",
+                                flush=True,
+                            )
                         if rank == 0:
                             args.out.parent.mkdir(parents=True, exist_ok=True)
                             args.out.write_text(json.dumps(flat, indent=1))  # partial results survive a timeout

@@ -39,10 +39,10 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flywheel.clients.servers import start_server  # noqa: E402
 from flywheel.server.models import resolve_model  # noqa: E402
 from flywheel.server.weights.client import push_weights  # noqa: E402
 from flywheel.server.weights.shm_buckets import ShmBuckets  # noqa: E402
-from flywheel.clients.servers import start_server  # noqa: E402
 
 
 def fp32_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -63,10 +63,22 @@ def median_seconds(fn, repeats: int) -> float:
 
 RANDOM_MODELS = {
     # Qwen3-0.6B's shapes (28 layers, hidden 1024, tied embeddings), random weights: 0.6B params, 2.4 GB fp32
-    "qwen3-0.6b-random": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                              num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                              max_position_embeddings=4096, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                              bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
+    "qwen3-0.6b-random": dict(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        pad_token_id=151643,
+    ),
 }
 
 
@@ -98,16 +110,16 @@ def bench_model(name: str, repeats: int, workdir: Path) -> dict:
     for apply in ("staged", "layerwise"):
         # staged: Flywheel's CPU apply (the default); layerwise: vLLM's in-place reload, the "before"
         suffix = "" if apply == "staged" else "_layerwise"
-        with start_server(model_dir, workdir / f"{name}-{apply}", served_model_name="m", dev_routes=True,
-                          weight_apply=apply) as srv:
+        with start_server(
+            model_dir, workdir / f"{name}-{apply}", served_model_name="m", dev_routes=True, weight_apply=apply
+        ) as srv:
             if apply == "staged":
                 reload_baselines(srv, name, model_dir, fp32_dir, repeats, out)
                 out[f"{name}_reload_vs_memcpy_ratio"] = round(out[f"{name}_reload_s"] / memcpy, 3)
 
             def push(transport, weights, buckets=None):
                 version[0] += 1
-                return push_weights(srv.url, weights, version[0], srv.admin_token, transport=transport,
-                                    buckets=buckets)
+                return push_weights(srv.url, weights, version[0], srv.admin_token, transport=transport, buckets=buckets)
 
             with ShmBuckets() as buckets:
                 rows = [("shm_reused", "shm", sd, buckets), ("shm_folder", "shm", fp32_dir, None)]
@@ -123,23 +135,33 @@ def bench_model(name: str, repeats: int, workdir: Path) -> dict:
                     out[f"{name}_{label}_push_s"] = round(seconds, 4)
                     out[f"{name}_{label}_push_GBps"] = round(nbytes / seconds / 1e9, 3)
                     # where the time went (medians): client serialisation, server apply (pause..resume inside vLLM)
-                    out[f"{name}_{label}_serialize_s"] = round(statistics.median(p["client_seconds"]["serialize"] for p in parts), 4)
+                    out[f"{name}_{label}_serialize_s"] = round(
+                        statistics.median(p["client_seconds"]["serialize"] for p in parts), 4
+                    )
                     out[f"{name}_{label}_apply_s"] = round(statistics.median(p["seconds"]["apply"] for p in parts), 4)
                     out[f"{name}_{label}_push_vs_memcpy_ratio"] = round(seconds / memcpy, 3)
                     out[f"{name}_{label}_push_vs_reload_ratio"] = round(seconds / out[f"{name}_reload_s"], 3)
-            check = httpx.post(srv.base_url + "/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2}, timeout=60)
+            check = httpx.post(
+                srv.base_url + "/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2}, timeout=60
+            )
             out[f"{name}_serves_after_pushes{suffix}"] = check.status_code == 200
     for label in ("shm_reused", "shm_folder"):
         out[f"{name}_{label}_staged_vs_layerwise_apply_ratio"] = round(
-            out[f"{name}_{label}_apply_s"] / out[f"{name}_{label}_layerwise_apply_s"], 3)
+            out[f"{name}_{label}_apply_s"] / out[f"{name}_{label}_layerwise_apply_s"], 3
+        )
     return out
 
 
 def reload_baselines(srv, name: str, model_dir: Path, fp32_dir: Path, repeats: int, out: dict) -> None:
     """vLLM's own reload_weights (dev route) from the fp32 folder, and from the bundled bf16 one."""
+
     def reload(folder):
-        r = httpx.post(srv.url + "/collective_rpc", headers=srv.admin_headers, timeout=600,
-                       json={"method": "reload_weights", "kwargs": {"weights_path": str(folder)}})
+        r = httpx.post(
+            srv.url + "/collective_rpc",
+            headers=srv.admin_headers,
+            timeout=600,
+            json={"method": "reload_weights", "kwargs": {"weights_path": str(folder)}},
+        )
         r.raise_for_status()
 
     for key, folder in (("reload_bf16", model_dir), ("reload", fp32_dir)):
@@ -149,16 +171,23 @@ def reload_baselines(srv, name: str, model_dir: Path, fp32_dir: Path, repeats: i
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=["tiny-qwen3", "tiny-qwen3-moe", "smollm2-135m-instruct", "qwen3-0.6b-random"])
+    ap.add_argument(
+        "--models", nargs="+", default=["tiny-qwen3", "tiny-qwen3-moe", "smollm2-135m-instruct", "qwen3-0.6b-random"]
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "weight_push.json")
     args = ap.parse_args()
     import vllm
 
-    results: dict = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.node()} {platform.machine()} "
-                     f"{torch.get_num_threads()} threads", "python": platform.python_version(),
-                     "torch": torch.__version__, "vllm": vllm.__version__, "repeats": args.repeats,
-                     "load_average_at_start": round(os.getloadavg()[0], 2)}
+    results: dict = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "vllm": vllm.__version__,
+        "repeats": args.repeats,
+        "load_average_at_start": round(os.getloadavg()[0], 2),
+    }
     with tempfile.TemporaryDirectory(prefix="fwbench-") as tmp:
         for name in args.models:
             results.update(bench_model(name, args.repeats, Path(tmp)))

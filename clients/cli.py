@@ -85,9 +85,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         if extra.get("positional"):  # e.g. `flywheel eval compare RUN_A RUN_B`
             item_type = get_args(tp)[0] if origin in (list, tuple) and get_args(tp) else tp
-            parser.add_argument(dest, nargs="*" if origin in (list, tuple) else "?", default=argparse.SUPPRESS,
-                                type=item_type if item_type in (int, float, str, Path) else str, help=help_text,
-                                metavar=name.upper())
+            parser.add_argument(
+                dest,
+                nargs="*" if origin in (list, tuple) else "?",
+                default=argparse.SUPPRESS,
+                type=item_type if item_type in (int, float, str, Path) else str,
+                help=help_text,
+                metavar=name.upper(),
+            )
             continue
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -137,7 +142,7 @@ def _env_values(model: type[BaseModel], env_prefix: str) -> dict[str, Any]:
     for key, raw in os.environ.items():
         if not key.startswith(env_prefix):
             continue
-        path = key[len(env_prefix):].lower().split("__")
+        path = key[len(env_prefix) :].lower().split("__")
         node: Any = model
         ok = True
         for part in path:
@@ -172,7 +177,12 @@ def load_yaml_section(path: Path, section: str) -> dict[str, Any]:
 def build_config(model: type[BaseModel], command: str, argv: list[str], prog: str, description: str = "") -> BaseModel:
     """Parse argv (+ YAML + env) into an instance of `model`, or raise UserError / exit on --help."""
     parser = argparse.ArgumentParser(prog=prog, description=description or (model.__doc__ or "").strip())
-    parser.add_argument("--config", type=Path, default=None, help="YAML file with these settings (flat, or under a key named after the command)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML file with these settings (flat, or under a key named after the command)",
+    )
     _add_model_arguments(parser, model)
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config")

@@ -46,47 +46,105 @@ def given(section: BaseModel, /, **values: Any) -> None:
     for name, value in values.items():
         if name not in section.model_fields_set:
             field = type(section).model_fields[name]
-            kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation  # with ge=, gt=, ...
+            kind = (
+                Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+            )  # with ge=, gt=, ...
             setattr(section, name, TypeAdapter(kind).validate_python(value))
 
 
 class LoopConfig(BaseModel):
     """Run the whole loop: redis, server, sampler, GRPO trainer and eval on version change, with a live view."""
 
-    run_dir: Path = Field(default=Path("runs/loop"), description="Run directory: configs, logs, redis AOF, checkpoints, metrics, eval history, report")
-    model: str = Field(default="smollm2-135m-instruct", description="Bundled model name (see `flywheel models`) or HF folder, served and trained")
-    redis_url: str | None = Field(default=None, description="Use this Redis instead of starting a local redis-server in run_dir/redis")
-    redis_server: str = Field(default="redis-server", description="redis-server binary to start when --redis-url is not given")
+    run_dir: Path = Field(
+        default=Path("runs/loop"),
+        description="Run directory: configs, logs, redis AOF, checkpoints, metrics, eval history, report",
+    )
+    model: str = Field(
+        default="smollm2-135m-instruct",
+        description="Bundled model name (see `flywheel models`) or HF folder, served and trained",
+    )
+    redis_url: str | None = Field(
+        default=None, description="Use this Redis instead of starting a local redis-server in run_dir/redis"
+    )
+    redis_server: str = Field(
+        default="redis-server", description="redis-server binary to start when --redis-url is not given"
+    )
     backend: Literal["transformers", "megatron"] = Field(default="transformers", description="Trainer backend")
     sync: bool = Field(default=False, description="Generate, train, push, repeat (no overlap) instead of async")
-    max_steps: int = Field(default=30, gt=0, description="Optimizer steps of the whole run; the loop ends by itself after them")
-    push_every: int = Field(default=2, gt=0, description="Push weights to the server every K optimizer steps (one new policy version)")
-    max_staleness: int = Field(default=2, ge=0, description="The trainer drops rollouts more than this many versions behind its last push")
+    max_steps: int = Field(
+        default=30, gt=0, description="Optimizer steps of the whole run; the loop ends by itself after them"
+    )
+    push_every: int = Field(
+        default=2, gt=0, description="Push weights to the server every K optimizer steps (one new policy version)"
+    )
+    max_staleness: int = Field(
+        default=2, ge=0, description="The trainer drops rollouts more than this many versions behind its last push"
+    )
     group_size: int = Field(default=8, ge=2, description="Completions per prompt (the GRPO group)")
     batch_size: int = Field(default=16, gt=0, description="Completions per optimizer step (a multiple of group_size)")
-    max_backlog: int | None = Field(default=None, ge=1, description="Unacked rollouts the sampler may run ahead (default: 2 x batch_size x push_every)")
-    lr: float = Field(default=1e-5, gt=0, description="Trainer peak learning rate (1e-5 taught SmolLM2-135M the task in 30 steps; 2e-6 did not in 20: bench/results/loop_learning*.json)")
+    max_backlog: int | None = Field(
+        default=None,
+        ge=1,
+        description="Unacked rollouts the sampler may run ahead (default: 2 x batch_size x push_every)",
+    )
+    lr: float = Field(
+        default=1e-5,
+        gt=0,
+        description="Trainer peak learning rate (1e-5 taught SmolLM2-135M the task in 30 steps; 2e-6 did not in 20: bench/results/loop_learning*.json)",
+    )
     max_tokens: int = Field(default=96, gt=0, description="Maximum completion tokens per sample")
     temperature: float = Field(default=1.0, gt=0, description="Sampling temperature (the trainer uses the same)")
-    tis_cap: float | None = Field(default=2.0, gt=0, description="Truncated importance-sampling cap for off-policy correction (None: off)")
+    tis_cap: float | None = Field(
+        default=2.0, gt=0, description="Truncated importance-sampling cap for off-policy correction (None: off)"
+    )
     task: str = Field(default="chain_sum", description="reasoning-gym task the sampler draws prompts from")
-    task_options: dict[str, Any] = Field(default_factory=lambda: dict(EASY_CHAIN_SUM), description="reasoning-gym options of the task (default: 2-term, 1-digit chain_sum)")
-    rewards: list[dict[str, Any]] = Field(default_factory=lambda: [dict(r) for r in DEFAULT_REWARDS], description="Reward terms [{'name','weight','options'}] (default: last-number correctness + 0.2 format bonus)")
-    sampler_concurrency: int = Field(default=4, ge=1, description="Prompts the sampler keeps in flight (each one request for group_size samples)")
+    task_options: dict[str, Any] = Field(
+        default_factory=lambda: dict(EASY_CHAIN_SUM),
+        description="reasoning-gym options of the task (default: 2-term, 1-digit chain_sum)",
+    )
+    rewards: list[dict[str, Any]] = Field(
+        default_factory=lambda: [dict(r) for r in DEFAULT_REWARDS],
+        description="Reward terms [{'name','weight','options'}] (default: last-number correctness + 0.2 format bonus)",
+    )
+    sampler_concurrency: int = Field(
+        default=4, ge=1, description="Prompts the sampler keeps in flight (each one request for group_size samples)"
+    )
     seed: int = Field(default=0, description="Seed of the training prompts (the eval set uses a far-away seed)")
     eval: bool = Field(default=True, description="Evaluate every new policy version on a held-out set of the task")
     eval_size: int = Field(default=20, ge=1, description="Held-out problems evaluated per version (greedy)")
-    eval_seed: int = Field(default=10_000_000, description="reasoning-gym seed of the held-out set (far from the training seeds)")
-    eval_wait_s: float = Field(default=300.0, ge=0, description="At the end, wait this long for eval to score the final version")
+    eval_seed: int = Field(
+        default=10_000_000, description="reasoning-gym seed of the held-out set (far from the training seeds)"
+    )
+    eval_wait_s: float = Field(
+        default=300.0, ge=0, description="At the end, wait this long for eval to score the final version"
+    )
     report: bool = Field(default=True, description="Write run_dir/report.html at the end")
-    live: bool | None = Field(default=None, description="Rich live view (default: when stdout is a terminal; else one status line per refresh)")
-    refresh_s: float = Field(default=2.0, gt=0, description="Seconds between status refreshes (also appended to run_dir/up/status.jsonl)")
-    startup_timeout_s: float = Field(default=900.0, gt=0, description="Give up when the server is not healthy after this long")
-    serve: ServeConfig = Field(default_factory=ServeConfig, description="`flywheel serve` settings (ServeConfig): the loop sets the model, its name, the port and data_dir unless given here")
-    sample: GrpoSampleConfig = Field(default_factory=GrpoSampleConfig, description="`flywheel sample grpo` settings (GrpoSampleConfig): the loop sets the endpoint, prompts, sampling, rewards and queue unless given here")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(objective="grpo", queue=QueueConfig()),
-                               description="`flywheel train` settings (TrainConfig): the loop sets objective, model, queue, steps, pushes and GRPO's group size and temperature unless given here")
-    eval_settings: EvalConfig = Field(default_factory=EvalConfig, description="`flywheel eval` settings (eval's Config): the loop sets the endpoint, the held-out set and --watch unless given here")
+    live: bool | None = Field(
+        default=None,
+        description="Rich live view (default: when stdout is a terminal; else one status line per refresh)",
+    )
+    refresh_s: float = Field(
+        default=2.0, gt=0, description="Seconds between status refreshes (also appended to run_dir/up/status.jsonl)"
+    )
+    startup_timeout_s: float = Field(
+        default=900.0, gt=0, description="Give up when the server is not healthy after this long"
+    )
+    serve: ServeConfig = Field(
+        default_factory=ServeConfig,
+        description="`flywheel serve` settings (ServeConfig): the loop sets the model, its name, the port and data_dir unless given here",
+    )
+    sample: GrpoSampleConfig = Field(
+        default_factory=GrpoSampleConfig,
+        description="`flywheel sample grpo` settings (GrpoSampleConfig): the loop sets the endpoint, prompts, sampling, rewards and queue unless given here",
+    )
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(objective="grpo", queue=QueueConfig()),
+        description="`flywheel train` settings (TrainConfig): the loop sets objective, model, queue, steps, pushes and GRPO's group size and temperature unless given here",
+    )
+    eval_settings: EvalConfig = Field(
+        default_factory=EvalConfig,
+        description="`flywheel eval` settings (eval's Config): the loop sets the endpoint, the held-out set and --watch unless given here",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -98,7 +156,7 @@ class LoopConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _share_loop_facts(self) -> "LoopConfig":
+    def _share_loop_facts(self) -> LoopConfig:
         """The loop's facts, said once above, set on every component that needs them (unless its section sets them)."""
         backlog = self.max_backlog or 2 * self.batch_size * self.push_every
         given(self.serve, model=self.model, served_model_name=Path(self.model).name)
@@ -107,15 +165,30 @@ class LoopConfig(BaseModel):
         given(self.sample.sampling, n=self.group_size, temperature=self.temperature, max_tokens=self.max_tokens)
         given(self.sample.queue, max_backlog=backlog)
         train = self.train
-        given(train, objective="grpo", backend=self.backend, model=self.model, lr=self.lr, max_steps=self.max_steps,
-              batch_size=self.batch_size, save_every=self.push_every, push_every=self.push_every,
-              max_staleness=self.max_staleness)
+        given(
+            train,
+            objective="grpo",
+            backend=self.backend,
+            model=self.model,
+            lr=self.lr,
+            max_steps=self.max_steps,
+            batch_size=self.batch_size,
+            save_every=self.push_every,
+            push_every=self.push_every,
+            max_staleness=self.max_staleness,
+        )
         if train.queue is not None:  # None only when the train: section sets it so (and gives --data instead)
             given(train.queue, max_backlog=backlog)
         given(train.queue_input, max_wait_s=3600.0)
         given(train.grpo, group_size=self.group_size, temperature=self.temperature, tis_cap=self.tis_cap)
-        given(self.eval_settings, custom_scorer="math_verify", max_tokens=self.max_tokens, temperature=0.0, watch=True,
-              poll_s=3.0)
+        given(
+            self.eval_settings,
+            custom_scorer="math_verify",
+            max_tokens=self.max_tokens,
+            temperature=0.0,
+            watch=True,
+            poll_s=3.0,
+        )
         return self
 
 
@@ -134,13 +207,24 @@ def write_heldout(config: LoopConfig, path: Path) -> Path:
 
     if path.is_file():
         return path  # fixed by seed: keep the file the earlier versions were scored on
-    data = reasoning_gym.create_dataset(config.task, size=config.eval_size, seed=config.eval_seed, **config.task_options)
+    data = reasoning_gym.create_dataset(
+        config.task, size=config.eval_size, seed=config.eval_seed, **config.task_options
+    )
     instruction = PromptSourceConfig.model_fields["instruction"].default
     with path.open("w") as fh:
         for i in range(config.eval_size):
             entry = data[i]
-            fh.write(json.dumps({"id": f"{config.task}:{config.eval_seed}:{i}", "prompt": entry["question"] + instruction,
-                                 "answer": str(entry["answer"]), "scorer": "math_verify"}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "id": f"{config.task}:{config.eval_seed}:{i}",
+                        "prompt": entry["question"] + instruction,
+                        "answer": str(entry["answer"]),
+                        "scorer": "math_verify",
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -154,7 +238,9 @@ def checked(key: str, config: BaseModel) -> BaseModel:
         raise UserError(f"invalid {key} setting {where}: {first['msg']} (got {first.get('input')!r})") from None
 
 
-def component_configs(config: LoopConfig, run_dir: Path, redis_url: str, server_port: int, launch: int) -> dict[str, BaseModel]:
+def component_configs(
+    config: LoopConfig, run_dir: Path, redis_url: str, server_port: int, launch: int
+) -> dict[str, BaseModel]:
     """serve / sample / train / eval configs of one launch (validated), keyed by child name."""
     server_url = f"http://127.0.0.1:{server_port}"
     serve = config.serve.model_copy(deep=True)
@@ -171,13 +257,21 @@ def component_configs(config: LoopConfig, run_dir: Path, redis_url: str, server_
     train = config.train.model_copy(deep=True)
     if train.queue is not None:
         given(train.queue, url=redis_url)
-    given(train, run_dir=run_dir / "train", resume=latest_train_state(run_dir / "train") is not None, push_url=server_url)
+    given(
+        train, run_dir=run_dir / "train", resume=latest_train_state(run_dir / "train") is not None, push_url=server_url
+    )
     out: dict[str, BaseModel] = {"serve": serve, "sample": sample, "train": train}
     if config.eval:
         heldout = write_heldout(config, run_dir / "eval" / "heldout.jsonl")
         evaluate = config.eval_settings.model_copy(deep=True)
-        given(evaluate, base_url=server_url + "/v1", model=name, benchmarks=[f"custom:{heldout}"],
-              history=run_dir / "eval" / "history.jsonl", output_dir=run_dir / "eval")
+        given(
+            evaluate,
+            base_url=server_url + "/v1",
+            model=name,
+            benchmarks=[f"custom:{heldout}"],
+            history=run_dir / "eval" / "history.jsonl",
+            output_dir=run_dir / "eval",
+        )
         out["eval"] = evaluate
     return {key: checked(key, value) for key, value in out.items()}
 

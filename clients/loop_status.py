@@ -81,8 +81,10 @@ def starvation_warning(s: dict[str, Any]) -> str | None:
     streak = s.get("uniform_streak")
     if streak is None or streak < UNIFORM_STREAK_WARNING:
         return None
-    return (f"the last {streak} sampled groups all had equal rewards (no GRPO signal) and were dropped: the trainer "
-            "gets nothing. Is the reward constant for this task, or did the policy collapse (lower the lr)?")
+    return (
+        f"the last {streak} sampled groups all had equal rewards (no GRPO signal) and were dropped: the trainer "
+        "gets nothing. Is the reward constant for this task, or did the policy collapse (lower the lr)?"
+    )
 
 
 class LoopStatus:
@@ -101,8 +103,10 @@ class LoopStatus:
         out: dict[str, Any] = {}
         try:
             out["policy_version"] = fetch_status(self.server_url, client=self.http).policy_version
-            metrics = prometheus_values(self.http.get(self.server_url + "/metrics").text,
-                                        ("vllm:generation_tokens_total", "vllm:num_requests_running"))
+            metrics = prometheus_values(
+                self.http.get(self.server_url + "/metrics").text,
+                ("vllm:generation_tokens_total", "vllm:num_requests_running"),
+            )
             out["server_generated_tokens"] = metrics["vllm:generation_tokens_total"]
             out["server_running_requests"] = metrics["vllm:num_requests_running"]
         except (httpx.HTTPError, ValueError, KeyError):
@@ -114,14 +118,31 @@ class LoopStatus:
             s = self.queue.stats()
         except Exception:  # Redis not up yet / already stopped
             return {}
-        return {"produced": s["produced"], "acked": s["acked"], "pending": s["pending"], "lag": s["lag"],
-                "backlog": s["backlog"], "dead_lettered": s["dead_lettered"],
-                "duplicates_skipped": s["duplicates_skipped"], "reclaimed": s["reclaimed"],
-                "dropped_uniform_groups": s["dropped_uniform_groups"], "dropped_uniform_rollouts": s["dropped_uniform_rollouts"]}
+        return {
+            "produced": s["produced"],
+            "acked": s["acked"],
+            "pending": s["pending"],
+            "lag": s["lag"],
+            "backlog": s["backlog"],
+            "dead_lettered": s["dead_lettered"],
+            "duplicates_skipped": s["duplicates_skipped"],
+            "reclaimed": s["reclaimed"],
+            "dropped_uniform_groups": s["dropped_uniform_groups"],
+            "dropped_uniform_rollouts": s["dropped_uniform_rollouts"],
+        }
 
     def _trainer(self) -> dict[str, Any]:
         row = last_json_line(self.run_dir / "train" / "metrics.jsonl") or {}
-        keys = ("step", "loss", "reward_mean", "staleness_max", "staleness_mean", "tokens_per_s", "pushed_version", "step_s")
+        keys = (
+            "step",
+            "loss",
+            "reward_mean",
+            "staleness_max",
+            "staleness_mean",
+            "tokens_per_s",
+            "pushed_version",
+            "step_s",
+        )
         return {("train_" + k if k not in ("step", "reward_mean") else k): row[k] for k in keys if k in row}
 
     def _eval(self) -> dict[str, Any]:
@@ -129,7 +150,10 @@ class LoopStatus:
         if not row:
             return {}
         scores = row.get("scores") or {}
-        return {"eval_version": row.get("version"), "eval_score": sum(scores.values()) / len(scores) if scores else None}
+        return {
+            "eval_version": row.get("version"),
+            "eval_score": sum(scores.values()) / len(scores) if scores else None,
+        }
 
     def sample(self) -> dict[str, Any]:
         now = time.time()
@@ -139,7 +163,9 @@ class LoopStatus:
         if last is not None and now > last["time"]:
             dt = now - last["time"]
             if "server_generated_tokens" in s and "server_generated_tokens" in last:
-                s["server_tokens_per_s"] = max(0.0, (s["server_generated_tokens"] - last["server_generated_tokens"]) / dt)
+                s["server_tokens_per_s"] = max(
+                    0.0, (s["server_generated_tokens"] - last["server_generated_tokens"]) / dt
+                )
             if "produced" in s and "produced" in last:
                 s["rollouts_per_s"] = max(0.0, (s["produced"] - last["produced"]) / dt)
         streak, self._produced_mark = uniform_streak(s, self._produced_mark)
@@ -172,9 +198,18 @@ def status_table(s: dict[str, Any], title: str, children: dict[str, str]) -> Tab
         ("policy version (server)", _fmt(s.get("policy_version"))),
         ("trainer step / pushed", f"{_fmt(s.get('step'))} / {_fmt(s.get('train_pushed_version'))}"),
         ("rollouts produced / acked", f"{_fmt(s.get('produced'))} / {_fmt(s.get('acked'))}"),
-        ("rollouts pending / queued / dead", f"{_fmt(s.get('pending'))} / {_fmt(s.get('lag'))} / {_fmt(s.get('dead_lettered'))}"),
-        ("groups dropped as uniform (rollouts)", f"{_fmt(s.get('dropped_uniform_groups'))} ({_fmt(s.get('dropped_uniform_rollouts'))})"),
-        ("staleness max / mean (versions)", f"{_fmt(s.get('train_staleness_max'))} / {_fmt(s.get('train_staleness_mean'))}"),
+        (
+            "rollouts pending / queued / dead",
+            f"{_fmt(s.get('pending'))} / {_fmt(s.get('lag'))} / {_fmt(s.get('dead_lettered'))}",
+        ),
+        (
+            "groups dropped as uniform (rollouts)",
+            f"{_fmt(s.get('dropped_uniform_groups'))} ({_fmt(s.get('dropped_uniform_rollouts'))})",
+        ),
+        (
+            "staleness max / mean (versions)",
+            f"{_fmt(s.get('train_staleness_max'))} / {_fmt(s.get('train_staleness_mean'))}",
+        ),
         ("reward mean (last step)", _fmt(s.get("reward_mean"))),
         ("loss (last step)", _fmt(s.get("train_loss"))),
         ("tokens/s server / trainer", f"{_fmt(s.get('server_tokens_per_s'))} / {_fmt(s.get('train_tokens_per_s'))}"),

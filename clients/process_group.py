@@ -53,7 +53,7 @@ def _stat(pid: str) -> tuple[int, int, str] | None:
     except OSError:
         return None
     # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so split after the last ')'
-    fields = raw[raw.rfind(")") + 2:].split()
+    fields = raw[raw.rfind(")") + 2 :].split()
     return int(fields[1]), int(fields[2]), fields[0]
 
 

@@ -27,7 +27,11 @@ from flywheel.server.jsonl import read_json_lines
 class Config(BaseModel):
     """Write the HTML report of a `flywheel up` run directory."""
 
-    run_dir: Path = Field(default=Path("runs/loop"), description="Run directory written by `flywheel up`", json_schema_extra={"positional": True})
+    run_dir: Path = Field(
+        default=Path("runs/loop"),
+        description="Run directory written by `flywheel up`",
+        json_schema_extra={"positional": True},
+    )
     output: Path | None = Field(default=None, description="HTML file to write (default: RUN_DIR/report.html)")
 
 
@@ -65,20 +69,32 @@ def loop_summary(run_dir: Path) -> dict[str, Any]:
         busy = [s["server_running_requests"] > 0 for s in status if s.get("server_running_requests") is not None]
         if busy:
             out["server_busy_fraction"] = round(sum(busy) / len(busy), 3)
-        out["server_tokens_per_s"] = _mean([s["server_tokens_per_s"] for s in status if s.get("server_tokens_per_s") is not None])
+        out["server_tokens_per_s"] = _mean(
+            [s["server_tokens_per_s"] for s in status if s.get("server_tokens_per_s") is not None]
+        )
     out["trainer_tokens_per_s"] = _mean([r["tokens_per_s"] for r in steps if r.get("tokens_per_s")])
     rewards = [r["reward_mean"] for r in steps if r.get("reward_mean") is not None]
     if rewards:
         k = max(1, len(rewards) // 4)
         out["reward_first_quarter"] = _mean(rewards[:k])
         out["reward_last_quarter"] = _mean(rewards[-k:])
-    for key in ("policy_version", "produced", "acked", "pending", "lag", "dead_lettered", "duplicates_skipped",
-                "dropped_uniform_groups", "dropped_uniform_rollouts"):
+    for key in (
+        "policy_version",
+        "produced",
+        "acked",
+        "pending",
+        "lag",
+        "dead_lettered",
+        "duplicates_skipped",
+        "dropped_uniform_groups",
+        "dropped_uniform_rollouts",
+    ):
         if key in final:
             out[key] = final[key]
     if all(k in final for k in ("produced", "acked", "duplicates_skipped", "pending", "lag", "dead_lettered")):
-        out["accounting_balanced"] = final["produced"] == (final["acked"] + final["duplicates_skipped"] + final["pending"]
-                                                           + final["lag"] + final["dead_lettered"])
+        out["accounting_balanced"] = final["produced"] == (
+            final["acked"] + final["duplicates_skipped"] + final["pending"] + final["lag"] + final["dead_lettered"]
+        )
     out["dropped_stale"] = sum(r.get("dropped_stale", 0) for r in steps)
     history = sorted(read_jsonl(run_dir / "eval" / "history.jsonl"), key=lambda h: h.get("version", 0))
     if history:
@@ -102,8 +118,12 @@ def _plots(run_dir: Path) -> list[tuple[str, str]]:
 
     out = []
     steps = train_rows(run_dir)
-    for title, keys in (("Reward (mean of the step's completions)", ["reward_mean"]), ("Loss", ["loss"]),
-                        ("Trainer tokens/s", ["tokens_per_s"]), ("Staleness of trained rollouts (versions)", ["staleness_max", "staleness_mean"])):
+    for title, keys in (
+        ("Reward (mean of the step's completions)", ["reward_mean"]),
+        ("Loss", ["loss"]),
+        ("Trainer tokens/s", ["tokens_per_s"]),
+        ("Staleness of trained rollouts (versions)", ["staleness_max", "staleness_mean"]),
+    ):
         series = [(k, [(r["step"], r[k]) for r in steps if r.get(k) is not None]) for k in keys]
         series = [(k, pts) for k, pts in series if pts]
         if not series:
@@ -155,10 +175,17 @@ def _plots(run_dir: Path) -> list[tuple[str, str]]:
 def write_report(run_dir: Path, output: Path | None = None) -> Path:
     run_dir = Path(run_dir)
     summary = loop_summary(run_dir)
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v) if isinstance(v, dict) else str(v))}</td></tr>"
-                   for k, v in summary.items())
-    figures = "".join(f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption></figure>'
-                      for t, b64 in _plots(run_dir)) or "<p>No metrics yet.</p>"
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v) if isinstance(v, dict) else str(v))}</td></tr>"
+        for k, v in summary.items()
+    )
+    figures = (
+        "".join(
+            f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption></figure>'
+            for t, b64 in _plots(run_dir)
+        )
+        or "<p>No metrics yet.</p>"
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>flywheel report: {html.escape(str(run_dir))}</title>
 <style>body{{font-family:sans-serif;max-width:1150px;margin:2em auto}}table{{border-collapse:collapse}}
 th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left}}figure{{display:inline-block;margin:8px}}</style></head>

@@ -91,31 +91,59 @@ def start_server(model: str | os.PathLike, workdir: Path, **overrides):
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     admin_token = overrides.pop("admin_token", secrets.token_hex(8))
-    settings = {"port": free_port(), "data_dir": workdir / "data", "kv_cache_gib": 1, "max_model_len": 1024,
-                "max_num_seqs": 32, "admin_token": admin_token, **overrides}
+    settings = {
+        "port": free_port(),
+        "data_dir": workdir / "data",
+        "kv_cache_gib": 1,
+        "max_model_len": 1024,
+        "max_num_seqs": 32,
+        "admin_token": admin_token,
+        **overrides,
+    }
     served_name = overrides.get("served_model_name") or Path(model).name
     settings.setdefault("served_model_name", served_name)
     argv = [sys.executable, "-m", "flywheel.clients.cli", "serve", "--model", str(model)]
     for key, value in settings.items():
         if value is not None:
             argv += _flag(key, value)
-    with launch(argv, workdir, settings["port"], served_name, admin_token=admin_token,
-                api_key=settings.get("api_key")) as server:
+    with launch(
+        argv, workdir, settings["port"], served_name, admin_token=admin_token, api_key=settings.get("api_key")
+    ) as server:
         yield server
 
 
 @contextmanager
-def launch(argv: list[str], workdir: Path, port: int, model: str, admin_token: str = "", api_key: str | None = None,
-           env: dict | None = None, what: str = "flywheel serve"):
+def launch(
+    argv: list[str],
+    workdir: Path,
+    port: int,
+    model: str,
+    admin_token: str = "",
+    api_key: str | None = None,
+    env: dict | None = None,
+    what: str = "flywheel serve",
+):
     """Start a server process under the one-server lock, wait for /health, stop it on exit."""
     log_path = Path(workdir) / "server.log"
     with vllm_lock():
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=_die_with_parent, env=env,
-                                    cwd=Path(__file__).resolve().parents[1])
-        server = RunningServer(url=f"http://127.0.0.1:{port}", model=model, admin_token=admin_token,
-                               process=proc, log_path=log_path, api_key=api_key)
+            proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+                env=env,
+                cwd=Path(__file__).resolve().parents[1],
+            )
+        server = RunningServer(
+            url=f"http://127.0.0.1:{port}",
+            model=model,
+            admin_token=admin_token,
+            process=proc,
+            log_path=log_path,
+            api_key=api_key,
+        )
         try:
             problem = wait_healthy(server.url, proc, STARTUP_TIMEOUT_S)
             if problem:
@@ -151,8 +179,11 @@ def start_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Pope
     if binary is None:
         raise RuntimeError("redis-server not found: apt-get update && apt-get install -y redis-server")
     port = port or free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-                             "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     client = redis.Redis(port=port)
     for _ in range(100):
         try:

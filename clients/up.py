@@ -56,13 +56,19 @@ class Child:
         self.name, self.argv, self.log_path, self.env = name, argv, log_path, env
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Child":
+    def start(self) -> Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as log:
             log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.argv)}\n")
             log.flush()
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, env={**os.environ, **(self.env or {})})
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, **(self.env or {})},
+            )
         return self
 
     def poll(self) -> int | None:
@@ -92,15 +98,21 @@ class Child:
             if process_group.wait_gone(pgid, wait, leader=pgid, poll_leader=self.proc.poll):
                 return
         stuck = process_group.left(pgid, leader=pgid)
-        print(f"flywheel up: {self.name}: {len(stuck)} process(es) of group {pgid} still there after SIGKILL: "
-              f"{[(m.pid, m.state) for m in stuck]}", file=sys.stderr, flush=True)
+        print(
+            f"flywheel up: {self.name}: {len(stuck)} process(es) of group {pgid} still there after SIGKILL: "
+            f"{[(m.pid, m.state) for m in stuck]}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def log_tail(self, n: int = 15) -> str:
         lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.is_file() else []
         return "\n".join(lines[-n:])
 
 
-def cli_child(name: str, command: list[str], config_file: Path, run_dir: Path, env: dict[str, str] | None = None) -> Child:
+def cli_child(
+    name: str, command: list[str], config_file: Path, run_dir: Path, env: dict[str, str] | None = None
+) -> Child:
     argv = [sys.executable, "-m", "flywheel.clients.cli", *command, "--config", str(config_file)]
     return Child(name, argv, run_dir / "logs" / f"{name}.log", env)
 
@@ -129,12 +141,17 @@ class Loop:
         self.state["launches"] += 1
         self.admin_token = self.state.setdefault("admin_token", secrets.token_urlsafe(18))
         self.redis_url = config.redis_url or f"redis://127.0.0.1:{free_port()}/0"
-        self.server_port = config.serve.port if "port" in config.serve.model_fields_set and config.serve.port else free_port()
+        self.server_port = (
+            config.serve.port if "port" in config.serve.model_fields_set and config.serve.port else free_port()
+        )
         self.server_url = f"http://127.0.0.1:{self.server_port}"
         self.configs = component_configs(config, self.run_dir, self.redis_url, self.server_port, self.state["launches"])
         self.files = {name: self._write_config(name, values) for name, values in self.configs.items()}
         self.children: dict[str, Child] = {}
-        self.secret_env = {"FLYWHEEL_SERVE_ADMIN_TOKEN": self.admin_token, "FLYWHEEL_TRAIN_ADMIN_TOKEN": self.admin_token}
+        self.secret_env = {
+            "FLYWHEEL_SERVE_ADMIN_TOKEN": self.admin_token,
+            "FLYWHEEL_TRAIN_ADMIN_TOKEN": self.admin_token,
+        }
         self.state_path.write_text(json.dumps(self.state, indent=2))
         self.state_path.chmod(0o600)
 
@@ -159,10 +176,27 @@ class Loop:
             return
         binary = shutil.which(self.config.redis_server)
         if binary is None:
-            raise UserError(f"{self.config.redis_server} not found on PATH: install it (apt-get install redis-server) or pass --redis-url")
+            raise UserError(
+                f"{self.config.redis_server} not found on PATH: install it (apt-get install redis-server) or pass --redis-url"
+            )
         port = self.redis_url.rsplit(":", 1)[1].split("/")[0]
-        argv = [binary, "--port", port, "--bind", "127.0.0.1", "--dir", str(self.run_dir / "redis"),
-                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no"]
+        argv = [
+            binary,
+            "--port",
+            port,
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.run_dir / "redis"),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+        ]
         self.start("redis", Child("redis", argv, self.run_dir / "logs" / "redis.log"))
         import redis
 
@@ -175,7 +209,9 @@ class Loop:
             except (redis.ConnectionError, redis.BusyLoadingError):
                 pass
             if self.children["redis"].poll() is not None or time.time() > deadline:
-                raise UserError(f"redis-server did not start; see {self.children['redis'].log_path}:\n{self.children['redis'].log_tail()}")
+                raise UserError(
+                    f"redis-server did not start; see {self.children['redis'].log_path}:\n{self.children['redis'].log_tail()}"
+                )
             time.sleep(0.2)
         client.close()
 
@@ -199,7 +235,13 @@ class Loop:
 
         folder, state = found
         version = state.pushed_version
-        push_weights(self.server_url, folder, version=version, admin_token=self.admin_token, source=f"flywheel up resume from {folder.name}")
+        push_weights(
+            self.server_url,
+            folder,
+            version=version,
+            admin_token=self.admin_token,
+            source=f"flywheel up resume from {folder.name}",
+        )
         print(f"flywheel up: resumed: pushed {folder.name} to the server as version {version}", flush=True)
 
     # ------------------------------------------------------------ running
@@ -230,7 +272,9 @@ class Loop:
             self.start("sampler", cli_child("sampler", ["sample", "grpo"], sample, self.run_dir))
             if (rc := self._watch(status, until="sampler", finish=False)) != 0:
                 return rc
-            train = self._write_config("train_round", sync_train_config(self.configs["train"], self.config, found is not None))
+            train = self._write_config(
+                "train_round", sync_train_config(self.configs["train"], self.config, found is not None)
+            )
             self.start("trainer", cli_child("trainer", ["train"], train, self.run_dir, self.secret_env))
             if (rc := self._watch(status, until="trainer", finish=False)) != 0:
                 return rc
@@ -257,10 +301,13 @@ class Loop:
                 if live:
                     live.update(status_table(s, title, states))
                 else:
-                    print(f"[flywheel up] v={s.get('policy_version')} step={s.get('step')} produced={s.get('produced')} "
-                          f"acked={s.get('acked')} backlog={s.get('backlog')} uniform_dropped={s.get('dropped_uniform_groups')} "
-                          f"reward={s.get('reward_mean')} "
-                          f"loss={s.get('train_loss')} eval={s.get('eval_score')}", flush=True)
+                    print(
+                        f"[flywheel up] v={s.get('policy_version')} step={s.get('step')} produced={s.get('produced')} "
+                        f"acked={s.get('acked')} backlog={s.get('backlog')} uniform_dropped={s.get('dropped_uniform_groups')} "
+                        f"reward={s.get('reward_mean')} "
+                        f"loss={s.get('train_loss')} eval={s.get('eval_score')}",
+                        flush=True,
+                    )
                     if warning := starvation_warning(s):
                         print(f"[flywheel up] warning: {warning}", flush=True)
                 for name, child in self.children.items():
@@ -274,8 +321,12 @@ class Loop:
                         self.children.pop(name)
                         break
                     if rc != 0 or name != until:
-                        print(f"flywheel up: {name} exited with {rc}; stopping the loop. Last lines of {child.log_path}:\n"
-                              f"{child.log_tail()}", file=sys.stderr, flush=True)
+                        print(
+                            f"flywheel up: {name} exited with {rc}; stopping the loop. Last lines of {child.log_path}:\n"
+                            f"{child.log_tail()}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         return 1
                 time.sleep(self.config.refresh_s)
         finally:
@@ -289,7 +340,12 @@ class Loop:
 
         final_version = status.sample().get("policy_version")
         deadline = time.time() + self.config.eval_wait_s
-        while self.config.eval and "eval" in self.children and self.children["eval"].poll() is None and time.time() < deadline:
+        while (
+            self.config.eval
+            and "eval" in self.children
+            and self.children["eval"].poll() is None
+            and time.time() < deadline
+        ):
             last = last_json_line(self.run_dir / "eval" / "history.jsonl") or {}
             if final_version is None or last.get("version") == final_version:
                 break
@@ -298,9 +354,12 @@ class Loop:
             self.children["sampler"].stop()
         final = status.sample()
         (self.run_dir / "up" / "final.json").write_text(json.dumps(final, indent=2))
-        print(f"flywheel up: done: {final.get('step')} steps, policy version {final.get('policy_version')}, "
-              f"produced {final.get('produced')}, acked {final.get('acked')}, pending {final.get('pending')}, "
-              f"dead-lettered {final.get('dead_lettered')}, groups dropped as uniform {final.get('dropped_uniform_groups')}", flush=True)
+        print(
+            f"flywheel up: done: {final.get('step')} steps, policy version {final.get('policy_version')}, "
+            f"produced {final.get('produced')}, acked {final.get('acked')}, pending {final.get('pending')}, "
+            f"dead-lettered {final.get('dead_lettered')}, groups dropped as uniform {final.get('dropped_uniform_groups')}",
+            flush=True,
+        )
         return 0
 
     def stop_all(self) -> None:
@@ -313,7 +372,9 @@ class Loop:
 
 def run(config: LoopConfig) -> int:
     if config.batch_size % config.group_size:
-        raise UserError(f"--batch-size {config.batch_size} must be a multiple of --group-size {config.group_size} (whole groups per step)")
+        raise UserError(
+            f"--batch-size {config.batch_size} must be a multiple of --group-size {config.group_size} (whole groups per step)"
+        )
     loop = Loop(config)  # builds and validates every component's config first
     # orphans of our children (vLLM's engine and workers when their parent dies first) come to us, not
     # to PID 1, so a stop can reap them and wait until each child's group is really empty
@@ -323,7 +384,10 @@ def run(config: LoopConfig) -> int:
     try:
         code = loop.run()
     except Stop as why:
-        print(f"flywheel up: {why}: stopping every component; state kept in {loop.run_dir} (run again to resume)", flush=True)
+        print(
+            f"flywheel up: {why}: stopping every component; state kept in {loop.run_dir} (run again to resume)",
+            flush=True,
+        )
         code = 130
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave orphans behind

@@ -28,10 +28,17 @@ class Endpoint:
 
     def __init__(self, config: EndpointConfig, max_connections: int = 64):
         self.config = config
-        http = httpx.AsyncClient(limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-                                 timeout=config.timeout_s)
-        self.client = AsyncOpenAI(base_url=config.base_url, api_key=config.api_key or os.environ.get("OPENAI_API_KEY") or "none",
-                                  http_client=http, timeout=config.timeout_s, max_retries=2)
+        http = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            timeout=config.timeout_s,
+        )
+        self.client = AsyncOpenAI(
+            base_url=config.base_url,
+            api_key=config.api_key or os.environ.get("OPENAI_API_KEY") or "none",
+            http_client=http,
+            timeout=config.timeout_s,
+            max_retries=2,
+        )
         self._model = config.model
 
     async def model(self) -> str:
@@ -47,8 +54,13 @@ class Endpoint:
 
     async def sample(self, item: PromptItem, sampling: SamplingConfig, n: int | None = None) -> list[RolloutRecord]:
         """n completions of one prompt, as unscored records sharing group_id = item.id."""
-        params = {"model": await self.model(), "n": n or sampling.n, "temperature": sampling.temperature,
-                  "top_p": sampling.top_p, "max_tokens": sampling.max_tokens}
+        params = {
+            "model": await self.model(),
+            "n": n or sampling.n,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_tokens,
+        }
         if sampling.seed is not None:
             params["seed"] = sampling.seed
         if sampling.stop:
@@ -56,10 +68,15 @@ class Endpoint:
         extra = {"return_token_ids": True} if self.config.vllm_extras else {}
         if item.messages is not None:
             raw = await self.client.chat.completions.with_raw_response.create(
-                messages=item.messages, logprobs=True, extra_body={**extra, "return_prompt_text": True} if extra else None, **params)
+                messages=item.messages,
+                logprobs=True,
+                extra_body={**extra, "return_prompt_text": True} if extra else None,
+                **params,
+            )
         else:
             raw = await self.client.completions.with_raw_response.create(
-                prompt=item.prompt or "", logprobs=1, extra_body=extra or None, **params)
+                prompt=item.prompt or "", logprobs=1, extra_body=extra or None, **params
+            )
         body = json.loads(raw.text)
         versions = response_versions(raw.headers, body)
         return [self._record(item, body, choice, versions, params) for choice in body["choices"]]
@@ -76,10 +93,17 @@ class Endpoint:
             if logprobs is not None and len(logprobs) != len(token_ids):
                 logprobs = None  # no token ids from this server: keep the text, drop unmatched logprobs
         return RolloutRecord(
-            group_id=item.id, task=item.task, messages=item.messages,
-            prompt=body.get("prompt_text") or (item.prompt or ""), completion=text,
-            prompt_token_ids=prompt_ids, completion_token_ids=token_ids, behavior_logprobs=logprobs,
-            policy_versions=versions, answer=item.answer, finish_reason=choice.get("finish_reason"),
+            group_id=item.id,
+            task=item.task,
+            messages=item.messages,
+            prompt=body.get("prompt_text") or (item.prompt or ""),
+            completion=text,
+            prompt_token_ids=prompt_ids,
+            completion_token_ids=token_ids,
+            behavior_logprobs=logprobs,
+            policy_versions=versions,
+            answer=item.answer,
+            finish_reason=choice.get("finish_reason"),
             sampling={k: v for k, v in params.items() if k != "model"},
         )
 
@@ -87,13 +111,16 @@ class Endpoint:
         """This server's logprob of each completion token after the prompt (prompt_logprobs on the joined ids)."""
         ids = list(prompt_token_ids) + list(completion_token_ids)
         raw = await self.client.completions.with_raw_response.create(
-            model=await self.model(), prompt=ids, max_tokens=1, temperature=0.0, extra_body={"prompt_logprobs": 0})
+            model=await self.model(), prompt=ids, max_tokens=1, temperature=0.0, extra_body={"prompt_logprobs": 0}
+        )
         body = json.loads(raw.text)
         entries = body["choices"][0].get("prompt_logprobs")
         if entries is None or len(entries) != len(ids):
-            raise RuntimeError(f"{self.config.base_url} returned no usable prompt_logprobs (got {None if entries is None else len(entries)} for {len(ids)} tokens)")
+            raise RuntimeError(
+                f"{self.config.base_url} returned no usable prompt_logprobs (got {None if entries is None else len(entries)} for {len(ids)} tokens)"
+            )
         out = []
-        for token, entry in zip(completion_token_ids, entries[len(prompt_token_ids):]):
+        for token, entry in zip(completion_token_ids, entries[len(prompt_token_ids) :]):
             found = entry.get(str(token)) if entry else None
             if found is None:
                 raise RuntimeError(f"teacher did not return the logprob of token {token}")

@@ -19,7 +19,6 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-
 from flywheel.sampler.client import Endpoint
 from flywheel.sampler.config import DistillConfig
 from flywheel.sampler.prompts import PromptItem
@@ -74,7 +73,9 @@ async def sample_distill(config: DistillConfig) -> dict:
                 r.source = "distilled"
         else:
             records = await student.sample(item, config.sampling)
-            logprobs = await asyncio.gather(*(teacher.teacher_logprobs(r.prompt_token_ids, r.completion_token_ids) for r in records))
+            logprobs = await asyncio.gather(
+                *(teacher.teacher_logprobs(r.prompt_token_ids, r.completion_token_ids) for r in records)
+            )
             for r, lp in zip(records, logprobs):
                 r.teacher_logprobs = lp
         if scorer is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-
 from flywheel.sampler.client import Endpoint
 from flywheel.sampler.config import GrpoSampleConfig
 from flywheel.sampler.prompts import PromptItem

@@ -10,9 +10,9 @@ JSONL lines hold "messages" (chat) or "prompt" (text), plus optional "answer", "
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
-
+from typing import Any
 
 from flywheel.sampler.config import PromptSourceConfig, QueueConfig
 from flywheel.sampler.queue import PromptQueue
@@ -49,8 +49,12 @@ def gym_prompts(config: PromptSourceConfig) -> Iterator[PromptItem]:
     for index in range(size):
         entry = data[index]
         messages = [{"role": "user", "content": entry["question"] + config.instruction}]
-        yield PromptItem(id=f"{config.task}:{config.seed}:{index}", messages=_with_system(messages, config.system),
-                         answer=entry, task=config.task)
+        yield PromptItem(
+            id=f"{config.task}:{config.seed}:{index}",
+            messages=_with_system(messages, config.system),
+            answer=entry,
+            task=config.task,
+        )
 
 
 def check_jsonl(config: PromptSourceConfig) -> None:
@@ -67,8 +71,13 @@ def jsonl_prompts(config: PromptSourceConfig) -> Iterator[PromptItem]:
             if not isinstance(row, dict) or not ("messages" in row or "prompt" in row):
                 raise UserError(f"{config.path}:{number}: needs a 'messages' or 'prompt' field")
             messages = _with_system(row["messages"], config.system) if "messages" in row else None
-            yield PromptItem(id=str(row.get("id", f"{config.path.name}:{number}")), messages=messages,
-                             prompt=row.get("prompt"), answer=row.get("answer"), task=row.get("task", config.path.stem))
+            yield PromptItem(
+                id=str(row.get("id", f"{config.path.name}:{number}")),
+                messages=messages,
+                prompt=row.get("prompt"),
+                answer=row.get("answer"),
+                task=row.get("task", config.path.stem),
+            )
             count += 1
             if config.num_prompts and count >= config.num_prompts:
                 return
@@ -86,8 +95,14 @@ def capture_prompts(config: PromptSourceConfig, queue: QueueConfig) -> Iterator[
             if c.status != 200 or (c.messages is None and not isinstance(c.prompt, str)):
                 stream.ack([d])  # errors and token-id prompts are not reusable as prompts
                 continue
-            yield PromptItem(id=c.id, messages=c.messages, prompt=c.prompt if c.messages is None else None,
-                             answer=None, task="production", done=lambda d=d: stream.ack([d]))
+            yield PromptItem(
+                id=c.id,
+                messages=c.messages,
+                prompt=c.prompt if c.messages is None else None,
+                answer=None,
+                task="production",
+                done=lambda d=d: stream.ack([d]),
+            )
             count += 1
 
 

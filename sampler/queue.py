@@ -37,8 +37,9 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import redis
 
@@ -92,7 +93,7 @@ class SeenIds:
         return {"capacity": self.capacity, "ids": list(self._ids)}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "SeenIds":
+    def from_state_dict(cls, state: dict[str, Any]) -> SeenIds:
         return cls(state.get("capacity", 1_000_000), state.get("ids", []))
 
 
@@ -154,13 +155,19 @@ class StreamQueue:
                     self.outages += 1
                     log.warning("redis unreachable during %s: %s; retrying with backoff", what, exc)
                 if self.config.retry_for_s is not None and time.monotonic() - down_since > self.config.retry_for_s:
-                    raise RedisUnavailable(f"redis at {self.config.url} unreachable for {self.config.retry_for_s}s ({what}): {exc}") from None
+                    raise RedisUnavailable(
+                        f"redis at {self.config.url} unreachable for {self.config.retry_for_s}s ({what}): {exc}"
+                    ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
                     raise
-                log.warning("stream %s or group %s missing (redis restarted?); re-creating it", self.config.stream, self.config.group)
+                log.warning(
+                    "stream %s or group %s missing (redis restarted?); re-creating it",
+                    self.config.stream,
+                    self.config.group,
+                )
                 self._group_ready = False
 
     def _create_group(self) -> None:
@@ -189,7 +196,7 @@ class StreamQueue:
             for data in payloads:
                 pipe.xadd(self.config.stream, {FIELD: data})
             self._count(pipe, "produced", len(payloads))
-            return [_s(i) for i in pipe.execute()[:len(payloads)]]
+            return [_s(i) for i in pipe.execute()[: len(payloads)]]
 
         ids = self._call("put", send)
         self._puts += 1
@@ -226,7 +233,11 @@ class StreamQueue:
             return int(group["lag"])
         # Redis cannot compute the lag after deletions: count what lies after last-delivered-id.
         after = "(" + _s(group["last-delivered-id"])
-        return len(self._call("xrange", lambda: self.redis.xrange(self.config.stream, after, "+", count=self.config.max_backlog + 1)))
+        return len(
+            self._call(
+                "xrange", lambda: self.redis.xrange(self.config.stream, after, "+", count=self.config.max_backlog + 1)
+            )
+        )
 
     def backlog(self) -> int:
         """Entries not yet acked by our group: pending (delivered, unacked) + never delivered."""
@@ -259,8 +270,10 @@ class StreamQueue:
             block = None if out or block_s <= 0 else max(1, int(block_s * 1000))
 
             def read() -> Any:
-                return self.redis.xreadgroup(self.config.group, self.consumer, {self.config.stream: ">"},
-                                             count=count - len(out), block=block)
+                return self.redis.xreadgroup(
+                    self.config.group, self.consumer, {self.config.stream: ">"}, count=count - len(out), block=block
+                )
+
             for _, entries in self._call("get", read) or []:
                 for entry_id, fields in entries:
                     out.append((_s(entry_id), fields, 1))
@@ -281,23 +294,30 @@ class StreamQueue:
         idle_ms = int(self.config.claim_idle_s * 1000)
 
         def claim() -> Any:
-            return self.redis.xautoclaim(self.config.stream, self.config.group, self.consumer, idle_ms,
-                                         start_id=self._claim_cursor, count=count)
+            return self.redis.xautoclaim(
+                self.config.stream, self.config.group, self.consumer, idle_ms, start_id=self._claim_cursor, count=count
+            )
 
         reply = self._call("reclaim", claim)
         self._claim_cursor = _s(reply[0])
         claimed = [(_s(i), f) for i, f in reply[1] if f is not None]
         out = []
         for entry_id, fields in claimed:
-            info = self._call("xpending", lambda: self.redis.xpending_range(
-                self.config.stream, self.config.group, min=entry_id, max=entry_id, count=1))
+            info = self._call(
+                "xpending",
+                lambda: self.redis.xpending_range(
+                    self.config.stream, self.config.group, min=entry_id, max=entry_id, count=1
+                ),
+            )
             times = int(info[0]["times_delivered"]) if info else self.config.max_deliveries + 1
             if times > self.config.max_deliveries:
                 reason = self._call("failures", lambda: self.redis.hget(self.failures_key, entry_id))
                 why = f"delivered {times - 1} times without ack" + (f"; last failure: {_s(reason)}" if reason else "")
                 self.dead_letter(entry_id, fields, why, times - 1)
                 continue
-            log.info("reclaimed %s (delivery %d) from a consumer idle > %.0fs", entry_id, times, self.config.claim_idle_s)
+            log.info(
+                "reclaimed %s (delivery %d) from a consumer idle > %.0fs", entry_id, times, self.config.claim_idle_s
+            )
             self._call("stats", lambda: self.redis.hincrby(self.stats_key, "reclaimed", 1))
             out.append((entry_id, fields, times))
         return out
@@ -330,17 +350,31 @@ class StreamQueue:
     def nack(self, delivery: Delivery, reason: str) -> None:
         """The consumer failed on this entry: dead-letter it on its last delivery, else make it reclaimable now."""
         if delivery.deliveries >= self.config.max_deliveries:
-            fields = self._call("xrange", lambda: self.redis.xrange(self.config.stream, delivery.entry_id, delivery.entry_id))
+            fields = self._call(
+                "xrange", lambda: self.redis.xrange(self.config.stream, delivery.entry_id, delivery.entry_id)
+            )
             raw = fields[0][1] if fields else {}
-            self.dead_letter(delivery.entry_id, raw, f"failed {delivery.deliveries} times; last failure: {reason}", delivery.deliveries)
+            self.dead_letter(
+                delivery.entry_id,
+                raw,
+                f"failed {delivery.deliveries} times; last failure: {reason}",
+                delivery.deliveries,
+            )
             return
 
         def send() -> None:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(self.failures_key, delivery.entry_id, reason)
             # Back-date the entry's idle time so the next XAUTOCLAIM (any consumer) takes it.
-            pipe.xclaim(self.config.stream, self.config.group, self.consumer, 0, [delivery.entry_id],
-                        idle=int(self.config.claim_idle_s * 1000) + 1, justid=True)
+            pipe.xclaim(
+                self.config.stream,
+                self.config.group,
+                self.consumer,
+                0,
+                [delivery.entry_id],
+                idle=int(self.config.claim_idle_s * 1000) + 1,
+                justid=True,
+            )
             self._count(pipe, "nacked")
             pipe.execute()
 
@@ -350,7 +384,10 @@ class StreamQueue:
         """Reset the idle time of entries still being worked on, so nobody reclaims them."""
         ids = [d.entry_id for d in deliveries]
         if ids:
-            self._call("touch", lambda: self.redis.xclaim(self.config.stream, self.config.group, self.consumer, 0, ids, justid=True))
+            self._call(
+                "touch",
+                lambda: self.redis.xclaim(self.config.stream, self.config.group, self.consumer, 0, ids, justid=True),
+            )
 
     def dead_letter(self, entry_id: str, fields: dict, reason: str, deliveries: int) -> None:
         log.warning("dead-lettering %s from %s: %s", entry_id, self.config.stream, reason)
@@ -358,8 +395,17 @@ class StreamQueue:
 
         def send() -> None:
             pipe = self.redis.pipeline(transaction=True)
-            pipe.xadd(self.dead_stream, {"entry_id": entry_id, "stream": self.config.stream, "reason": reason,
-                                         "deliveries": deliveries, "at": time.time(), FIELD: data})
+            pipe.xadd(
+                self.dead_stream,
+                {
+                    "entry_id": entry_id,
+                    "stream": self.config.stream,
+                    "reason": reason,
+                    "deliveries": deliveries,
+                    "at": time.time(),
+                    FIELD: data,
+                },
+            )
             pipe.xack(self.config.stream, self.config.group, entry_id)
             pipe.hdel(self.failures_key, entry_id)
             self._count(pipe, "dead_lettered")
@@ -398,9 +444,20 @@ class StreamQueue:
     def stats(self) -> dict[str, Any]:
         """Counters (produced, acked, dead_lettered, reclaimed, ...) and live state (pending, lag, backlog, length)."""
         counters = self._call("stats", lambda: self.redis.hgetall(self.stats_key))
-        out: dict[str, Any] = {k: 0 for k in ("produced", "acked", "dead_lettered", "reclaimed", "nacked",
-                                              "duplicates_skipped", "backpressure_waits",
-                                              "dropped_uniform_groups", "dropped_uniform_rollouts")}
+        out: dict[str, Any] = {
+            k: 0
+            for k in (
+                "produced",
+                "acked",
+                "dead_lettered",
+                "reclaimed",
+                "nacked",
+                "duplicates_skipped",
+                "backpressure_waits",
+                "dropped_uniform_groups",
+                "dropped_uniform_rollouts",
+            )
+        }
         for k, v in counters.items():
             value = float(v)
             out[_s(k)] = int(value) if value.is_integer() else value
@@ -440,7 +497,7 @@ class PromptQueue(StreamQueue):
         return CapturedRequest.model_validate(item).to_bytes()
 
     def decode(self, data: bytes) -> Any:
-        from flywheel.server.capture import CaptureFormatError, CapturedRequest
+        from flywheel.server.capture import CapturedRequest, CaptureFormatError
 
         try:
             return CapturedRequest.from_bytes(data)

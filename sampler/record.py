@@ -39,7 +39,9 @@ class Reward(BaseModel):
     name: str = Field(description="Registered scorer name, e.g. 'math_verify' or 'format_think'")
     value: float = Field(description="The score; rewards are summed with their weights into RolloutRecord.reward")
     weight: float = Field(default=1.0, description="Weight of this scorer in the total reward")
-    details: dict[str, Any] = Field(default_factory=dict, description="Scorer-specific explanation (extracted answer, error, ...)")
+    details: dict[str, Any] = Field(
+        default_factory=dict, description="Scorer-specific explanation (extracted answer, error, ...)"
+    )
 
 
 class RolloutRecord(BaseModel):
@@ -48,26 +50,36 @@ class RolloutRecord(BaseModel):
     schema_version: int = Field(default=SCHEMA_VERSION, description="Version of this record schema")
     id: str = Field(default_factory=lambda: uuid.uuid4().hex, description="Unique id: the trainer's idempotency key")
     group_id: str = Field(default="", description="Shared by all samples of one prompt (GRPO group)")
-    source: Literal["sampled", "distilled", "production"] = Field(default="sampled", description="Where the completion came from")
+    source: Literal["sampled", "distilled", "production"] = Field(
+        default="sampled", description="Where the completion came from"
+    )
     task: str = Field(default="", description="Dataset/task name the prompt came from")
-    messages: list[dict[str, Any]] | None = Field(default=None, description="Chat messages of the prompt (None for raw completions)")
+    messages: list[dict[str, Any]] | None = Field(
+        default=None, description="Chat messages of the prompt (None for raw completions)"
+    )
     prompt: str = Field(default="", description="Prompt text as sent (after the chat template), for humans and scorers")
     completion: str = Field(default="", description="Completion text, for humans and scorers")
     prompt_token_ids: list[int] = Field(description="Token ids of the prompt, exactly as the server saw them")
     completion_token_ids: list[int] = Field(description="Token ids the server generated")
-    behavior_logprobs: list[float] | None = Field(default=None, description="Per completion token: the sampler's processed logprob")
-    teacher_logprobs: list[float] | None = Field(default=None, description="Per completion token: a teacher's logprob (on-policy distillation)")
+    behavior_logprobs: list[float] | None = Field(
+        default=None, description="Per completion token: the sampler's processed logprob"
+    )
+    teacher_logprobs: list[float] | None = Field(
+        default=None, description="Per completion token: a teacher's logprob (on-policy distillation)"
+    )
     policy_version: int = Field(default=0, description="Oldest weight version that produced a token of this completion")
     policy_versions: list[int] = Field(default_factory=list, description="Every weight version that contributed")
     rewards: list[Reward] = Field(default_factory=list, description="Each scorer's verdict")
     reward: float = Field(default=0.0, description="Total reward: sum of value * weight over `rewards`")
     answer: Any = Field(default=None, description="Reference answer / metadata the scorers used")
     finish_reason: str | None = Field(default=None, description="'stop', 'length', 'abort', ...")
-    sampling: dict[str, Any] = Field(default_factory=dict, description="Sampling parameters used (temperature, top_p, max_tokens, seed)")
+    sampling: dict[str, Any] = Field(
+        default_factory=dict, description="Sampling parameters used (temperature, top_p, max_tokens, seed)"
+    )
     created_at: float = Field(default_factory=time.time, description="Unix time the completion finished")
 
     @model_validator(mode="after")
-    def _check(self) -> "RolloutRecord":
+    def _check(self) -> RolloutRecord:
         if self.schema_version != SCHEMA_VERSION:
             raise ValueError(f"schema_version {self.schema_version} is not supported (expected {SCHEMA_VERSION})")
         n = len(self.completion_token_ids)
@@ -85,14 +97,14 @@ class RolloutRecord(BaseModel):
         return to_msgpack(self)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "RolloutRecord":
+    def from_bytes(cls, data: bytes) -> RolloutRecord:
         return cls.from_obj(from_msgpack(data, RecordError))
 
     def to_json(self) -> str:
         return self.model_dump_json()
 
     @classmethod
-    def from_json(cls, line: str) -> "RolloutRecord":
+    def from_json(cls, line: str) -> RolloutRecord:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -100,7 +112,7 @@ class RolloutRecord(BaseModel):
         return cls.from_obj(obj)
 
     @classmethod
-    def from_obj(cls, obj: Any) -> "RolloutRecord":
+    def from_obj(cls, obj: Any) -> RolloutRecord:
         return validate_versioned(cls, obj, what="record", schema_version=SCHEMA_VERSION, error=RecordError)
 
     def total_reward(self) -> float:

@@ -57,7 +57,11 @@ async def sample_rejection(config: RejectionConfig) -> dict:
     scorer = build_scorer(config)
     endpoint = Endpoint(config.endpoint, max_connections=config.concurrency)
     queue = RolloutQueue(config.queue) if config.to_queue else None
-    sft, pairs, rejected = JsonlWriter(config.sft_output), JsonlWriter(config.pairs_output), JsonlWriter(config.rejected_output)
+    sft, pairs, rejected = (
+        JsonlWriter(config.sft_output),
+        JsonlWriter(config.pairs_output),
+        JsonlWriter(config.rejected_output),
+    )
     stats = RunStats("rejection", extra={"pairs": 0})
 
     async def handle(item: PromptItem) -> None:

@@ -13,9 +13,10 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any
 
 from tqdm import tqdm
 
@@ -43,9 +44,15 @@ def build_scorer(config: SampleConfig) -> WeightedScorer:
 
 
 def score_record(scorer: WeightedScorer, record: RolloutRecord, item: PromptItem) -> RolloutRecord:
-    rewards = scorer.score_all(record.completion, item.answer, prompt=record.prompt, messages=record.messages,
-                               task=record.task, completion_token_ids=record.completion_token_ids,
-                               finish_reason=record.finish_reason)
+    rewards = scorer.score_all(
+        record.completion,
+        item.answer,
+        prompt=record.prompt,
+        messages=record.messages,
+        task=record.task,
+        completion_token_ids=record.completion_token_ids,
+        finish_reason=record.finish_reason,
+    )
     record.rewards = rewards
     record.reward = record.total_reward()
     return record
@@ -81,15 +88,29 @@ class RunStats:
         return self.completion_tokens / max(1e-9, time.monotonic() - self.started)
 
     def summary(self) -> dict[str, Any]:
-        return {"mode": self.mode, "prompts": self.prompts, "samples": self.samples, "accepted": self.accepted,
-                "rejected": self.rejected, "skipped": self.skipped, "errors": self.errors,
-                "mean_reward": round(self.reward_sum / self.samples, 4) if self.samples else None,
-                "completion_tokens": self.completion_tokens, "tokens_per_s": round(self.tokens_per_s(), 1),
-                "seconds": round(time.monotonic() - self.started, 2), **self.extra}
+        return {
+            "mode": self.mode,
+            "prompts": self.prompts,
+            "samples": self.samples,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "skipped": self.skipped,
+            "errors": self.errors,
+            "mean_reward": round(self.reward_sum / self.samples, 4) if self.samples else None,
+            "completion_tokens": self.completion_tokens,
+            "tokens_per_s": round(self.tokens_per_s(), 1),
+            "seconds": round(time.monotonic() - self.started, 2),
+            **self.extra,
+        }
 
 
-async def for_each_prompt(items: Iterator[PromptItem], handle: Callable[[PromptItem], Awaitable[None]],
-                          config: SampleConfig, stats: RunStats, total: int | None) -> None:
+async def for_each_prompt(
+    items: Iterator[PromptItem],
+    handle: Callable[[PromptItem], Awaitable[None]],
+    config: SampleConfig,
+    stats: RunStats,
+    total: int | None,
+) -> None:
     """Run `handle` on every prompt with at most `config.concurrency` in flight."""
     slots = asyncio.Semaphore(config.concurrency)
     bar = tqdm(total=total, desc=f"sample {stats.mode}", unit="prompt", disable=not config.progress, dynamic_ncols=True)
@@ -110,7 +131,9 @@ async def for_each_prompt(items: Iterator[PromptItem], handle: Callable[[PromptI
             slots.release()
             bar.update(1)
             mean = stats.reward_sum / stats.samples if stats.samples else 0.0
-            bar.set_postfix(reward=f"{mean:.3f}", tok_s=f"{stats.tokens_per_s():.0f}", kept=stats.accepted, err=stats.errors)
+            bar.set_postfix(
+                reward=f"{mean:.3f}", tok_s=f"{stats.tokens_per_s():.0f}", kept=stats.accepted, err=stats.errors
+            )
 
     iterator = iter(items)
     try:
@@ -133,11 +156,14 @@ async def for_each_prompt(items: Iterator[PromptItem], handle: Callable[[PromptI
         raise UserError(f"{stats.errors} prompts failed, last: {type(failure[-1]).__name__}: {failure[-1]}")
 
 
-async def run_prompts(config: SampleConfig, stats: RunStats, handle: Callable[[PromptItem], Awaitable[None]],
-                      closing: list[Any]) -> None:
+async def run_prompts(
+    config: SampleConfig, stats: RunStats, handle: Callable[[PromptItem], Awaitable[None]], closing: list[Any]
+) -> None:
     """Every prompt of the configured source through `handle`; then close writers and endpoints."""
     try:
-        await for_each_prompt(iter_prompts(config.prompts, config.queue), handle, config, stats, config.prompts.num_prompts)
+        await for_each_prompt(
+            iter_prompts(config.prompts, config.queue), handle, config, stats, config.prompts.num_prompts
+        )
     finally:
         for thing in closing:
             if thing is not None:
@@ -146,7 +172,7 @@ async def run_prompts(config: SampleConfig, stats: RunStats, handle: Callable[[P
                     await done
 
 
-async def push(records: list, item: PromptItem, writer: "JsonlWriter", queue: Any = None) -> None:
+async def push(records: list, item: PromptItem, writer: JsonlWriter, queue: Any = None) -> None:
     """Write a prompt's kept records to JSONL and the queue (blocking under backpressure), then ack its capture entry."""
     writer.write([r.to_json() if isinstance(r, RolloutRecord) else r.model_dump_json() for r in records])
     if queue is not None and records:

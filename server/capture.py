@@ -31,7 +31,8 @@ import logging
 import random
 import time
 import uuid
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -60,7 +61,9 @@ class CapturedRequest(BaseModel):
     model: str | None = Field(default=None, description="Model name the client asked for")
     messages: list[dict[str, Any]] | None = Field(default=None, description="Chat messages (chat endpoint)")
     prompt: Any = Field(default=None, description="Prompt (completions endpoint): text, token ids, or a list of them")
-    sampling: dict[str, Any] = Field(default_factory=dict, description="All other request parameters (temperature, max_tokens, ...)")
+    sampling: dict[str, Any] = Field(
+        default_factory=dict, description="All other request parameters (temperature, max_tokens, ...)"
+    )
     stream: bool = Field(default=False, description="Whether the client asked for a streamed response")
     status: int = Field(default=200, description="HTTP status of the response")
     responses: list[str] = Field(default_factory=list, description="Text of each choice, by index")
@@ -73,7 +76,7 @@ class CapturedRequest(BaseModel):
         return to_msgpack(self)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "CapturedRequest":
+    def from_bytes(cls, data: bytes) -> CapturedRequest:
         obj = from_msgpack(data, CaptureFormatError)
         return validate_versioned(cls, obj, what="capture", schema_version=SCHEMA_VERSION, error=CaptureFormatError)
 
@@ -152,9 +155,19 @@ class _ResponseCopy:
 class CaptureMiddleware:
     """Copies a sample of chat/completions requests and responses into a Redis stream (see module docstring)."""
 
-    def __init__(self, app: ASGIApp, redis_url: str, stream: str = "prompts", rate: float = 1.0,
-                 redact: str | Callable | None = None, policy: Any = None, max_bytes: int = 4 << 20,
-                 max_len: int = 100_000, max_in_flight: int = 256, timeout_s: float = 2.0):
+    def __init__(
+        self,
+        app: ASGIApp,
+        redis_url: str,
+        stream: str = "prompts",
+        rate: float = 1.0,
+        redact: str | Callable | None = None,
+        policy: Any = None,
+        max_bytes: int = 4 << 20,
+        max_len: int = 100_000,
+        max_in_flight: int = 256,
+        timeout_s: float = 2.0,
+    ):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"capture rate must be within [0, 1], got {rate}")
         import redis.asyncio
@@ -164,7 +177,14 @@ class CaptureMiddleware:
         self.stream, self.rate, self.policy = stream, rate, policy
         self.redact = redact if callable(redact) else load_redact(redact)
         self.max_bytes, self.max_len, self.max_in_flight = max_bytes, max_len, max_in_flight
-        self.counters = {"captured": 0, "skipped": 0, "dropped_by_redact": 0, "too_large": 0, "errors": 0, "overloaded": 0}
+        self.counters = {
+            "captured": 0,
+            "skipped": 0,
+            "dropped_by_redact": 0,
+            "too_large": 0,
+            "errors": 0,
+            "overloaded": 0,
+        }
         self._tasks: set[asyncio.Task] = set()
         self._last_error_log = 0.0
 
@@ -208,7 +228,9 @@ class CaptureMiddleware:
         await self.app(scope, copying_receive, copying_send)
 
     # ------------------------------------------------------------ background write
-    def _schedule(self, endpoint: str, body: list[bytes], size: int, response: _ResponseCopy, version: int | None) -> None:
+    def _schedule(
+        self, endpoint: str, body: list[bytes], size: int, response: _ResponseCopy, version: int | None
+    ) -> None:
         if size > self.max_bytes or response.overflow:
             self.counters["too_large"] += 1
             return
@@ -226,12 +248,17 @@ class CaptureMiddleware:
         texts, finish = response.result()
         versions = self.policy.versions_since(version) if version is not None and self.policy is not None else []
         return CapturedRequest(
-            endpoint=endpoint, model=request.get("model"),
+            endpoint=endpoint,
+            model=request.get("model"),
             messages=request.get("messages") if endpoint == "chat" else None,
             prompt=request.get("prompt") if endpoint == "completions" else None,
             sampling={k: v for k, v in request.items() if k not in _NOT_SAMPLING},
-            stream=bool(request.get("stream")), status=response.status, responses=texts, finish_reasons=finish,
-            policy_version=version, policy_versions=versions,
+            stream=bool(request.get("stream")),
+            status=response.status,
+            responses=texts,
+            finish_reasons=finish,
+            policy_version=version,
+            policy_versions=versions,
         )
 
     async def _write(self, endpoint: str, body: bytes, response: _ResponseCopy, version: int | None) -> None:
@@ -255,8 +282,12 @@ class CaptureMiddleware:
         now = time.monotonic()
         if now - self._last_error_log > 10.0:  # a Redis outage must not flood the log
             self._last_error_log = now
-            log.warning("capture failed (%d errors so far; responses unaffected): %s: %s",
-                        self.counters["errors"], type(exc).__name__, exc)
+            log.warning(
+                "capture failed (%d errors so far; responses unaffected): %s: %s",
+                self.counters["errors"],
+                type(exc).__name__,
+                exc,
+            )
 
     async def drain(self) -> None:
         """Wait for captures in flight (tests, shutdown)."""

@@ -30,7 +30,9 @@ def from_msgpack(data: bytes, error: type[Exception]) -> Any:
         raise error(f"not msgpack: {exc}") from None
 
 
-def validate_versioned(cls: type[Record], obj: Any, *, what: str, schema_version: int, error: type[Exception]) -> Record:
+def validate_versioned(
+    cls: type[Record], obj: Any, *, what: str, schema_version: int, error: type[Exception]
+) -> Record:
     """`obj` (a decoded map) as a `cls` of `schema_version`; `error` names `what` and the first problem."""
     if not isinstance(obj, dict):
         raise error(f"a {what} must be a map, got {type(obj).__name__}")

@@ -11,8 +11,9 @@ eval history each say what is wrong in their terms) from JSONLineError's `where`
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 class JSONLineError(ValueError):

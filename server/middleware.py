@@ -34,8 +34,18 @@ from flywheel.server.policy import PolicyState
 from flywheel.server.request_body import BadRequest, EventStamper, rewrite_request
 from flywheel.server.status import VERSION_HEADER, VERSIONS_HEADER
 
-OPENAI_PREFIXES = ("/v1/", "/v2/", "/inference/", "/tokenize", "/detokenize", "/invocations", "/pooling",
-                   "/classify", "/score", "/rerank")
+OPENAI_PREFIXES = (
+    "/v1/",
+    "/v2/",
+    "/inference/",
+    "/tokenize",
+    "/detokenize",
+    "/invocations",
+    "/pooling",
+    "/classify",
+    "/score",
+    "/rerank",
+)
 STAMPED_PATHS = ("/v1/completions", "/v1/chat/completions")
 VERSION_HEADER_BYTES = VERSION_HEADER.encode()  # ASGI headers are bytes
 VERSIONS_HEADER_BYTES = VERSIONS_HEADER.encode()
@@ -47,8 +57,13 @@ def openai_error(status: int, message: str, type_: str, code: str | None = None,
 
 async def send_json_error(send: Send, status: int, message: str, type_: str, param: str | None = None) -> None:
     body = openai_error(status, message, type_, param=param)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -78,8 +93,14 @@ class _Tokens:
 
 
 class FlywheelMiddleware:
-    def __init__(self, app: ASGIApp, policy: PolicyState, admin_token: str, api_key: str | None = None,
-                 max_request_bytes: int = 4 * 2**20):
+    def __init__(
+        self,
+        app: ASGIApp,
+        policy: PolicyState,
+        admin_token: str,
+        api_key: str | None = None,
+        max_request_bytes: int = 4 * 2**20,
+    ):
         self.app = app
         self.policy = policy
         self.max_request_bytes = max_request_bytes
@@ -94,16 +115,22 @@ class FlywheelMiddleware:
         headers = Headers(scope=scope)
         if is_admin_request(scope["method"], path):
             if not self.admin.match(headers):
-                await send_json_error(send, 401, "admin route: missing or wrong `Authorization: Bearer <admin token>`",
-                                      "authentication_error")
+                await send_json_error(
+                    send,
+                    401,
+                    "admin route: missing or wrong `Authorization: Bearer <admin token>`",
+                    "authentication_error",
+                )
                 return
         elif self.users and path.startswith(OPENAI_PREFIXES) and not self.users.match(headers):
-            await send_json_error(send, 401, "missing or wrong API key (`Authorization: Bearer <api key>`)",
-                                  "authentication_error")
+            await send_json_error(
+                send, 401, "missing or wrong API key (`Authorization: Bearer <api key>`)", "authentication_error"
+            )
             return
         if self.policy.broken and path.startswith(OPENAI_PREFIXES):
-            await send_json_error(send, 503, f"not serving: {self.policy.broken}; push a complete set of weights",
-                                  "service_unavailable")
+            await send_json_error(
+                send, 503, f"not serving: {self.policy.broken}; push a complete set of weights", "service_unavailable"
+            )
             return
         if scope["method"] == "POST" and path.startswith(OPENAI_PREFIXES):
             replay = await self._read_body(scope, receive, send, path)
@@ -118,8 +145,12 @@ class FlywheelMiddleware:
         limit = self.max_request_bytes
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await send_json_error(send, 413, f"request body of {declared} bytes exceeds max_request_bytes={limit}",
-                                  "invalid_request_error")
+            await send_json_error(
+                send,
+                413,
+                f"request body of {declared} bytes exceeds max_request_bytes={limit}",
+                "invalid_request_error",
+            )
             return None
         chunks, size = [], 0
         while True:
@@ -129,7 +160,9 @@ class FlywheelMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await send_json_error(send, 413, f"request body exceeds max_request_bytes={limit}", "invalid_request_error")
+                await send_json_error(
+                    send, 413, f"request body exceeds max_request_bytes={limit}", "invalid_request_error"
+                )
                 return None
             chunks.append(chunk)
             if not message.get("more_body"):

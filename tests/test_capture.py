@@ -12,7 +12,7 @@ import msgpack
 import pytest
 
 from flywheel.sampler.queue import PromptQueue
-from flywheel.server.capture import CaptureFormatError, CapturedRequest, CaptureMiddleware
+from flywheel.server.capture import CapturedRequest, CaptureFormatError, CaptureMiddleware
 from flywheel.server.policy import PolicyState
 from tests.asgi import read_body
 
@@ -24,19 +24,43 @@ async def openai_like_app(scope, receive, send):
     if request.get("stream"):
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         for i, piece in enumerate(["Hel", "lo", " world"]):
-            chunk = {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": "stop" if i == 2 else None}]}
-            await send({"type": "http.response.body", "body": b"data: " + json.dumps(chunk).encode() + b"\n\n", "more_body": True})
+            chunk = {
+                "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": "stop" if i == 2 else None}]
+            }
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"data: " + json.dumps(chunk).encode() + b"\n\n",
+                    "more_body": True,
+                }
+            )
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
         return
-    out = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "Answer: 4"}, "finish_reason": "stop"},
-                                  {"index": 1, "message": {"role": "assistant", "content": "5"}, "finish_reason": "length"}]}).encode()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
+    out = json.dumps(
+        {
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "Answer: 4"}, "finish_reason": "stop"},
+                {"index": 1, "message": {"role": "assistant", "content": "5"}, "finish_reason": "length"},
+            ]
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": out})
 
 
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "2+2? mail me at bob@example.com"}],
-        "temperature": 0.7, "max_tokens": 8, "n": 2}
+CHAT = {
+    "model": "m",
+    "messages": [{"role": "user", "content": "2+2? mail me at bob@example.com"}],
+    "temperature": 0.7,
+    "max_tokens": 8,
+    "n": 2,
+}
 
 
 async def post(app, payload, path="/v1/chat/completions"):
@@ -143,7 +167,9 @@ def test_sampler_reads_prompts_stream_and_dead_letters_bad_entries(redis_client,
     q = PromptQueue(url=redis_url)  # stream 'prompts', group 'sampler'
     asyncio.run(go())
     redis_client.xadd("prompts", {"r": b"\x00garbage"})
-    redis_client.xadd("prompts", {"r": msgpack.packb({**CapturedRequest(endpoint="chat").model_dump(), "schema_version": 7})})
+    redis_client.xadd(
+        "prompts", {"r": msgpack.packb({**CapturedRequest(endpoint="chat").model_dump(), "schema_version": 7})}
+    )
     got = q.get(count=10, block_s=0.1)
     assert len(got) == 1 and got[0].record.messages == CHAT["messages"]
     q.ack(got)

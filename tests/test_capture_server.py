@@ -23,10 +23,16 @@ def test_real_server_captures_into_prompts_stream(tiny_model, tmp_path_factory, 
     # a short folder: vLLM's IPC socket paths live under it and must stay under the 107-byte unix limit
     with start_server(tiny_model, tmp_path_factory.mktemp("cap"), capture_redis_url=redis_url, capture_rate=1.0) as srv:
         client = OpenAI(base_url=srv.base_url, api_key="none")
-        reply = client.chat.completions.create(model=srv.model, messages=[{"role": "user", "content": "What is 2 + 2?"}],
-                                               max_tokens=5, temperature=0.0)
-        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model=srv.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True) if c.choices)
+        reply = client.chat.completions.create(
+            model=srv.model, messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=5, temperature=0.0
+        )
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model=srv.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True
+            )
+            if c.choices
+        )
         deadline = time.monotonic() + 10
         while redis_client.xlen("prompts") < 2 and time.monotonic() < deadline:
             time.sleep(0.1)

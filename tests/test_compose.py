@@ -21,8 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 # `flywheel <command>` -> (config class, env prefix)
-COMMANDS = {("serve",): (ServeConfig, "FLYWHEEL_SERVE_"), ("sample", "grpo"): (GrpoSampleConfig, "FLYWHEEL_SAMPLE_GRPO_"),
-            ("train",): (TrainConfig, "FLYWHEEL_TRAIN_"), ("eval",): (EvalConfig, "FLYWHEEL_EVAL_")}
+COMMANDS = {
+    ("serve",): (ServeConfig, "FLYWHEEL_SERVE_"),
+    ("sample", "grpo"): (GrpoSampleConfig, "FLYWHEEL_SAMPLE_GRPO_"),
+    ("train",): (TrainConfig, "FLYWHEEL_TRAIN_"),
+    ("eval",): (EvalConfig, "FLYWHEEL_EVAL_"),
+}
 
 
 def field_of(model: type[BaseModel], dotted: str):
@@ -46,19 +50,22 @@ def flywheel_argv(service: dict) -> list[str]:
         words = shlex.split(words[-1])
     start = words.index("flywheel")
     end = words.index("&&", start) if "&&" in words[start:] else len(words)
-    return words[start + 1:end]
+    return words[start + 1 : end]
 
 
 def component(argv: list[str]):
     for key, value in COMMANDS.items():
-        if tuple(argv[:len(key)]) == key:
+        if tuple(argv[: len(key)]) == key:
             return key, value
     raise AssertionError(f"unknown flywheel command {argv[:2]}")
 
 
 def test_compose_has_the_loop_services_with_health_checks_and_restarts():
     assert {"redis", "server", "server-gpu", "sampler", "trainer", "eval"} <= set(SERVICES)
-    assert "--appendonly" in SERVICES["redis"]["command"] and SERVICES["redis"]["command"][SERVICES["redis"]["command"].index("--appendonly") + 1] == "yes"
+    assert (
+        "--appendonly" in SERVICES["redis"]["command"]
+        and SERVICES["redis"]["command"][SERVICES["redis"]["command"].index("--appendonly") + 1] == "yes"
+    )
     for name in ("redis", "server", "server-gpu"):
         assert SERVICES[name]["healthcheck"]["test"], name
     for name in ("redis", "server", "server-gpu", "sampler", "trainer", "eval"):
@@ -81,7 +88,7 @@ def test_every_flag_and_env_key_is_a_config_field(name, monkeypatch):
     service = SERVICES[name]
     argv = flywheel_argv(service)
     key, (model, env_prefix) = component(argv)
-    for word in argv[len(key):]:
+    for word in argv[len(key) :]:
         if not word.startswith("--") or word == "--config":
             continue
         dotted = word[2:].replace("-", "_")
@@ -96,13 +103,13 @@ def test_every_flag_and_env_key_is_a_config_field(name, monkeypatch):
     for env_key in service.get("environment", {}):
         if env_key.startswith("FLYWHEEL_") and env_key != "FLYWHEEL_HOME":
             assert env_key.startswith(env_prefix), f"{name}: {env_key} does not configure `flywheel {' '.join(key)}`"
-            dotted = env_key[len(env_prefix):].lower().replace("__", ".")
+            dotted = env_key[len(env_prefix) :].lower().replace("__", ".")
             assert field_of(model, dotted) is not None, f"{name}: {env_key} is not a field of {model.__name__}"
     # and the whole command parses as the CLI would parse it, with its environment (types included)
     for env_key, env_value in service.get("environment", {}).items():
         if env_key.startswith("FLYWHEEL_") and env_key != "FLYWHEEL_HOME":
             monkeypatch.setenv(env_key, "token" if str(env_value).startswith("${") else str(env_value))
-    rest = [w.replace("/app/", str(REPO) + "/") if w.startswith("/app/") else w for w in argv[len(key):]]
+    rest = [w.replace("/app/", str(REPO) + "/") if w.startswith("/app/") else w for w in argv[len(key) :]]
     build_config(model, " ".join(key), rest, prog="flywheel")
 
 

@@ -17,8 +17,14 @@ from pydantic import BaseModel
 from flywheel.clients.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_MODULES = ["flywheel.server.config", "flywheel.server.status", "flywheel.sampler.config", "flywheel.trainer.config", "flywheel.trainer.policy_interface",
-                  "flywheel.clients.loop_configs"]
+CONFIG_MODULES = [
+    "flywheel.server.config",
+    "flywheel.server.status",
+    "flywheel.sampler.config",
+    "flywheel.trainer.config",
+    "flywheel.trainer.policy_interface",
+    "flywheel.clients.loop_configs",
+]
 
 
 def nested_models(tp) -> list[type[BaseModel]]:
@@ -50,8 +56,12 @@ def command_configs() -> set[type[BaseModel]]:
 def test_every_config_field_has_a_description():
     configs = command_configs()
     assert len(configs) > 20  # the walk reaches the nested ones (loop -> train -> grpo, queue, parallel, ...)
-    missing = sorted(f"{cls.__module__}.{cls.__name__}.{name}" for cls in configs
-                     for name, field in cls.model_fields.items() if not (field.description or "").strip())
+    missing = sorted(
+        f"{cls.__module__}.{cls.__name__}.{name}"
+        for cls in configs
+        for name, field in cls.model_fields.items()
+        if not (field.description or "").strip()
+    )
     assert not missing, "fields without a description: " + ", ".join(missing)
 
 

@@ -32,7 +32,9 @@ def test_compare_counts_flips_and_ci(tmp_path):
     run_b, _ = _run(tmp_path, "b", set(ids[2:10]))
     summary_a = json.loads((run_a / "summary.json").read_text())
     assert summary_a["benchmarks"]["gsm8k-style"]["score"] == 4 / 12
-    assert (run_a / "scores.png").read_bytes()[:4] == b"\x89PNG" and "data:image/png;base64," in (run_a / "report.html").read_text()
+    assert (run_a / "scores.png").read_bytes()[:4] == b"\x89PNG" and "data:image/png;base64," in (
+        run_a / "report.html"
+    ).read_text()
     result = compare_runs(run_a, run_b)
     v = result["benchmarks"]["gsm8k-style"]
     assert v["n"] == 12 and v["score_a"] == 4 / 12 and v["score_b"] == 8 / 12
@@ -53,19 +55,31 @@ def test_compare_cli(tmp_path):
     run_a, _ = _run(tmp_path, "a", set(ids[:6]))
     run_b, _ = _run(tmp_path, "b", set(ids[:3]))
     out = tmp_path / "cmp.json"
-    proc = subprocess.run([sys.executable, "-m", "flywheel.clients.cli", "eval", "compare", str(run_a), str(run_b), "--output", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flywheel.clients.cli", "eval", "compare", str(run_a), str(run_b), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "gsm8k-style" in proc.stdout and "-0.2500" in proc.stdout
     assert json.loads(out.read_text())["benchmarks"]["gsm8k-style"]["regressed"] == 3
-    bad = subprocess.run([sys.executable, "-m", "flywheel.clients.cli", "eval", "compare", str(run_a), str(tmp_path / "nope")],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "flywheel.clients.cli", "eval", "compare", str(run_a), str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "no samples.jsonl" in bad.stderr
 
 
 def test_plot_history(tmp_path):
     history = tmp_path / "history.jsonl"
-    history.write_text("".join(json.dumps({"version": v, "scores": {"gsm8k-style": 0.1 * v, "mmlu-dev": 0.25}}) + "\n" for v in range(4)))
+    history.write_text(
+        "".join(
+            json.dumps({"version": v, "scores": {"gsm8k-style": 0.1 * v, "mmlu-dev": 0.25}}) + "\n" for v in range(4)
+        )
+    )
     assert [h["version"] for h in read_history(history)] == [0, 1, 2, 3]
     png = plot_history(history, tmp_path / "acc.png")
     assert png.read_bytes()[:4] == b"\x89PNG"

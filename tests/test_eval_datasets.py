@@ -12,13 +12,29 @@ import re
 
 import pytest
 
-from flywheel.clients.eval.datasets import (DatasetError, champ_answers, load_benchmark, load_collection, load_custom,
-                                   load_gsm8k_style, load_mmlu_dev)
+from flywheel.clients.eval.datasets import (
+    DatasetError,
+    champ_answers,
+    load_benchmark,
+    load_collection,
+    load_custom,
+    load_gsm8k_style,
+    load_mmlu_dev,
+)
 from flywheel.clients.eval.runner import EvalItem, grade_reply, pass_at_k
 
 
-@pytest.mark.parametrize("name,count", [("mmlu-dev", 281), ("mmlu-dev-generative", 281), ("humaneval", 164),
-                                        ("ifbench", 294), ("champ", 270), ("gsm8k-style", 300)])
+@pytest.mark.parametrize(
+    "name,count",
+    [
+        ("mmlu-dev", 281),
+        ("mmlu-dev-generative", 281),
+        ("humaneval", 164),
+        ("ifbench", 294),
+        ("champ", 270),
+        ("gsm8k-style", 300),
+    ],
+)
 def test_loader_counts_and_shape(name, count):
     items = load_benchmark(name)
     assert len(items) == count
@@ -111,8 +127,12 @@ def test_pass_at_k_estimator():
 
 def test_custom_jsonl(tmp_path):
     path = tmp_path / "qa.jsonl"
-    path.write_text(json.dumps({"prompt": "2+2?", "answer": "4"}) + "\n\n" +
-                    json.dumps({"prompt": "sqrt(16)?", "answer": 4, "scorer": "math_verify", "id": "root"}) + "\n")
+    path.write_text(
+        json.dumps({"prompt": "2+2?", "answer": "4"})
+        + "\n\n"
+        + json.dumps({"prompt": "sqrt(16)?", "answer": 4, "scorer": "math_verify", "id": "root"})
+        + "\n"
+    )
     items = load_custom(path)
     assert [x.id for x in items] == ["1", "root"] and [x.scorer for x in items] == ["exact_match", "math_verify"]
     assert grade_reply(items[1], "Answer: 4", items[1].prompt)["value"] == 1.0
@@ -129,7 +149,9 @@ def test_collection_mixes_by_weight():
     members = [x.meta["member"] for x in items]
     assert members.count("gsm8k-style") == 15 and members.count("mmlu-dev") == 5
     assert all(x.benchmark == "mix" for x in items) and len({x.id for x in items}) == 20
-    assert [x.id for x in items] == [x.id for x in load_collection("mix", {"gsm8k-style": 3, "mmlu-dev": 1}, size=20, seed=1)]
+    assert [x.id for x in items] == [
+        x.id for x in load_collection("mix", {"gsm8k-style": 3, "mmlu-dev": 1}, size=20, seed=1)
+    ]
     with pytest.raises(DatasetError, match="unknown benchmark"):
         load_collection("bad", {"nope": 1}, size=4)
 

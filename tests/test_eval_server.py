@@ -75,16 +75,34 @@ def test_loglikelihood_forced_answer(server, tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     base = tok.encode(context, add_special_tokens=False)
     client = OpenAI(base_url=server.base_url, api_key="x")
-    top = client.completions.create(model=server.model, prompt=context, max_tokens=1, temperature=0, logprobs=20).choices[0].logprobs.top_logprobs[0]
+    top = (
+        client.completions.create(model=server.model, prompt=context, max_tokens=1, temperature=0, logprobs=20)
+        .choices[0]
+        .logprobs.top_logprobs[0]
+    )
     ranked = [t for t, _ in sorted(top.items(), key=lambda kv: -kv[1])]
-    single = [t for t in ranked if t and tok.encode(context + t, add_special_tokens=False) == base + tok.encode(t, add_special_tokens=False)
-              and len(tok.encode(t, add_special_tokens=False)) == 1]
+    single = [
+        t
+        for t in ranked
+        if t
+        and tok.encode(context + t, add_special_tokens=False) == base + tok.encode(t, add_special_tokens=False)
+        and len(tok.encode(t, add_special_tokens=False)) == 1
+    ]
     assert len(single) >= 4, ranked
     best, others = single[0], single[1:4]
     choices = [others[0], best, others[1], others[2]]  # the forced answer is not first, so position cannot win
-    item = EvalItem(id="forced", benchmark="t", prompt=context, answer=best.strip(), scorer="loglikelihood_choice",
-                    kind="loglikelihood", choices=choices)
-    sample = asyncio.run(query_all([item], QuerySettings(base_url=server.base_url, model=server.model, prompt_format="completion")))[0]
+    item = EvalItem(
+        id="forced",
+        benchmark="t",
+        prompt=context,
+        answer=best.strip(),
+        scorer="loglikelihood_choice",
+        kind="loglikelihood",
+        choices=choices,
+    )
+    sample = asyncio.run(
+        query_all([item], QuerySettings(base_url=server.base_url, model=server.model, prompt_format="completion"))
+    )[0]
     grade([sample])
     assert sample.choice_logprobs.index(max(sample.choice_logprobs)) == 1, (choices, sample.choice_logprobs)
     assert sample.choice_logprobs[1] == pytest.approx(top[best], abs=1e-3)
@@ -93,8 +111,23 @@ def test_loglikelihood_forced_answer(server, tiny_model):
 
 def test_eval_cli_run_directory(server, tmp_path):
     out = tmp_path / "run"
-    proc = _flywheel("eval", "--base-url", server.base_url, "--benchmarks", "gsm8k-style", "mmlu-dev", "mmlu-dev-generative",
-                     "--limit", "3", "--max-tokens", "8", "--num-fewshot", "1", "--output-dir", str(out))
+    proc = _flywheel(
+        "eval",
+        "--base-url",
+        server.base_url,
+        "--benchmarks",
+        "gsm8k-style",
+        "mmlu-dev",
+        "mmlu-dev-generative",
+        "--limit",
+        "3",
+        "--max-tokens",
+        "8",
+        "--num-fewshot",
+        "1",
+        "--output-dir",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["benchmarks"]) == {"gsm8k-style", "mmlu-dev", "mmlu-dev-generative"}
@@ -104,7 +137,9 @@ def test_eval_cli_run_directory(server, tmp_path):
     assert len(rows) == 9
     gen = [r for r in rows if r["benchmark"] == "gsm8k-style"]
     assert all(len(r["completions"]) == 1 and r["rewards"][0]["name"] == "math_verify" for r in gen)
-    assert all(r["prompt"][0]["role"] == "user" and len(r["prompt"]) == 3 for r in gen)  # 1 shot = user+assistant, then the item
+    assert all(
+        r["prompt"][0]["role"] == "user" and len(r["prompt"]) == 3 for r in gen
+    )  # 1 shot = user+assistant, then the item
     assert {r["policy_version"] for r in rows} == {0}  # Flywheel's version header, version 0 at start
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
@@ -113,9 +148,31 @@ def test_eval_humaneval_pass_at_k_and_collection(server, tmp_path):
     cfg = tmp_path / "mix.yaml"
     cfg.write_text("eval:\n  collections:\n    mix: {champ: 1, ifbench: 1}\n")
     out = tmp_path / "run"
-    proc = _flywheel("eval", "--config", str(cfg), "--base-url", server.base_url, "--benchmarks", "humaneval", "mix",
-                     "--limit", "2", "--n-samples", "2", "--pass-k", "1", "2", "--temperature", "1.0", "--max-tokens", "8",
-                     "--prompt-format", "completion", "--output-dir", str(out))
+    proc = _flywheel(
+        "eval",
+        "--config",
+        str(cfg),
+        "--base-url",
+        server.base_url,
+        "--benchmarks",
+        "humaneval",
+        "mix",
+        "--limit",
+        "2",
+        "--n-samples",
+        "2",
+        "--pass-k",
+        "1",
+        "2",
+        "--temperature",
+        "1.0",
+        "--max-tokens",
+        "8",
+        "--prompt-format",
+        "completion",
+        "--output-dir",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())["benchmarks"]
     he = summary["humaneval"]
@@ -129,8 +186,24 @@ def test_eval_humaneval_pass_at_k_and_collection(server, tmp_path):
 
 def test_eval_watch_evaluates_each_version_once(server, tmp_path):
     history = tmp_path / "history.jsonl"
-    args = ["eval", "--base-url", server.base_url, "--benchmarks", "mmlu-dev", "--limit", "2", "--watch", "--history", str(history),
-            "--output-dir", str(tmp_path / "runs"), "--poll-s", "0.2", "--watch-timeout-s", "1"]
+    args = [
+        "eval",
+        "--base-url",
+        server.base_url,
+        "--benchmarks",
+        "mmlu-dev",
+        "--limit",
+        "2",
+        "--watch",
+        "--history",
+        str(history),
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--poll-s",
+        "0.2",
+        "--watch-timeout-s",
+        "1",
+    ]
     proc = _flywheel(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = _flywheel(*args)  # restarted watcher: version 0 is already in the history
@@ -150,9 +223,16 @@ def _one_line_error(proc, *needles):
 
 
 def test_eval_bad_input(server, tmp_path):
-    _one_line_error(_flywheel("eval", "--base-url", "http://127.0.0.1:9/v1", "--benchmarks", "mmlu-dev"), "cannot reach")
-    _one_line_error(_flywheel("eval", "--base-url", server.base_url, "--benchmarks", "gsm9k"), "unknown benchmark 'gsm9k'")
+    _one_line_error(
+        _flywheel("eval", "--base-url", "http://127.0.0.1:9/v1", "--benchmarks", "mmlu-dev"), "cannot reach"
+    )
+    _one_line_error(
+        _flywheel("eval", "--base-url", server.base_url, "--benchmarks", "gsm9k"), "unknown benchmark 'gsm9k'"
+    )
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?", "answer": \n')
     _one_line_error(_flywheel("eval", "--base-url", server.base_url, "--benchmarks", f"custom:{bad}"), "bad.jsonl:2")
-    _one_line_error(_flywheel("eval", "--base-url", server.base_url, "--benchmarks", f"custom:{tmp_path}/missing.jsonl"), "not found")
+    _one_line_error(
+        _flywheel("eval", "--base-url", server.base_url, "--benchmarks", f"custom:{tmp_path}/missing.jsonl"),
+        "not found",
+    )

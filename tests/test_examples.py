@@ -8,8 +8,12 @@ import sys
 
 
 def _example(name, server, *args):
-    proc = subprocess.run([sys.executable, "-m", f"flywheel.clients.examples.{name}", "--base-url", server.base_url, *args],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"flywheel.clients.examples.{name}", "--base-url", server.base_url, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 

@@ -19,8 +19,8 @@ import httpx
 import pytest
 import torch
 
-from flywheel.server.weights.client import PushFailed, push_weights
 from flywheel.clients.servers import start_server
+from flywheel.server.weights.client import PushFailed, push_weights
 from tests.test_weights import assert_same, greedy, perturbed_copy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -47,8 +47,10 @@ def hf_state_dict(folder) -> dict[str, torch.Tensor]:
 def gpu_servers(tiny_model, tmp_path_factory):
     a = tiny_model
     b = perturbed_copy(a, tmp_path_factory.mktemp("ckpt") / "B", seed=7)
-    with start_server(b, tmp_path_factory.mktemp("fresh-b"), **GPU_SERVER) as fresh, \
-            start_server(a, tmp_path_factory.mktemp("serve-a"), **GPU_SERVER) as srv:
+    with (
+        start_server(b, tmp_path_factory.mktemp("fresh-b"), **GPU_SERVER) as fresh,
+        start_server(a, tmp_path_factory.mktemp("serve-a"), **GPU_SERVER) as srv,
+    ):
         yield srv, fresh, a, b
 
 
@@ -57,8 +59,11 @@ def test_gpu_server_defaults_and_version_contract(gpu_servers):
     st = status(srv.url)
     assert st["policy_version"] == 0
     assert "ipc" in st["weights"]["transports"] and st["weights"]["backend"] == "flywheel_ipc"
-    r = httpx.post(srv.base_url + "/chat/completions", timeout=60,
-                   json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    r = httpx.post(
+        srv.base_url + "/chat/completions",
+        timeout=60,
+        json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    )
     assert r.status_code == 200 and r.headers["x-flywheel-policy-version"] == "0"
     assert r.json()["choices"][0]["message"]["content"] is not None
 
@@ -84,7 +89,10 @@ def test_ipc_refusals_keep_the_served_weights(gpu_servers):
     name = next(k for k in good if k.endswith("q_proj.weight"))
     bad_pushes = {
         "shape": {**good, name: torch.zeros(3, 3, device="cuda", dtype=torch.bfloat16)},
-        "name": {**good, "model.layers.0.self_attn.nope.weight": good[name].clone()},  # a clone: push_weights sends one tensor per storage
+        "name": {
+            **good,
+            "model.layers.0.self_attn.nope.weight": good[name].clone(),
+        },  # a clone: push_weights sends one tensor per storage
         "nan": {**good, name: torch.full_like(good[name], math.nan)},
         "inf": {**good, name: good[name].clone().index_fill_(0, torch.tensor([0], device="cuda"), math.inf)},
     }

@@ -20,8 +20,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("server", "sampler", "trainer", "clients")
-MAY_IMPORT = {"server": {"server"}, "sampler": {"sampler", "server"}, "trainer": {"trainer", "sampler", "server"},
-              "clients": set(PACKAGES)}
+MAY_IMPORT = {
+    "server": {"server"},
+    "sampler": {"sampler", "server"},
+    "trainer": {"trainer", "sampler", "server"},
+    "clients": set(PACKAGES),
+}
 
 
 def module_name(path: Path) -> str:
@@ -67,7 +71,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -93,8 +97,12 @@ def test_no_import_circle():
 
 
 def test_no_upward_arrow():
-    upward = sorted(f"{src} -> {dst}" for src, dsts in arrows(our_modules()).items() for dst in dsts
-                    if layer(dst) not in MAY_IMPORT[layer(src)])
+    upward = sorted(
+        f"{src} -> {dst}"
+        for src, dsts in arrows(our_modules()).items()
+        for dst in dsts
+        if layer(dst) not in MAY_IMPORT[layer(src)]
+    )
     assert not upward, "imports against the layering:\n" + "\n".join(upward)
 
 
@@ -106,7 +114,12 @@ def test_nothing_imports_the_folders_by_their_bare_names():
         if ".venv" in path.parts:
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
             bare += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in PACKAGES]
     assert not bare, "import these as flywheel.*:\n" + "\n".join(bare)

@@ -13,8 +13,13 @@ def test_bench_does_not_import_tests():
     for path in sorted((REPO / "bench").rglob("*.py")):
         text = path.read_text()
         for node in ast.walk(ast.parse(text, str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             found += [f"{path.name}: import {n}" for n in names if n == "tests" or n.startswith("tests.")]
         if '"tests.' in text or "'tests." in text:  # a dotted path handed to a loader (scorer, redact hook)
             found.append(f"{path.name}: names a tests. module by string")

@@ -40,10 +40,22 @@ def loop_config(tmp_path: Path, tiny_model: Path, **extra) -> Path:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": PROMPT_TEXT}) + "\n" for i in range(5000)))
     config = {
-        "run_dir": str(tmp_path / "run"), "model": str(tiny_model), "max_steps": MAX_STEPS, "push_every": PUSH_EVERY,
-        "max_staleness": MAX_STALENESS, "group_size": GROUP, "batch_size": BATCH, "max_backlog": BATCH, "lr": 6e-3, "max_tokens": 8,
-        "rewards": [{"name": SCORER}], "sampler_concurrency": 4, "eval_size": 4,
-        "refresh_s": 1.0, "live": False, "eval_wait_s": 120,
+        "run_dir": str(tmp_path / "run"),
+        "model": str(tiny_model),
+        "max_steps": MAX_STEPS,
+        "push_every": PUSH_EVERY,
+        "max_staleness": MAX_STALENESS,
+        "group_size": GROUP,
+        "batch_size": BATCH,
+        "max_backlog": BATCH,
+        "lr": 6e-3,
+        "max_tokens": 8,
+        "rewards": [{"name": SCORER}],
+        "sampler_concurrency": 4,
+        "eval_size": 4,
+        "refresh_s": 1.0,
+        "live": False,
+        "eval_wait_s": 120,
         "serve": {"max_model_len": 256, "max_num_seqs": 64, "kv_cache_gib": 1},
         "sample": {"prompts": {"kind": "jsonl", "path": str(prompts), "num_prompts": None}},
         "train": {"max_seq_len": 64, "micro_batch_tokens": 512, "min_lr_ratio": 1.0, "queue": {"claim_idle_s": 20}},
@@ -58,8 +70,14 @@ def loop_config(tmp_path: Path, tiny_model: Path, **extra) -> Path:
 def start_up(config_path: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "a") as fh:
-        return subprocess.Popen([sys.executable, "-m", "flywheel.clients.cli", "up", "--config", str(config_path)],
-                                cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "flywheel.clients.cli", "up", "--config", str(config_path)],
+            cwd=REPO,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def run_to_the_end(config_path: Path, log: Path, timeout_s: float = 900) -> None:
@@ -84,7 +102,9 @@ def wait_for(predicate, timeout_s: float, proc: subprocess.Popen, log: Path, wha
         if value:
             return value
         if proc.poll() is not None:
-            raise AssertionError(f"flywheel up exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-4000:]}")
+            raise AssertionError(
+                f"flywheel up exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-4000:]}"
+            )
         time.sleep(1)
     raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
 
@@ -116,7 +136,8 @@ class SdkTraffic(threading.Thread):
         while not self.stop.is_set():
             try:
                 raw = self.client.chat.completions.with_raw_response.create(
-                    model=self.model, messages=[{"role": "user", "content": "hello"}], max_tokens=4)
+                    model=self.model, messages=[{"role": "user", "content": "hello"}], max_tokens=4
+                )
                 raw.parse()
                 self.results.append((raw.http_response.status_code, raw.headers.get("x-flywheel-policy-version")))
             except Exception as exc:  # recorded, asserted on below
@@ -150,7 +171,9 @@ def kept_groups(run_dir: Path) -> list[list[float]]:
     return groups
 
 
-def check_finished_run(run_dir: Path, max_steps: int, push_every: int = PUSH_EVERY, drop_uniform: bool = True) -> tuple[list[dict], dict]:
+def check_finished_run(
+    run_dir: Path, max_steps: int, push_every: int = PUSH_EVERY, drop_uniform: bool = True
+) -> tuple[list[dict], dict]:
     """What every finished run must show: steps, versions, staleness, accounting, eval history, report."""
     steps = sorted(trainer_steps(run_dir), key=lambda r: r["step"])
     assert [r["step"] for r in steps] == list(range(1, max_steps + 1))
@@ -164,8 +187,9 @@ def check_finished_run(run_dir: Path, max_steps: int, push_every: int = PUSH_EVE
     assert trained and all(r["staleness_max"] <= MAX_STALENESS for r in trained)
     # Redis accounting balances: every produced rollout is acked (trained, or dropped as stale with
     # its step), skipped as a duplicate, still pending (delivered, not yet durable), queued, or dead
-    assert final["produced"] == (final["acked"] + final["duplicates_skipped"] + final["pending"] + final["lag"]
-                                 + final["dead_lettered"]), final
+    assert final["produced"] == (
+        final["acked"] + final["duplicates_skipped"] + final["pending"] + final["lag"] + final["dead_lettered"]
+    ), final
     assert final["produced"] >= max_steps * BATCH
     # groups with all-equal rewards never reach the queue: counted in Redis by the sampler, in whole
     # groups, never decreasing while the loop ran; every kept group on disk has mixed rewards
@@ -179,12 +203,24 @@ def check_finished_run(run_dir: Path, max_steps: int, push_every: int = PUSH_EVE
         assert all(len(set(rewards)) > 1 for rewards in kept)
     else:
         assert final["dropped_uniform_groups"] == 0
-    state = json.loads((run_dir / "train" / "checkpoints" / (run_dir / "train" / "checkpoints" / "latest").read_text().strip()
-                        / "trainer_state" / "state.json").read_text())
+    state = json.loads(
+        (
+            run_dir
+            / "train"
+            / "checkpoints"
+            / (run_dir / "train" / "checkpoints" / "latest").read_text().strip()
+            / "trainer_state"
+            / "state.json"
+        ).read_text()
+    )
     # trained at most once: every step's records are distinct, and exactly batch_size per step
     assert len(state["trained_ids"]) == len(set(state["trained_ids"])) == max_steps * BATCH
-    if (run_dir / "eval" / "history.jsonl").is_file():  # eval on version change: each version once, the last one included
-        versions = [json.loads(line)["version"] for line in (run_dir / "eval" / "history.jsonl").read_text().splitlines()]
+    if (
+        run_dir / "eval" / "history.jsonl"
+    ).is_file():  # eval on version change: each version once, the last one included
+        versions = [
+            json.loads(line)["version"] for line in (run_dir / "eval" / "history.jsonl").read_text().splitlines()
+        ]
         assert versions[-1] == max_steps // push_every and versions == sorted(set(versions))
     report = (run_dir / "report.html").read_text()
     assert report.count("data:image/png;base64,") >= 3 and "produced" in report
@@ -199,16 +235,20 @@ def test_loop_trains_pushes_and_serves(tmp_path, tiny_model):
         seen_pids: set[int] = set()
         traffic = None
         try:
-            url = wait_for(lambda: (run_dir / "config" / "serve.yaml").is_file() and server_url(run_dir), 60, proc, log, "configs")
+            url = wait_for(
+                lambda: (run_dir / "config" / "serve.yaml").is_file() and server_url(run_dir), 60, proc, log, "configs"
+            )
             wait_for(lambda: healthy(url), 600, proc, log, "the server")
             traffic = SdkTraffic(url + "/v1", tiny_model.name)
             traffic.start()
+
             def progressed():
                 pids = run_dir / "up" / "pids.json"
                 if pids.is_file():
                     seen_pids.update(json.loads(pids.read_text()).values())
                 steps = trainer_steps(run_dir)
                 return steps and max(r["step"] for r in steps) >= MAX_STEPS
+
             wait_for(progressed, 900, proc, log, "all trainer steps")
             traffic.stop.set()
             traffic.join(60)
@@ -250,6 +290,7 @@ def run_until(config_path: Path, log: Path, run_dir: Path, step: int, pids: set[
         if (run_dir / "up" / "pids.json").is_file():
             pids.update(json.loads((run_dir / "up" / "pids.json").read_text()).values())
         return any(r["step"] >= step for r in trainer_steps(run_dir))
+
     wait_for(reached, 900, proc, log, f"step {step}")
     return proc
 
@@ -288,7 +329,9 @@ SYNC_STEPS, SYNC_PUSH_EVERY = 12, 2
 def test_sync_rounds_train_on_policy_data(tmp_path, tiny_model):
     """`--sync`: rounds of [sampler makes exactly push_every steps of rollouts, exits], [trainer trains
     them, pushes, exits]. Every trained rollout comes from the version being trained (staleness 0)."""
-    config_path = loop_config(tmp_path, tiny_model, sync=True, eval=False, max_steps=SYNC_STEPS, push_every=SYNC_PUSH_EVERY)
+    config_path = loop_config(
+        tmp_path, tiny_model, sync=True, eval=False, max_steps=SYNC_STEPS, push_every=SYNC_PUSH_EVERY
+    )
     run_dir, log = tmp_path / "run", tmp_path / "up.log"
     with vllm_lock():
         run_to_the_end(config_path, log)

@@ -11,8 +11,13 @@ from flywheel.sampler.record import RolloutRecord
 
 
 def record(i: int) -> RolloutRecord:
-    return RolloutRecord(group_id="g", prompt_token_ids=[1, 2], completion_token_ids=[3, i],
-                         behavior_logprobs=[-0.5, -0.5], reward=float(i))
+    return RolloutRecord(
+        group_id="g",
+        prompt_token_ids=[1, 2],
+        completion_token_ids=[3, i],
+        behavior_logprobs=[-0.5, -0.5],
+        reward=float(i),
+    )
 
 
 def rendered(s: dict) -> str:

@@ -38,7 +38,7 @@ def test_group_advantages_normalise_and_count_zero_variance():
     groups = ["a", "a", "a", "b", "b", "c"]
     adv, zero = group_advantages(rewards, groups)
     mean_a = 1 / 3
-    std_a = math.sqrt(((1 - mean_a) ** 2 + 2 * mean_a ** 2) / 2)  # Bessel
+    std_a = math.sqrt(((1 - mean_a) ** 2 + 2 * mean_a**2) / 2)  # Bessel
     assert adv[:3].tolist() == pytest.approx([(1 - mean_a) / std_a, -mean_a / std_a, -mean_a / std_a], rel=1e-5)
     assert adv[3:].tolist() == [0.0, 0.0, 0.0]  # b has equal rewards, c is a group of one
     assert zero == 2
@@ -92,8 +92,9 @@ def test_grpo_loss_kl_and_tis():
     adv = t([[1.0, 1.0]])
     mask = t([[1, 1]])
     seq = torch.tensor([[0, 0]])
-    loss, metrics = grpo_loss(lp, behavior, adv, mask, seq, proximal_logprobs=prox, tis_cap=2.0,
-                              ref_logprobs=ref, kl_coef=0.1)
+    loss, metrics = grpo_loss(
+        lp, behavior, adv, mask, seq, proximal_logprobs=prox, tis_cap=2.0, ref_logprobs=ref, kl_coef=0.1
+    )
     kl0 = math.exp(-0.2) + 0.2 - 1
     expected = (-(2.0 * 1.0) + 0.1 * kl0 + -(math.exp(-0.5) * 1.0)) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
@@ -111,6 +112,16 @@ def test_split_micro_batches_sum_to_full_batch_loss():
     for mode in ("token-mean", "seq-mean", "dr-grpo"):
         norm = dict(num_tokens=float(mask.sum()), num_seqs=4, seq_lengths=lengths, constant=5.0)
         full, _ = grpo_loss(lp, behavior, adv, mask, seq, aggregation=mode, **norm)
-        parts = sum(grpo_loss(lp[i:i + 2], behavior[i:i + 2], adv[i:i + 2], mask[i:i + 2], seq[i:i + 2],
-                              aggregation=mode, **norm)[0] for i in (0, 2))
+        parts = sum(
+            grpo_loss(
+                lp[i : i + 2],
+                behavior[i : i + 2],
+                adv[i : i + 2],
+                mask[i : i + 2],
+                seq[i : i + 2],
+                aggregation=mode,
+                **norm,
+            )[0]
+            for i in (0, 2)
+        )
         assert parts.item() == pytest.approx(full.item(), rel=1e-5), mode

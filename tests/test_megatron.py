@@ -25,9 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from flywheel.server.net import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
-
-from flywheel.trainer.policy_interface import IGNORE, ParallelConfig, PolicyConfig  # noqa: E402
 from flywheel.trainer.megatron.policy import document_mask  # noqa: E402
+from flywheel.trainer.policy_interface import IGNORE, ParallelConfig, PolicyConfig  # noqa: E402
 
 
 def make_batch(vocab: int = 150000, packed: bool = True):
@@ -66,14 +65,21 @@ def hf_reference(path: Path):
     with torch.no_grad():
         # use_cache=False as HFPolicy calls it: only then does HF derive the packed-document mask
         logits = policy.model(input_ids=ids, position_ids=pos, use_cache=False).logits
-    return {"logprobs": lp, "loss": loss, "grads": grads, "logits": logits,
-            "state": {k: v.detach().clone() for k, v in policy.model.state_dict().items()}}
+    return {
+        "logprobs": lp,
+        "loss": loss,
+        "grads": grads,
+        "logits": logits,
+        "state": {k: v.detach().clone() for k, v in policy.model.state_dict().items()},
+    }
 
 
 def assert_grads_close(ours: dict, ref: dict, atol: float = 2e-5) -> None:
     for name, g in ref.items():
         assert name in ours, f"megatron has no gradient for {name}"
-        assert torch.allclose(ours[name], g, atol=atol, rtol=1e-4), f"{name}: max diff {(ours[name] - g).abs().max():.3g}"
+        assert torch.allclose(ours[name], g, atol=atol, rtol=1e-4), (
+            f"{name}: max diff {(ours[name] - g).abs().max():.3g}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +91,18 @@ def tiny_llama(tmp_path_factory, tiny_model) -> Path:
 
     out = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=100000.0)
+    config = LlamaConfig(
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    )
     LlamaForCausalLM(config).save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tiny_model / name).is_file():
@@ -105,8 +120,11 @@ def megatron_world():
 
 
 def _models(request):
-    return {"dense-tied": request.getfixturevalue("tiny_model"), "moe": request.getfixturevalue("tiny_moe_model"),
-            "llama-tied": request.getfixturevalue("tiny_llama")}
+    return {
+        "dense-tied": request.getfixturevalue("tiny_model"),
+        "moe": request.getfixturevalue("tiny_moe_model"),
+        "llama-tied": request.getfixturevalue("tiny_llama"),
+    }
 
 
 @pytest.mark.parametrize("which", ["dense-tied", "moe", "llama-tied"])
@@ -120,7 +138,9 @@ def test_backends_agree_at_world_size_1(which, request, megatron_world, tmp_path
     policy = build_policy(PolicyConfig(backend="megatron", model=str(path)))
     # the conversion is exact
     state = policy.state_dict_hf()
-    expected = {k: v for k, v in ref["state"].items() if not (k == "lm_head.weight" and policy.arch.tie_word_embeddings)}
+    expected = {
+        k: v for k, v in ref["state"].items() if not (k == "lm_head.weight" and policy.arch.tie_word_embeddings)
+    }
     assert set(state) == set(expected)
     assert all(torch.equal(state[k], expected[k]) for k in expected)
     # logits, log-probs (packed row included), loss and gradients
@@ -148,17 +168,37 @@ def test_sft_training_gives_the_same_losses_on_both_backends(tiny_model, megatro
     from flywheel.trainer.config import TrainConfig
     from flywheel.trainer.train import train
 
-    rows = [{"messages": [{"role": "user", "content": f"count to {i + 3}"},
-                          {"role": "assistant", "content": " ".join(str(j) for j in range(i + 3))}]} for i in range(8)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"count to {i + 3}"},
+                {"role": "assistant", "content": " ".join(str(j) for j in range(i + 3))},
+            ]
+        }
+        for i in range(8)
+    ]
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     losses = {}
     for backend in ("transformers", "megatron"):
-        config = TrainConfig(model=str(tiny_model), run_dir=tmp_path / backend, data=[str(data)], max_seq_len=64,
-                             micro_batch_tokens=128, batch_size=4, lr=3e-3, warmup_steps=0, save_every=3,
-                             max_steps=3, seed=1, backend=backend)
+        config = TrainConfig(
+            model=str(tiny_model),
+            run_dir=tmp_path / backend,
+            data=[str(data)],
+            max_seq_len=64,
+            micro_batch_tokens=128,
+            batch_size=4,
+            lr=3e-3,
+            warmup_steps=0,
+            save_every=3,
+            max_steps=3,
+            seed=1,
+            backend=backend,
+        )
         train(config)
-        losses[backend] = [json.loads(line)["loss"] for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[backend] = [
+            json.loads(line)["loss"] for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()
+        ]
     assert len(losses["megatron"]) == 3 and losses["megatron"][-1] < losses["megatron"][0]
     assert max(abs(a - b) for a, b in zip(losses["transformers"], losses["megatron"])) < 1e-4
     assert (tmp_path / "megatron" / "checkpoints" / "step_000003" / "config.json").is_file()
@@ -205,18 +245,43 @@ def test_convert_cli_round_trip(tiny_moe_model, tmp_path):
 
     env = {**os.environ, "FLYWHEEL_HOME": os.environ.get("FLYWHEEL_HOME", str(REPO / ".flywheel"))}
     meg, back = tmp_path / "meg", tmp_path / "back"
-    for args in (["--src", str(tiny_moe_model), "--dst", str(meg), "--expert-parallel", "2"],
-                 ["--src", str(meg), "--dst", str(back), "--to", "hf"]):
-        proc = subprocess.run([sys.executable, "-m", "flywheel.clients.cli", "train", "convert", *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
+    for args in (
+        ["--src", str(tiny_moe_model), "--dst", str(meg), "--expert-parallel", "2"],
+        ["--src", str(meg), "--dst", str(back), "--to", "hf"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "flywheel.clients.cli", "train", "convert", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert (meg / "mp_rank_00_001" / "model_optim_rng.pt").is_file()
     original = {k: v for f in tiny_moe_model.glob("*.safetensors") for k, v in load_file(f).items()}
     converted = {k: v for f in back.glob("*.safetensors") for k, v in load_file(f).items()}
     assert set(converted) == set(original)
     assert all(torch.equal(converted[k], original[k]) for k in original)
-    bad = subprocess.run([sys.executable, "-m", "flywheel.clients.cli", "train", "convert", "--src", str(tmp_path),
-                          "--dst", str(tmp_path / "x"), "--to", "hf"], cwd=REPO, env=env, capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flywheel.clients.cli",
+            "train",
+            "convert",
+            "--src",
+            str(tmp_path),
+            "--dst",
+            str(tmp_path / "x"),
+            "--to",
+            "hf",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "not a megatron checkpoint folder" in bad.stderr
 
 
@@ -228,7 +293,9 @@ def _worker(model: str, tensor: int, expert: int, out: Path) -> None:
 
     from flywheel.trainer.megatron import build_policy
 
-    policy = build_policy(PolicyConfig(backend="megatron", model=model, parallel=ParallelConfig(tensor=tensor, expert=expert)))
+    policy = build_policy(
+        PolicyConfig(backend="megatron", model=model, parallel=ParallelConfig(tensor=tensor, expert=expert))
+    )
     ids, pos, _ = make_batch()
     with torch.no_grad():
         logits = policy.model(ids, pos, document_mask(pos))
@@ -251,8 +318,21 @@ def _worker(model: str, tensor: int, expert: int, out: Path) -> None:
 def test_backends_agree_under_torchrun(which, tensor, expert, request, tmp_path):
     path = _models(request)[which]
     out = tmp_path / "rank0.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           __file__, "--worker", str(path), str(tensor), str(expert), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        __file__,
+        "--worker",
+        str(path),
+        str(tensor),
+        str(expert),
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -265,7 +345,6 @@ def test_backends_agree_under_torchrun(which, tensor, expert, request, tmp_path)
     hf_norm = float(torch.sqrt(sum(g.pow(2).sum() for g in ref["grads"].values())))
     assert abs(got["norm"] - hf_norm) < 1e-4 * hf_norm
     assert all(torch.equal(got["state"][k], v) for k, v in ref["state"].items() if k in got["state"])
-
 
 
 if __name__ == "__main__":

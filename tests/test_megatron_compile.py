@@ -13,7 +13,9 @@ def batch(length: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 150000, (2, length), generator=g)
     half = length // 2
-    pos = torch.stack([torch.arange(length), torch.cat([torch.arange(half), torch.arange(length - half)])])  # row 1 packed
+    pos = torch.stack(
+        [torch.arange(length), torch.cat([torch.arange(half), torch.arange(length - half)])]
+    )  # row 1 packed
     targets = torch.roll(ids, -1, dims=1)
     targets[:, -1] = IGNORE
     targets[1, half - 1] = IGNORE
@@ -57,11 +59,13 @@ def test_compiled_layers_train_the_same_numbers_as_eager(backend, tiny_model, fr
     reference = [step(eager, 16, 0), step(eager, 24, 1)]
     del eager
     compiled = build(backend, tiny_model, compile_=True)
-    layer = (compiled.model.decoder.layers[0] if backend == "megatron" else compiled.model.model.layers[0])
+    layer = compiled.model.decoder.layers[0] if backend == "megatron" else compiled.model.model.layers[0]
     assert layer._compiled_call_impl is not None  # the layer really goes through torch.compile
     for (lp_ref, grads_ref), (length, seed) in zip(reference, [(16, 0), (24, 1)]):
         lp, grads = step(compiled, length, seed)
         assert torch.allclose(lp, lp_ref, atol=1e-5), f"T={length}: logprobs differ by {(lp - lp_ref).abs().max():.3g}"
         assert grads.keys() == grads_ref.keys()
         for name, g in grads_ref.items():
-            assert torch.allclose(grads[name], g, atol=2e-5, rtol=1e-4), f"T={length} {name}: {(grads[name] - g).abs().max():.3g}"
+            assert torch.allclose(grads[name], g, atol=2e-5, rtol=1e-4), (
+                f"T={length} {name}: {(grads[name] - g).abs().max():.3g}"
+            )

@@ -47,8 +47,20 @@ def _worker(model: str, data: Path, run_dir: Path) -> None:
 
 def launch(model: Path, data: Path, run_dir: Path, ranks: int) -> None:
     worker = [__file__, "--worker", str(model), str(data), str(run_dir)]
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-            str(_free_port()), *worker] if ranks > 1 else [sys.executable, *worker])
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            str(_free_port()),
+            *worker,
+        ]
+        if ranks > 1
+        else [sys.executable, *worker]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]

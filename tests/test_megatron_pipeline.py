@@ -23,7 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from flywheel.server.net import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
-
 from tests.test_megatron_resume import hf_weights, train_config, write_sft_data  # noqa: E402
 
 STEPS = 3
@@ -46,8 +45,20 @@ def test_pipeline_parallel_matches_pp1(tmp_path):
 
     model = Path(resolve_model("tiny-qwen3"))
     data = write_sft_data(tmp_path / "sft.jsonl")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           __file__, "--worker", str(model), str(data), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        __file__,
+        "--worker",
+        str(model),
+        str(data),
+        str(tmp_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -62,7 +73,6 @@ def test_pipeline_parallel_matches_pp1(tmp_path):
     assert set(a) == set(b) and a
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-5), f"{name}: {(a[name] - b[name]).abs().max():.3g}"
-
 
 
 if __name__ == "__main__":

@@ -28,8 +28,15 @@ N, M = 2, 2  # steps before the stop, steps after the resume
 
 
 def write_sft_data(path: Path) -> Path:
-    rows = [{"messages": [{"role": "user", "content": f"count to {i + 3}"},
-                          {"role": "assistant", "content": " ".join(str(j) for j in range(i + 3))}]} for i in range(8)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"count to {i + 3}"},
+                {"role": "assistant", "content": " ".join(str(j) for j in range(i + 3))},
+            ]
+        }
+        for i in range(8)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -38,10 +45,23 @@ def train_config(model: str, data: Path, run_dir: Path, tensor: int, pipeline: i
     from flywheel.trainer.config import TrainConfig
 
     # 4 samples of ~30 tokens, micro-batches of 64 tokens: every step accumulates over 2 micro-batches
-    settings = dict(model=model, data=[str(data)], run_dir=run_dir, backend="megatron", objective="sft",
-                    max_seq_len=64, micro_batch_tokens=64, batch_size=4, lr=3e-3, warmup_steps=1, max_steps=N + M,
-                    save_every=N, seed=3, weight_decay=0.01,
-                    parallel={"tensor": tensor, "pipeline": pipeline, "expert": expert})
+    settings = dict(
+        model=model,
+        data=[str(data)],
+        run_dir=run_dir,
+        backend="megatron",
+        objective="sft",
+        max_seq_len=64,
+        micro_batch_tokens=64,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=1,
+        max_steps=N + M,
+        save_every=N,
+        seed=3,
+        weight_decay=0.01,
+        parallel={"tensor": tensor, "pipeline": pipeline, "expert": expert},
+    )
     return TrainConfig(**(settings | overrides))
 
 
@@ -55,10 +75,27 @@ def _worker(phase: str, model: str, data: Path, root: Path, tensor: int, pipelin
         train(train_config(model, data, root / "split", tensor, pipeline, expert, resume=True))
 
 
-def torchrun(phase: str, model: Path, data: Path, root: Path, tensor: int, pipeline: int, expert: int,
-             check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           __file__, "--worker", phase, str(model), str(data), str(root), str(tensor), str(pipeline), str(expert)]
+def torchrun(
+    phase: str, model: Path, data: Path, root: Path, tensor: int, pipeline: int, expert: int, check: bool = True
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        __file__,
+        "--worker",
+        phase,
+        str(model),
+        str(data),
+        str(root),
+        str(tensor),
+        str(pipeline),
+        str(expert),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0 or not check, proc.stderr[-4000:]
@@ -95,8 +132,9 @@ def assert_resume_matches_straight(root: Path, ranks: int = 2) -> None:
 
 
 @pytest.mark.slow  # two torchrun launches of 2 ranks: ~110 s on the shared 2-core machine
-@pytest.mark.parametrize("which,tensor,pipeline,expert", [("tiny-qwen3", 2, 1, 1), ("tiny-qwen3-moe", 1, 1, 2)],
-                         ids=["tp2-dense", "ep2-moe"])
+@pytest.mark.parametrize(
+    "which,tensor,pipeline,expert", [("tiny-qwen3", 2, 1, 1), ("tiny-qwen3-moe", 1, 1, 2)], ids=["tp2-dense", "ep2-moe"]
+)
 def test_resume_under_torchrun_matches_straight_run(which, tensor, pipeline, expert, tmp_path):
     from flywheel.server.models import resolve_model
 
@@ -112,9 +150,10 @@ def test_resume_under_torchrun_matches_straight_run(which, tensor, pipeline, exp
     assert_resume_matches_straight(tmp_path)
 
 
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", nargs=7, metavar=("PHASE", "MODEL", "DATA", "ROOT", "TP", "PP", "EP"), required=True)
+    parser.add_argument(
+        "--worker", nargs=7, metavar=("PHASE", "MODEL", "DATA", "ROOT", "TP", "PP", "EP"), required=True
+    )
     a = parser.parse_args().worker
     _worker(a[0], a[1], Path(a[2]), Path(a[3]), int(a[4]), int(a[5]), int(a[6]))

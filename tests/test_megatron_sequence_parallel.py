@@ -18,9 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from flywheel.server.net import free_port as _free_port  # noqa: E402  (one free-port helper for every launcher)
-
-from tests.test_megatron import assert_grads_close, make_batch, nll  # noqa: E402
 from flywheel.trainer.policy_interface import ParallelConfig, PolicyConfig  # noqa: E402
+from tests.test_megatron import assert_grads_close, make_batch, nll  # noqa: E402
 
 T = 15  # odd: sequence parallelism splits T over 2 ranks, so the policy must pad
 
@@ -58,8 +57,19 @@ def test_moe_with_tp2_trains_through_sequence_parallelism_without_te(tiny_moe_mo
     from flywheel.trainer.hf_backend import HFPolicy
 
     out = tmp_path / "rank0.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           __file__, "--worker", str(tiny_moe_model), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        __file__,
+        "--worker",
+        str(tiny_moe_model),
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -73,7 +83,6 @@ def test_moe_with_tp2_trains_through_sequence_parallelism_without_te(tiny_moe_mo
     assert_grads_close(got["grads"], ref_grads)
     hf_norm = float(torch.sqrt(sum(g.pow(2).sum() for g in ref_grads.values())))
     assert abs(got["norm"] - hf_norm) < 1e-4 * hf_norm
-
 
 
 if __name__ == "__main__":

@@ -53,8 +53,13 @@ def test_request_metrics_agree_with_usage_and_clock(tiny_model, server):
     assert 1 <= len(r.chunk_times) <= r.output_tokens
     assert r.tpot == pytest.approx((r.latency - r.ttft) / 11)
     # the same request without streaming, through the OpenAI SDK: the same usage
-    usage = OpenAI(base_url=server.base_url, api_key="x").completions.create(
-        model=server.model, prompt=prompt.text, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}).usage
+    usage = (
+        OpenAI(base_url=server.base_url, api_key="x")
+        .completions.create(
+            model=server.model, prompt=prompt.text, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .usage
+    )
     assert (usage.prompt_tokens, usage.completion_tokens) == (r.prompt_tokens, r.output_tokens)
 
 
@@ -80,9 +85,30 @@ def test_closed_and_open_loop_summaries(tiny_model, server):
 def test_perf_cli_writes_results_and_plots(tiny_model, server, tmp_path):
     out = tmp_path / "perf"
     t0 = time.time()
-    proc = subprocess.run(FLYWHEEL + ["perf", "--base-url", server.base_url, "--parallel", "1", "4", "--num-requests", "6",
-                                      "--input-len", "20", "--output-len", "5", "--tokenizer", str(tiny_model), "--output-dir", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        FLYWHEEL
+        + [
+            "perf",
+            "--base-url",
+            server.base_url,
+            "--parallel",
+            "1",
+            "4",
+            "--num-requests",
+            "6",
+            "--input-len",
+            "20",
+            "--output-len",
+            "5",
+            "--tokenizer",
+            str(tiny_model),
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     wall = time.time() - t0
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
@@ -99,18 +125,62 @@ def test_perf_cli_writes_results_and_plots(tiny_model, server, tmp_path):
 
 
 def test_perf_cli_open_loop_with_server_tokenizer(server, tmp_path):
-    proc = subprocess.run(FLYWHEEL + ["perf", "--base-url", server.base_url, "--rate", "20", "--num-requests", "5", "--input-len", "12",
-                                      "--output-len", "3", "--warmup", "0", "--no-plots", "--output-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        FLYWHEEL
+        + [
+            "perf",
+            "--base-url",
+            server.base_url,
+            "--rate",
+            "20",
+            "--num-requests",
+            "5",
+            "--input-len",
+            "12",
+            "--output-len",
+            "3",
+            "--warmup",
+            "0",
+            "--no-plots",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
     assert run["mode"] == "open" and run["rate"] == 20 and run["completed"] == 5 and run["input_tokens"] == 60
 
 
 def test_perf_cli_dataset_prompts(server, tmp_path):
-    proc = subprocess.run(FLYWHEEL + ["perf", "--base-url", server.base_url, "--dataset", "mmlu-dev", "--parallel", "2", "--num-requests", "4",
-                                      "--output-len", "3", "--warmup", "0", "--no-plots", "--endpoint", "chat", "--output-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        FLYWHEEL
+        + [
+            "perf",
+            "--base-url",
+            server.base_url,
+            "--dataset",
+            "mmlu-dev",
+            "--parallel",
+            "2",
+            "--num-requests",
+            "4",
+            "--output-len",
+            "3",
+            "--warmup",
+            "0",
+            "--no-plots",
+            "--endpoint",
+            "chat",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
     rows = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
@@ -119,7 +189,11 @@ def test_perf_cli_dataset_prompts(server, tmp_path):
 
 
 def test_perf_cli_unreachable_url_is_one_line_error(tmp_path):
-    proc = subprocess.run(FLYWHEEL + ["perf", "--base-url", "http://127.0.0.1:9/v1", "--output-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        FLYWHEEL + ["perf", "--base-url", "http://127.0.0.1:9/v1", "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert proc.stderr.strip().startswith("flywheel perf: error: cannot reach") and "\n" not in proc.stderr.strip()

@@ -67,8 +67,14 @@ STOPPER = textwrap.dedent("""
 
 def stop_component(tmp_path: Path, grace: float, mode: str, timeout_s: float) -> dict:
     marker = tmp_path / "grandchild"
-    out = subprocess.run([sys.executable, "-c", STOPPER, COMPONENT, str(marker), str(grace), mode, str(timeout_s)],
-                         cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = subprocess.run(
+        [sys.executable, "-c", STOPPER, COMPONENT, str(marker), str(grace), mode, str(timeout_s)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["graceful"] = marker.exists()
@@ -94,7 +100,11 @@ def test_stop_kills_a_grandchild_that_ignores_sigterm_and_reaps_it(tmp_path):
 
 def test_a_group_of_zombies_is_gone_and_a_running_one_is_not():
     """`os.killpg(pgid, 0)` succeeds for a group whose only member is a zombie: `left` must not count it."""
-    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent("""
         import os, sys, time
         pid = os.fork()
         if pid == 0:
@@ -104,7 +114,12 @@ def test_a_group_of_zombies_is_gone_and_a_running_one_is_not():
         os.setpgid(pid, pid)  # the parent too (the classic fork race): the group exists before its pid is printed
         print(pid, flush=True)
         time.sleep(60)  # never waits for it: the child stays a zombie of this parent
-    """), "0.5"], stdout=subprocess.PIPE, text=True)
+    """),
+            "0.5",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         pgid = int(parent.stdout.readline())
         assert [m.running for m in process_group.members(pgid)] == [True]

@@ -10,8 +10,8 @@ import threading
 import httpx
 import pytest
 
-from flywheel.server.weights.client import PushFailed, push_weights
 from flywheel.clients.servers import start_server
+from flywheel.server.weights.client import PushFailed, push_weights
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,12 @@ def test_bucket_paths_that_are_not_safetensors_files_are_refused_fast(srv, tmp_p
     secret = tmp_path / "secret.safetensors"
     secret.write_bytes(b"TOPSECRETBYTES" * 10)
     v = version(srv)
-    for path, what in ((fifo, "fifo"), (folder, "folder"), (secret, "garbage"), (tmp_path / "none.safetensors", "missing")):
+    for path, what in (
+        (fifo, "fifo"),
+        (folder, "folder"),
+        (secret, "garbage"),
+        (tmp_path / "none.safetensors", "missing"),
+    ):
         r = commit(srv, {"version": v + 1, "transport": "shm", "buckets": [{"path": str(path)}]}, timeout=20)
         assert r.status_code == 400, (what, r.text)
         message = r.json()["error"]["message"]
@@ -78,6 +83,7 @@ def test_pushes_take_turns_and_a_later_one_still_applies(srv, tiny_model):
             push_weights(srv.url, tiny_model, v + n, srv.admin_token)
         except PushFailed as exc:
             errors.append(exc)
+
     threads = [threading.Thread(target=push, args=(n,)) for n in (1, 2)]
     for t in threads:
         t.start()
@@ -99,14 +105,19 @@ def test_non_finite_screen_is_exact():
     both = torch.tensor([float("inf"), -float("inf")])  # their sum is NaN
     half = torch.ones(3, dtype=torch.bfloat16)
     half[0] = float("inf")
-    pairs = [("big", big), ("ok", torch.ones(3)), ("nan", nan), ("both", both), ("half", half),
-             ("ints", torch.arange(3))]
+    pairs = [
+        ("big", big),
+        ("ok", torch.ones(3)),
+        ("nan", nan),
+        ("both", both),
+        ("half", half),
+        ("ints", torch.arange(3)),
+    ]
     assert non_finite(pairs) == ["nan", "both", "half"]
     assert non_finite([("big", big), ("ok", torch.ones(3))]) == []
 
 
 def test_a_nan_push_over_shm_is_refused_and_the_old_weights_keep_serving(srv, tiny_model, tmp_path):
-    import torch
     from safetensors.torch import load_file
 
     from tests.test_weights import assert_same, greedy
@@ -138,10 +149,15 @@ def test_uploads_take_ascii_ids_and_a_refused_one_leaves_nothing(srv):
     r = httpx.put(f"{url}/caf%C3%A9/0", content=b"x", headers={**srv.admin_headers, "x-flywheel-sha256": "0" * 64})
     assert r.status_code == 400 and "push_id" in r.json()["error"]["message"]
     push_id = uuid.uuid4().hex
-    r = httpx.put(f"{url}/{push_id}/0", content=b"some bytes", headers={**srv.admin_headers, "x-flywheel-sha256": "0" * 64})
+    r = httpx.put(
+        f"{url}/{push_id}/0", content=b"some bytes", headers={**srv.admin_headers, "x-flywheel-sha256": "0" * 64}
+    )
     assert r.status_code == 400 and "checksum" in r.json()["error"]["message"]
     assert glob.glob(f"/dev/shm/flywheel-stage-*/{push_id}") == []  # no folder left behind
     good = b"bytes that are staged"
-    r = httpx.put(f"{url}/{push_id}/0", content=good,
-                  headers={**srv.admin_headers, "x-flywheel-sha256": hashlib.sha256(good).hexdigest()})
+    r = httpx.put(
+        f"{url}/{push_id}/0",
+        content=good,
+        headers={**srv.admin_headers, "x-flywheel-sha256": hashlib.sha256(good).hexdigest()},
+    )
     assert r.status_code == 200

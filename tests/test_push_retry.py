@@ -36,16 +36,25 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(raw)
 
     def do_GET(self):
-        self._json(200, {"model": "m", "served_model_name": "m", "policy_version": self.server.version,
-                         "started_at": 0.0, "uptime_s": 1.0})
+        self._json(
+            200,
+            {
+                "model": "m",
+                "served_model_name": "m",
+                "policy_version": self.server.version,
+                "started_at": 0.0,
+                "uptime_s": 1.0,
+            },
+        )
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         self.server.commits += 1
         if self.server.run_dir is not None:
             states = sorted((self.server.run_dir / "checkpoints").glob("step_*/trainer_state/state.json"))
-            self.server.on_disk.append((body["version"], {p.parts[-3]: json.loads(p.read_text())["pushed_version"]
-                                                          for p in states}))
+            self.server.on_disk.append(
+                (body["version"], {p.parts[-3]: json.loads(p.read_text())["pushed_version"] for p in states})
+            )
         answer = self.server.script.pop(0) if self.server.script else 200
         if answer == "reset":  # the server died mid-push: no answer at all
             self.connection.shutdown(2)
@@ -71,8 +80,15 @@ def flaky(request):
 
 
 def pusher(server, retries=3) -> WeightPusher:
-    config = TrainConfig(data=["x.jsonl"], model="m", push_url=f"http://127.0.0.1:{server.server_port}", push_every=1,
-                         admin_token="t", push_retries=retries, push_backoff_s=0.01)
+    config = TrainConfig(
+        data=["x.jsonl"],
+        model="m",
+        push_url=f"http://127.0.0.1:{server.server_port}",
+        push_every=1,
+        admin_token="t",
+        push_retries=retries,
+        push_backoff_s=0.01,
+    )
     return WeightPusher(config)
 
 
@@ -110,14 +126,32 @@ def test_a_version_is_durable_before_it_is_pushed(flaky, tmp_path, tiny_model):
     from flywheel.trainer.train import train
 
     data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
-                                                     {"role": "assistant", "content": "the end " * 4}]}) + "\n"
-                            for i in range(4)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "the end " * 4}]}
+            )
+            + "\n"
+            for i in range(4)
+        )
+    )
     flaky.run_dir = tmp_path / "run"
-    config = TrainConfig(objective="sft", model=str(tiny_model), data=[str(data)], run_dir=flaky.run_dir,
-                         max_seq_len=64, micro_batch_tokens=128, batch_size=4, lr=5e-3, max_steps=4, save_every=0,
-                         keep_checkpoints=10, push_every=2, push_url=f"http://127.0.0.1:{flaky.server_port}",
-                         admin_token="t")
+    config = TrainConfig(
+        objective="sft",
+        model=str(tiny_model),
+        data=[str(data)],
+        run_dir=flaky.run_dir,
+        max_seq_len=64,
+        micro_batch_tokens=128,
+        batch_size=4,
+        lr=5e-3,
+        max_steps=4,
+        save_every=0,
+        keep_checkpoints=10,
+        push_every=2,
+        push_url=f"http://127.0.0.1:{flaky.server_port}",
+        admin_token="t",
+    )
     state = train(config)
     assert state.pushed_version == 2
     assert [(v, on_disk.get(f"step_{2 * v:06d}")) for v, on_disk in flaky.on_disk] == [(1, 1), (2, 2)]

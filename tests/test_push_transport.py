@@ -17,7 +17,9 @@ class CudaLike:
 
 
 def pusher(url: str, transport: str = "auto") -> push.WeightPusher:
-    return push.WeightPusher(TrainConfig(model="m", data=["x.jsonl"], push_url=url, push_every=1, push_transport=transport))
+    return push.WeightPusher(
+        TrainConfig(model="m", data=["x.jsonl"], push_url=url, push_every=1, push_transport=transport)
+    )
 
 
 def offering(monkeypatch, transports):
@@ -28,6 +30,7 @@ def offering(monkeypatch, transports):
         if transports is None:
             raise httpx.ConnectError("down")
         return types.SimpleNamespace(transports=transports)
+
     monkeypatch.setattr(push, "fetch_status", fake_status)
     return seen
 

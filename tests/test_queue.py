@@ -22,8 +22,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_records(n: int, group: str = "g") -> list[RolloutRecord]:
-    return [RolloutRecord(group_id=group, prompt_token_ids=[1, 2, 3], completion_token_ids=[4, i],
-                          behavior_logprobs=[-0.5, -0.25], reward=float(i)) for i in range(n)]
+    return [
+        RolloutRecord(
+            group_id=group,
+            prompt_token_ids=[1, 2, 3],
+            completion_token_ids=[4, i],
+            behavior_logprobs=[-0.5, -0.25],
+            reward=float(i),
+        )
+        for i in range(n)
+    ]
 
 
 def test_put_get_ack_and_stats(redis_client, redis_url):
@@ -61,8 +69,9 @@ def test_consumer_killed_between_read_and_ack(redis_client, redis_url, tmp_path)
     records = make_records(6)
     q.put(records)
     checkpoint = tmp_path / "trained.json"
-    proc = subprocess.Popen([sys.executable, "-c", CONSUMER, redis_url, str(checkpoint)], cwd=REPO,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CONSUMER, redis_url, str(checkpoint)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().split() == ["READY", "4"]
     os.kill(proc.pid, signal.SIGKILL)  # between read and ack
     proc.wait()

@@ -23,10 +23,21 @@ TOKEN = "admin-token"
 
 def completion_chunks(text: str) -> list[bytes]:
     """vLLM-shaped SSE events for a streamed completion whose generated text is `text`."""
-    pieces = [text[i:i + 5] for i in range(0, len(text), 5)]
-    events = [b"data: " + json.dumps({"id": "c", "object": "text_completion", "created": 0, "model": "m",
-                                       "choices": [{"index": 0, "text": p, "logprobs": None, "finish_reason": None}]}).encode()
-              + b"\n\n" for p in pieces]
+    pieces = [text[i : i + 5] for i in range(0, len(text), 5)]
+    events = [
+        b"data: "
+        + json.dumps(
+            {
+                "id": "c",
+                "object": "text_completion",
+                "created": 0,
+                "model": "m",
+                "choices": [{"index": 0, "text": p, "logprobs": None, "finish_reason": None}],
+            }
+        ).encode()
+        + b"\n\n"
+        for p in pieces
+    ]
     return events + [b"data: [DONE]\n\n"]
 
 
@@ -35,8 +46,13 @@ def vllm_like(seen: list):
         body = await read_body(receive)
         seen.append(json.loads(body) if body else None)
         stream = bool(seen[-1] and seen[-1].get("stream"))
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream" if stream else b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream" if stream else b"application/json")],
+            }
+        )
         if not stream:
             await send({"type": "http.response.body", "body": json.dumps({"choices": [{"text": "hi"}]}).encode()})
             return
@@ -46,6 +62,7 @@ def vllm_like(seen: list):
         for a, b in zip(cuts, cuts[1:]):
             await send({"type": "http.response.body", "body": raw[a:b], "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
     return app
 
 
@@ -63,8 +80,12 @@ def test_streamed_text_that_reads_data_brace_survives_the_sdk():
     app = middleware(seen, version=4)
 
     async def run():
-        client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", max_retries=0,
-                                    http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=app)))
+        client = openai.AsyncOpenAI(
+            base_url="http://test/v1",
+            api_key="x",
+            max_retries=0,
+            http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=app)),
+        )
         chunks = [c async for c in await client.completions.create(model="m", prompt="p", max_tokens=8, stream=True)]
         return chunks
 
@@ -80,18 +101,21 @@ def test_event_stamper_at_every_chunk_boundary():
         out = stamper.feed(raw[:cut], 7) + stamper.feed(raw[cut:], 7, final=True)
         events = [e for e in out.split(b"\n\n") if e]
         assert events[-1] == b"data: [DONE]"
-        decoded = [json.loads(e[len(b"data: "):]) for e in events[:-1]]
+        decoded = [json.loads(e[len(b"data: ") :]) for e in events[:-1]]
         assert all(d["policy_version"] == 7 for d in decoded)
         assert "".join(d["choices"][0]["text"] for d in decoded) == TRICKY
 
 
 def test_requests_are_salted_per_version_and_roles_checked():
-    body = rewrite_request(json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode(),
-                           "/v1/chat/completions", 3)
+    body = rewrite_request(
+        json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode(), "/v1/chat/completions", 3
+    )
     assert json.loads(body)["cache_salt"] == "flywheel-v3"
     kept = json.loads(rewrite_request(b'{"prompt": "x", "cache_salt": "tenant-a"}', "/v1/completions", 9))
     assert kept["cache_salt"] == "tenant-a:flywheel-v9"
-    long = json.loads(rewrite_request(json.dumps({"prompt": "x", "cache_salt": "t" * 128}).encode(), "/v1/completions", 9))
+    long = json.loads(
+        rewrite_request(json.dumps({"prompt": "x", "cache_salt": "t" * 128}).encode(), "/v1/completions", 9)
+    )
     assert len(long["cache_salt"]) <= 128 and long["cache_salt"].endswith(":flywheel-v9")
     assert rewrite_request(b"not json", "/v1/completions", 1) == b"not json"  # vLLM reports it
 
@@ -102,13 +126,16 @@ def test_middleware_refuses_unknown_roles_and_big_bodies_and_passes_the_salt():
 
     async def run():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
-            wizard = await http.post("/v1/chat/completions", json={"model": "m", "messages": [
-                {"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}]})
+            wizard = await http.post(
+                "/v1/chat/completions",
+                json={"model": "m", "messages": [{"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}]},
+            )
             big = await http.post("/v1/completions", json={"model": "m", "prompt": "x" * 2000})
 
             async def chunked():
                 for _ in range(30):
                     yield b"x" * 100
+
             big_chunked = await http.post("/tokenize", content=chunked())
             ok = await http.post("/v1/completions", json={"model": "m", "prompt": "x"})
             return wizard, big, big_chunked, ok
@@ -133,8 +160,11 @@ def test_versions_since_lists_pushes_not_a_range():
 
 
 def test_real_server_refuses_unknown_role_and_oversized_tokenize(server):
-    r = httpx.post(server.base_url + "/chat/completions", timeout=60,
-                   json={"model": server.model, "messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 2})
+    r = httpx.post(
+        server.base_url + "/chat/completions",
+        timeout=60,
+        json={"model": server.model, "messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 2},
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(server.url + "/tokenize", timeout=60, json={"model": server.model, "prompt": "word " * 1_000_000})
     assert r.status_code == 413
@@ -148,6 +178,9 @@ def test_real_server_refuses_unknown_role_and_oversized_tokenize(server):
 @pytest.mark.parametrize("salt", [None, "tenant-a"])
 def test_real_server_accepts_the_salted_requests(server, salt):
     extra = {} if salt is None else {"cache_salt": salt}
-    r = httpx.post(server.base_url + "/completions", timeout=60,
-                   json={"model": server.model, "prompt": "hello", "max_tokens": 2, **extra})
+    r = httpx.post(
+        server.base_url + "/completions",
+        timeout=60,
+        json={"model": server.model, "prompt": "hello", "max_tokens": 2, **extra},
+    )
     assert r.status_code == 200, r.text

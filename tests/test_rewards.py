@@ -15,32 +15,49 @@ from flywheel.sampler.rewards.extract import extract_answer
 
 
 def test_registry_lists_builtins_and_rejects_unknown():
-    assert {"math_verify", "exact_match", "regex", "multiple_choice", "code_exec", "format_think",
-            "length_penalty", "reasoning_gym", "http", "weighted", "python"} <= set(list_scorers())
+    assert {
+        "math_verify",
+        "exact_match",
+        "regex",
+        "multiple_choice",
+        "code_exec",
+        "format_think",
+        "length_penalty",
+        "reasoning_gym",
+        "http",
+        "weighted",
+        "python",
+    } <= set(list_scorers())
     with pytest.raises(ScorerError, match="unknown scorer"):
         get_scorer("no_such_scorer")
     with pytest.raises(ScorerError, match="no option 'bogus'"):
         get_scorer("math_verify", bogus=1)
 
 
-@pytest.mark.parametrize("text,expected,how", [
-    ("so \\boxed{\\frac{3}{4}} done", "\\frac{3}{4}", "boxed"),
-    ("<think>2+2=5?</think>Answer: 4.", "4", "answer_line"),
-    ("x <answer> 7 </answer>", "7", "answer_tag"),
-    ("first 3, then 1,234 apples", "1234", "last_number"),
-    ("no digits here", None, "none"),
-])
+@pytest.mark.parametrize(
+    "text,expected,how",
+    [
+        ("so \\boxed{\\frac{3}{4}} done", "\\frac{3}{4}", "boxed"),
+        ("<think>2+2=5?</think>Answer: 4.", "4", "answer_line"),
+        ("x <answer> 7 </answer>", "7", "answer_tag"),
+        ("first 3, then 1,234 apples", "1234", "last_number"),
+        ("no digits here", None, "none"),
+    ],
+)
 def test_extract_answer(text, expected, how):
     assert extract_answer(text) == (expected, how)
 
 
-@pytest.mark.parametrize("completion,gold,value", [
-    ("The answer is \\boxed{\\frac12}", "1/2", 1.0),
-    ("Answer: 0.5", "\\frac{1}{2}", 1.0),
-    ("we get 3 then 0.5", "1/2", 1.0),
-    ("Answer: 2", "1/2", 0.0),
-    ("<think>it is 12</think> I do not know", "12", 0.0),
-])
+@pytest.mark.parametrize(
+    "completion,gold,value",
+    [
+        ("The answer is \\boxed{\\frac12}", "1/2", 1.0),
+        ("Answer: 0.5", "\\frac{1}{2}", 1.0),
+        ("we get 3 then 0.5", "1/2", 1.0),
+        ("Answer: 2", "1/2", 0.0),
+        ("<think>it is 12</think> I do not know", "12", 0.0),
+    ],
+)
 def test_math_verify(completion, gold, value):
     assert get_scorer("math_verify")(completion, gold).value == value
 
@@ -48,7 +65,8 @@ def test_math_verify(completion, gold, value):
 def test_math_verify_off_main_thread():
     out = []
     t = threading.Thread(target=lambda: out.append(get_scorer("math_verify")("Answer: 6/4", "1.5").value))
-    t.start(); t.join()
+    t.start()
+    t.join()
     assert out == [1.0]
 
 
@@ -68,7 +86,9 @@ def test_exact_regex_choice():
 def test_reasoning_gym_scorer_uses_the_task():
     import reasoning_gym
 
-    data = reasoning_gym.create_dataset("chain_sum", size=5, seed=3, min_terms=2, max_terms=2, min_digits=1, max_digits=1)
+    data = reasoning_gym.create_dataset(
+        "chain_sum", size=5, seed=3, min_terms=2, max_terms=2, min_digits=1, max_digits=1
+    )
     scorer = get_scorer("reasoning_gym")
     for entry in data:
         assert scorer(f"Answer: {entry['answer']}", entry).value == 1.0
@@ -105,8 +125,7 @@ def test_user_reward_by_dotted_path_and_weighted():
     assert get_scorer("python", path="tests.test_rewards.my_reward")("x", "y").value == 0.0
     with pytest.raises(ScorerError, match="cannot import"):
         get_scorer("no_such_module_xyz:f")
-    combo = WeightedScorer([{"name": "math_verify", "weight": 1.0},
-                            {"name": "format_think", "weight": 0.25}])
+    combo = WeightedScorer([{"name": "math_verify", "weight": 1.0}, {"name": "format_think", "weight": 0.25}])
     parts = combo.score_all("<think>1+2</think>Answer: 3", "3")
     assert [(r.name, r.value, r.weight) for r in parts] == [("math_verify", 1.0, 1.0), ("format_think", 1.0, 0.25)]
     assert combo("Answer: 3", "3").value == 1.0
@@ -140,18 +159,21 @@ def test_code_exec_kills_infinite_loop():
     assert scorer(ADD, "assert add(1, 2) == 3").value == 1.0
 
 
-@pytest.mark.parametrize("attack", [
-    "open('/etc/passwd').read()",
-    "open('../escaped.txt', 'w').write('x')",
-    "import os; os.remove('/tmp/flywheel-should-not-exist')",
-    "import os; os.listdir('/')",
-    "import shutil; shutil.rmtree('/tmp/flywheel-should-not-exist')",
-    "import os; os.system('touch /tmp/flywheel-pwned')",
-    "import subprocess; subprocess.run(['true'])",
-    "import os; os.fork()",
-    "import ctypes",
-    "import socket; socket.socket().connect(('127.0.0.1', 6379))",
-])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "open('/etc/passwd').read()",
+        "open('../escaped.txt', 'w').write('x')",
+        "import os; os.remove('/tmp/flywheel-should-not-exist')",
+        "import os; os.listdir('/')",
+        "import shutil; shutil.rmtree('/tmp/flywheel-should-not-exist')",
+        "import os; os.system('touch /tmp/flywheel-pwned')",
+        "import subprocess; subprocess.run(['true'])",
+        "import os; os.fork()",
+        "import ctypes",
+        "import socket; socket.socket().connect(('127.0.0.1', 6379))",
+    ],
+)
 def test_code_exec_refuses_escapes(attack, tmp_path):
     got = get_scorer("code_exec", timeout_s=3.0)(ADD + attack + "\n", "assert add(1, 2) == 3")
     assert got.value == 0.0
@@ -159,7 +181,10 @@ def test_code_exec_refuses_escapes(attack, tmp_path):
 
 
 def test_code_exec_allows_local_files_and_stdlib():
-    program = ADD + "import json, re, math, collections, itertools\nopen('scratch.txt', 'w').write('1')\nassert open('scratch.txt').read() == '1'\n"
+    program = (
+        ADD
+        + "import json, re, math, collections, itertools\nopen('scratch.txt', 'w').write('1')\nassert open('scratch.txt').read() == '1'\n"
+    )
     assert get_scorer("code_exec")(program, "assert add(1, 2) == 3").details["result"] == "passed"
 
 
@@ -180,7 +205,9 @@ class _Judge(BaseHTTPRequestHandler):
         type(self).seen.append(body)
         if type(self).failures_left > 0:
             type(self).failures_left -= 1
-            self.send_response(503); self.end_headers(); return
+            self.send_response(503)
+            self.end_headers()
+            return
         value = 1.0 if body["completion"].strip().endswith(str(body["answer"])) else 0.0
         out = json.dumps({"value": value, "details": {"judge": "suffix", "task": body["context"].get("task")}}).encode()
         self.send_response(200)

@@ -7,7 +7,15 @@ import json
 import math
 from collections import defaultdict
 
-from flywheel.sampler.config import DistillConfig, EndpointConfig, GrpoSampleConfig, PromptSourceConfig, QueueConfig, RejectionConfig, SamplingConfig
+from flywheel.sampler.config import (
+    DistillConfig,
+    EndpointConfig,
+    GrpoSampleConfig,
+    PromptSourceConfig,
+    QueueConfig,
+    RejectionConfig,
+    SamplingConfig,
+)
 from flywheel.sampler.distill import sample_distill
 from flywheel.sampler.grpo import sample_grpo
 from flywheel.sampler.queue import PromptQueue, RolloutQueue
@@ -28,8 +36,12 @@ def first_token_graded(completion, answer, completion_token_ids=(), **context):
 
 
 def common(server, redis_url, **kw):
-    return dict(endpoint=EndpointConfig(base_url=server.base_url, model=server.model),
-                queue=QueueConfig(url=redis_url, stream="rollouts"), progress=False, **kw)
+    return dict(
+        endpoint=EndpointConfig(base_url=server.base_url, model=server.model),
+        queue=QueueConfig(url=redis_url, stream="rollouts"),
+        progress=False,
+        **kw,
+    )
 
 
 def read_jsonl(path, model=RolloutRecord):
@@ -37,9 +49,13 @@ def read_jsonl(path, model=RolloutRecord):
 
 
 def test_grpo_pushes_scored_groups_with_tokens_and_versions(server, redis_client, redis_url, tmp_path):
-    config = GrpoSampleConfig(**common(server, redis_url), prompts=PromptSourceConfig(num_prompts=4),
-                              sampling=SamplingConfig(n=4, max_tokens=12, seed=1), drop_uniform_groups=False,
-                              output=tmp_path / "grpo.jsonl")
+    config = GrpoSampleConfig(
+        **common(server, redis_url),
+        prompts=PromptSourceConfig(num_prompts=4),
+        sampling=SamplingConfig(n=4, max_tokens=12, seed=1),
+        drop_uniform_groups=False,
+        output=tmp_path / "grpo.jsonl",
+    )
     summary = asyncio.run(sample_grpo(config))
     assert (summary["prompts"], summary["samples"], summary["accepted"], summary["errors"]) == (4, 16, 16, 0)
     got = RolloutQueue(url=redis_url, stream="rollouts").get(count=100, block_s=0.2)
@@ -61,8 +77,12 @@ def test_grpo_pushes_scored_groups_with_tokens_and_versions(server, redis_client
         assert r.sampling["max_tokens"] == 12 and r.finish_reason in ("stop", "length")
     assert summary["completion_tokens"] == sum(len(r.completion_token_ids) for r in records)
     assert sorted(r.id for r in read_jsonl(tmp_path / "grpo.jsonl")) == sorted(r.id for r in records)
-    again = GrpoSampleConfig(**common(server, redis_url), prompts=PromptSourceConfig(num_prompts=4),
-                             sampling=SamplingConfig(n=4, max_tokens=12, seed=1), drop_uniform_groups=False)
+    again = GrpoSampleConfig(
+        **common(server, redis_url),
+        prompts=PromptSourceConfig(num_prompts=4),
+        sampling=SamplingConfig(n=4, max_tokens=12, seed=1),
+        drop_uniform_groups=False,
+    )
     asyncio.run(sample_grpo(again))
     second = {d.record.group_id for d in RolloutQueue(url=redis_url, stream="rollouts").get(count=100, block_s=0.2)}
     assert len(second) == 4 and not second & set(groups)
@@ -71,11 +91,18 @@ def test_grpo_pushes_scored_groups_with_tokens_and_versions(server, redis_client
 
 def test_rejection_keeps_exactly_the_right_records(server, redis_client, redis_url, tmp_path):
     out = {k: tmp_path / f"{k}.jsonl" for k in ("sft", "pairs", "rejected")}
-    config = RejectionConfig(**common(server, redis_url), prompts=PromptSourceConfig(num_prompts=6),
-                             sampling=SamplingConfig(n=6, max_tokens=4, seed=7),
-                             rewards=[RewardSpec(name="tests.test_sample:first_token_even")],
-                             keep="correct", min_reward=1.0, min_margin=1.0,
-                             sft_output=out["sft"], pairs_output=out["pairs"], rejected_output=out["rejected"])
+    config = RejectionConfig(
+        **common(server, redis_url),
+        prompts=PromptSourceConfig(num_prompts=6),
+        sampling=SamplingConfig(n=6, max_tokens=4, seed=7),
+        rewards=[RewardSpec(name="tests.test_sample:first_token_even")],
+        keep="correct",
+        min_reward=1.0,
+        min_margin=1.0,
+        sft_output=out["sft"],
+        pairs_output=out["pairs"],
+        rejected_output=out["rejected"],
+    )
     summary = asyncio.run(sample_rejection(config))
     kept, dropped = read_jsonl(out["sft"]), read_jsonl(out["rejected"])
     assert len(kept) + len(dropped) == 36 == summary["samples"]
@@ -95,11 +122,19 @@ def test_rejection_keeps_exactly_the_right_records(server, redis_client, redis_u
 
 
 def test_rejection_best_k(server, redis_client, redis_url, tmp_path):
-    config = RejectionConfig(**common(server, redis_url), prompts=PromptSourceConfig(num_prompts=3),
-                             sampling=SamplingConfig(n=6, max_tokens=2, seed=3),
-                             rewards=[RewardSpec(name="tests.test_sample:first_token_graded")],
-                             keep="best_k", k=2, min_reward=0.2, to_queue=True,
-                             sft_output=tmp_path / "sft.jsonl", pairs_output=None, rejected_output=tmp_path / "rej.jsonl")
+    config = RejectionConfig(
+        **common(server, redis_url),
+        prompts=PromptSourceConfig(num_prompts=3),
+        sampling=SamplingConfig(n=6, max_tokens=2, seed=3),
+        rewards=[RewardSpec(name="tests.test_sample:first_token_graded")],
+        keep="best_k",
+        k=2,
+        min_reward=0.2,
+        to_queue=True,
+        sft_output=tmp_path / "sft.jsonl",
+        pairs_output=None,
+        rejected_output=tmp_path / "rej.jsonl",
+    )
     asyncio.run(sample_rejection(config))
     everything = read_jsonl(tmp_path / "sft.jsonl") + read_jsonl(tmp_path / "rej.jsonl")
     kept_ids = {r.id for r in read_jsonl(tmp_path / "sft.jsonl")}
@@ -122,8 +157,12 @@ def test_distill_jsonl_resumes(server, redis_client, redis_url, tmp_path):
     output = tmp_path / "distill.jsonl"
 
     def run(num_prompts):
-        config = DistillConfig(**common(server, redis_url), prompts=PromptSourceConfig(num_prompts=num_prompts),
-                               sampling=SamplingConfig(n=2, max_tokens=6, seed=5), output=output)
+        config = DistillConfig(
+            **common(server, redis_url),
+            prompts=PromptSourceConfig(num_prompts=num_prompts),
+            sampling=SamplingConfig(n=2, max_tokens=6, seed=5),
+            output=output,
+        )
         return asyncio.run(sample_distill(config))
 
     first = run(3)
@@ -145,9 +184,13 @@ def test_distill_jsonl_resumes(server, redis_client, redis_url, tmp_path):
 
 def test_on_policy_distill_teacher_logprobs(server, redis_client, redis_url, tmp_path):
     """Teacher = the same server: its prompt_logprobs of the student's tokens equal the sampling logprobs."""
-    config = DistillConfig(**common(server, redis_url), student=EndpointConfig(base_url=server.base_url, model=server.model),
-                           prompts=PromptSourceConfig(num_prompts=2),
-                           sampling=SamplingConfig(n=2, max_tokens=8, temperature=1.0, seed=2), output=tmp_path / "op.jsonl")
+    config = DistillConfig(
+        **common(server, redis_url),
+        student=EndpointConfig(base_url=server.base_url, model=server.model),
+        prompts=PromptSourceConfig(num_prompts=2),
+        sampling=SamplingConfig(n=2, max_tokens=8, temperature=1.0, seed=2),
+        output=tmp_path / "op.jsonl",
+    )
     asyncio.run(sample_distill(config))
     records = read_jsonl(tmp_path / "op.jsonl")
     assert len(records) == 4
@@ -162,11 +205,13 @@ def test_grpo_from_capture_stream_acks_prompts(server, redis_client, redis_url):
     for q in ("What is 2 + 3?", "What is 1 + 1?"):
         prompts.put(CapturedRequest(endpoint="chat", messages=[{"role": "user", "content": q}], responses=["x"]))
     prompts.put(CapturedRequest(endpoint="chat", status=500, messages=[{"role": "user", "content": "err"}]))
-    config = GrpoSampleConfig(**common(server, redis_url),
-                              prompts=PromptSourceConfig(kind="capture", num_prompts=2),
-                              sampling=SamplingConfig(n=2, max_tokens=4),
-                              rewards=[RewardSpec(name="length_penalty", options={"target": 1, "limit": 8})],
-                              drop_uniform_groups=False)
+    config = GrpoSampleConfig(
+        **common(server, redis_url),
+        prompts=PromptSourceConfig(kind="capture", num_prompts=2),
+        sampling=SamplingConfig(n=2, max_tokens=4),
+        rewards=[RewardSpec(name="length_penalty", options={"target": 1, "limit": 8})],
+        drop_uniform_groups=False,
+    )
     summary = asyncio.run(sample_grpo(config))
     assert summary["prompts"] == 2 and summary["accepted"] == 4
     records = [d.record for d in RolloutQueue(url=redis_url, stream="rollouts").get(count=10, block_s=0.2)]
@@ -178,8 +223,22 @@ def test_grpo_from_capture_stream_acks_prompts(server, redis_client, redis_url):
 def test_cli_rejects_bad_settings(tmp_path, capsys):
     from flywheel.clients.cli import main
 
-    assert main(["sample", "rejection", "--prompts.kind", "jsonl", "--prompts.path", str(tmp_path / "none.jsonl"),
-                 "--no-progress", "--endpoint.model", "m"]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                "rejection",
+                "--prompts.kind",
+                "jsonl",
+                "--prompts.path",
+                str(tmp_path / "none.jsonl"),
+                "--no-progress",
+                "--endpoint.model",
+                "m",
+            ]
+        )
+        == 2
+    )
     assert "prompts file not found" in capsys.readouterr().err
     assert main(["sample", "grpo", "--sampling.n", "0"]) == 2
     assert main(["sample", "grpo", "--rewards", json.dumps([{"name": "nope"}]), "--no-progress"]) == 2

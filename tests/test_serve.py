@@ -25,8 +25,14 @@ def client(server):
 
 def test_chat_completion_with_token_ids_and_logprobs(client, server):
     raw = client.chat.completions.with_raw_response.create(
-        model=server.model, messages=[{"role": "user", "content": "Say hi"}], max_tokens=6, temperature=0,
-        logprobs=True, top_logprobs=3, extra_body={"return_token_ids": True})
+        model=server.model,
+        messages=[{"role": "user", "content": "Say hi"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"return_token_ids": True},
+    )
     assert raw.headers["x-flywheel-policy-version"] == "0"
     assert raw.headers["x-flywheel-policy-versions"] == "0"
     resp = raw.parse()
@@ -55,8 +61,13 @@ def test_completion_seed_is_deterministic_and_n_samples(client, server):
 
 def test_streaming_with_usage_and_per_chunk_version(client, server):
     stream = client.chat.completions.create(
-        model=server.model, messages=[{"role": "user", "content": "Count"}], max_tokens=5, temperature=0,
-        stream=True, stream_options={"include_usage": True})
+        model=server.model,
+        messages=[{"role": "user", "content": "Count"}],
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     usage = [c.usage for c in chunks if c.usage is not None]
@@ -82,11 +93,17 @@ def test_status_route(server):
     assert set(status["weights"]["transports"]) == {"shm", "http"}
 
 
-@pytest.mark.parametrize("call, status", [
-    (lambda c, m: c.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}]), 404),
-    (lambda c, m: c.completions.create(model=m, prompt="x", max_tokens=10**6), 400),
-    (lambda c, m: c.completions.create(model=m, prompt="x", temperature=-1), 400),
-])
+@pytest.mark.parametrize(
+    "call, status",
+    [
+        (
+            lambda c, m: c.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}]),
+            404,
+        ),
+        (lambda c, m: c.completions.create(model=m, prompt="x", max_tokens=10**6), 400),
+        (lambda c, m: c.completions.create(model=m, prompt="x", temperature=-1), 400),
+    ],
+)
 def test_bad_requests_get_openai_errors(client, server, call, status):
     with pytest.raises(openai.APIStatusError) as info:
         call(client, server.model)

@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flywheel.server.errors import UserError
 from flywheel.trainer.backend import build_policy
-from flywheel.trainer.policy_interface import IGNORE, PolicyConfig
 from flywheel.trainer.config import TrainConfig
 from flywheel.trainer.data import collate, load_sft
 from flywheel.trainer.objectives import nll_backward
+from flywheel.trainer.policy_interface import IGNORE, PolicyConfig
 from flywheel.trainer.train import train
 
 
@@ -24,13 +24,30 @@ def write_jsonl(path, rows):
 
 
 def sft_rows(n=8):
-    return [{"messages": [{"role": "user", "content": f"count to {i + 3}"},
-                          {"role": "assistant", "content": " ".join(str(j) for j in range(i + 3))}]} for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"count to {i + 3}"},
+                {"role": "assistant", "content": " ".join(str(j) for j in range(i + 3))},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 def make_config(tmp_path, tiny_model, **overrides) -> TrainConfig:
-    values = dict(model=str(tiny_model), run_dir=tmp_path / "run", max_seq_len=64, micro_batch_tokens=128,
-                  batch_size=4, lr=3e-3, warmup_steps=0, save_every=0, max_steps=4, seed=1)
+    values = dict(
+        model=str(tiny_model),
+        run_dir=tmp_path / "run",
+        max_seq_len=64,
+        micro_batch_tokens=128,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=0,
+        save_every=0,
+        max_steps=4,
+        seed=1,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -139,8 +156,9 @@ def test_resume_continues_exactly(tmp_path, tiny_model):
 def test_dpo_on_a_synthetic_preference_lowers_loss_and_raises_margin(tmp_path, tiny_model):
     rows = [{"prompt": f"question {i}: agree?", "chosen": "yes yes yes", "rejected": "no, I do not"} for i in range(8)]
     data = write_jsonl(tmp_path / "dpo.jsonl", rows)
-    config = make_config(tmp_path, tiny_model, objective="dpo", data=[str(data)], max_steps=8, lr=2e-3,
-                         dpo={"beta": 0.5})
+    config = make_config(
+        tmp_path, tiny_model, objective="dpo", data=[str(data)], max_steps=8, lr=2e-3, dpo={"beta": 0.5}
+    )
     train(config)
     rows = metrics(config.run_dir)
     assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1: -log sigmoid(0)
@@ -155,8 +173,12 @@ def test_plot_writes_png_curves(tmp_path, tiny_model):
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": s, "loss": 1.0 / s, "reward_mean": s / 10, "kl": 0.01 * s, "lr": 1e-3}) + "\n" for s in range(1, 6)))
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"step": s, "loss": 1.0 / s, "reward_mean": s / 10, "kl": 0.01 * s, "lr": 1e-3}) + "\n"
+            for s in range(1, 6)
+        )
+    )
     paths = plot_run(run_dir)
     assert {p.name for p in paths} == {"loss.png", "reward.png", "kl.png", "optim.png"}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
@@ -167,9 +189,27 @@ def test_cli_reports_bad_data_in_one_line(tmp_path, tiny_model, capsys):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": sft_rows(1)[0]["messages"]}) + "\n" + json.dumps({"text": "x"}) + "\n")
-    assert main(["train", "--objective", "sft", "--model", str(tiny_model), "--data", str(bad),
-                 "--run-dir", str(tmp_path / "run"), "--max-seq-len", "64", "--micro-batch-tokens", "128"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--objective",
+                "sft",
+                "--model",
+                str(tiny_model),
+                "--data",
+                str(bad),
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--max-seq-len",
+                "64",
+                "--micro-batch-tokens",
+                "128",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err  # transformers' loading bar comes first
-    message = err[err.find("flywheel train: error: "):].removesuffix("\n")
+    message = err[err.find("flywheel train: error: ") :].removesuffix("\n")
     assert message.startswith("flywheel train: error: ") and "bad.jsonl:2" in message and "\n" not in message
     assert main(["train", "--objective", "sft", "--run-dir", str(tmp_path / "r2")]) == 2  # neither data nor queue

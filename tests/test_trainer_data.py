@@ -8,9 +8,18 @@ import pytest
 from transformers import AutoTokenizer
 
 from flywheel.sampler.record import RolloutRecord
+from flywheel.trainer.data import (
+    DataError,
+    collate,
+    load_dpo,
+    load_rollouts,
+    load_sft,
+    load_text,
+    micro_batches,
+    rollout_sample,
+    take_step,
+)
 from flywheel.trainer.policy_interface import IGNORE
-from flywheel.trainer.data import (DataError, collate, load_dpo, load_rollouts, load_sft, load_text, micro_batches,
-                          rollout_sample, take_step)
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +32,13 @@ def write_jsonl(path, rows):
     return path
 
 
-CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello there!"}, {"role": "user", "content": "2+2?"},
-                {"role": "assistant", "content": "4"}]
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello there!"},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+]
 
 
 def test_sft_mask_covers_assistant_turns_only(tmp_path, tokenizer):
@@ -62,7 +75,7 @@ def test_cpt_packing_keeps_documents_apart(tmp_path, tokenizer):
     # the last token of document 0 predicts nothing: no target crosses the boundary
     assert batch.targets[0, n0 - 1].item() == IGNORE
     assert batch.targets[0, : n0 - 1].tolist() == samples[0].tokens[1:]
-    assert batch.targets[0, n0: n0 + n1 - 1].tolist() == samples[1].tokens[1:]
+    assert batch.targets[0, n0 : n0 + n1 - 1].tolist() == samples[1].tokens[1:]
     assert batch.seq_index[0, 0].item() == 0 and batch.seq_index[0, n0].item() == 1
 
 
@@ -86,8 +99,9 @@ def test_padded_rows_are_their_own_document(tokenizer):
 
 
 def test_rollout_sample_aligns_behaviour_logprobs_with_targets():
-    record = RolloutRecord(prompt_token_ids=[10, 11, 12], completion_token_ids=[20, 21],
-                           behavior_logprobs=[-0.5, -1.5], reward=1.0)
+    record = RolloutRecord(
+        prompt_token_ids=[10, 11, 12], completion_token_ids=[20, 21], behavior_logprobs=[-0.5, -1.5], reward=1.0
+    )
     batch = collate([rollout_sample(record, advantage=2.0, max_len=64)], pad_id=0)
     # position 2 (last prompt token) predicts completion token 0 with its behaviour logprob
     assert batch.targets[0].tolist() == [IGNORE, IGNORE, 20, 21, IGNORE]
@@ -144,7 +158,9 @@ def test_rollout_with_mismatched_logprobs_names_file_and_line(tmp_path):
     good = RolloutRecord(prompt_token_ids=[1], completion_token_ids=[2, 3], behavior_logprobs=[-1.0, -2.0])
     bad = good.model_dump(mode="json") | {"behavior_logprobs": [-1.0]}
     path = write_jsonl(tmp_path / "rollouts.jsonl", [good.to_json(), bad])
-    with pytest.raises(DataError, match=r"rollouts\.jsonl:2: .*behavior_logprobs has 1 entries for 2 completion tokens"):
+    with pytest.raises(
+        DataError, match=r"rollouts\.jsonl:2: .*behavior_logprobs has 1 entries for 2 completion tokens"
+    ):
         load_rollouts(path)
 
 

@@ -11,14 +11,14 @@ import json
 import pytest
 import torch
 
+from flywheel.clients.tiny_reward import TARGET  # reward = fraction of completion tokens equal to this id
 from flywheel.sampler.record import RolloutRecord
 from flywheel.trainer.backend import build_policy
-from flywheel.trainer.policy_interface import IGNORE, PolicyConfig
 from flywheel.trainer.checkpoint import TrainState
-from flywheel.clients.tiny_reward import TARGET  # reward = fraction of completion tokens equal to this id
 from flywheel.trainer.config import TrainConfig
 from flywheel.trainer.objectives import grpo_backward
 from flywheel.trainer.optim import build_optimizer
+from flywheel.trainer.policy_interface import IGNORE, PolicyConfig
 from flywheel.trainer.sources import rollout_step
 from flywheel.trainer.train import train
 
@@ -30,35 +30,76 @@ def sample_records(policy, groups: int, group_size: int, version: int = 0, seed:
     torch.manual_seed(seed)
     prompt = torch.tensor([PROMPT])
     with torch.no_grad():
-        out = policy.model.generate(prompt.repeat(groups * group_size, 1), do_sample=True, temperature=1.0, top_k=0,
-                                    top_p=1.0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
+        out = policy.model.generate(
+            prompt.repeat(groups * group_size, 1),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            pad_token_id=0,
+        )
         targets = torch.cat([out[:, 1:], torch.full((len(out), 1), IGNORE)], 1)
         targets[:, : len(PROMPT) - 1] = IGNORE
         positions = torch.arange(out.shape[1]).expand_as(out)
-        logprobs = policy.forward_logprobs(out, positions, targets)[:, len(PROMPT) - 1:-1]
+        logprobs = policy.forward_logprobs(out, positions, targets)[:, len(PROMPT) - 1 : -1]
     records = []
     for i, row in enumerate(out):
-        completion = row[len(PROMPT):].tolist()
-        records.append(RolloutRecord(group_id=f"g{seed}-{i // group_size}", prompt_token_ids=PROMPT,
-                                     completion_token_ids=completion, behavior_logprobs=logprobs[i].tolist(),
-                                     reward=sum(t == TARGET for t in completion) / len(completion),
-                                     policy_version=version))
+        completion = row[len(PROMPT) :].tolist()
+        records.append(
+            RolloutRecord(
+                group_id=f"g{seed}-{i // group_size}",
+                prompt_token_ids=PROMPT,
+                completion_token_ids=completion,
+                behavior_logprobs=logprobs[i].tolist(),
+                reward=sum(t == TARGET for t in completion) / len(completion),
+                policy_version=version,
+            )
+        )
     return records
 
 
 def grpo_config(tmp_path, tiny_model, **overrides) -> TrainConfig:
-    values = dict(objective="grpo", model=str(tiny_model), data=["unused"], run_dir=tmp_path / "run", lr=1e-2,
-                  max_seq_len=64, micro_batch_tokens=256, batch_size=32, max_steps=100, save_every=0)
+    values = dict(
+        objective="grpo",
+        model=str(tiny_model),
+        data=["unused"],
+        run_dir=tmp_path / "run",
+        lr=1e-2,
+        max_seq_len=64,
+        micro_batch_tokens=256,
+        batch_size=32,
+        max_steps=100,
+        save_every=0,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
 
 def test_stale_rollouts_are_dropped_and_counted(tmp_path, tiny_model):
     config = grpo_config(tmp_path, tiny_model, max_staleness=2)
-    records = [RolloutRecord(group_id="a", prompt_token_ids=[1], completion_token_ids=[2], behavior_logprobs=[-1.0],
-                             reward=float(i), policy_versions=[v]) for i, v in enumerate([1, 2, 3, 5])]
-    records.append(RolloutRecord(group_id="b", prompt_token_ids=[1], completion_token_ids=[2], behavior_logprobs=[-1.0],
-                                 reward=1.0, policy_versions=[5, 2]))  # oldest contributing version counts
+    records = [
+        RolloutRecord(
+            group_id="a",
+            prompt_token_ids=[1],
+            completion_token_ids=[2],
+            behavior_logprobs=[-1.0],
+            reward=float(i),
+            policy_versions=[v],
+        )
+        for i, v in enumerate([1, 2, 3, 5])
+    ]
+    records.append(
+        RolloutRecord(
+            group_id="b",
+            prompt_token_ids=[1],
+            completion_token_ids=[2],
+            behavior_logprobs=[-1.0],
+            reward=1.0,
+            policy_versions=[5, 2],
+        )
+    )  # oldest contributing version counts
     data = rollout_step(records, config, TrainState(pushed_version=5))
     assert data.info["dropped_stale"] == 3  # versions 1, 2 and the mixed [5, 2]
     assert data.info["completions"] == 2 and data.info["zero_variance_groups"] == 0
@@ -92,8 +133,15 @@ def test_grpo_recipe_from_a_rollout_file_with_kl_and_tis(tmp_path, tiny_model):
     records = sample_records(policy, groups=2, group_size=4)
     path = tmp_path / "rollouts.jsonl"
     path.write_text("".join(r.to_json() + "\n" for r in records))
-    config = grpo_config(tmp_path, tiny_model, data=[str(path)], batch_size=8, max_steps=3, lr=1e-3,
-                         grpo={"kl_coef": 0.1, "tis_cap": 2.0, "aggregation": "seq-mean"})
+    config = grpo_config(
+        tmp_path,
+        tiny_model,
+        data=[str(path)],
+        batch_size=8,
+        max_steps=3,
+        lr=1e-3,
+        grpo={"kl_coef": 0.1, "tis_cap": 2.0, "aggregation": "seq-mean"},
+    )
     state = train(config)
     rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert state.step == 3 and len(rows) == 3

@@ -25,15 +25,33 @@ PROMPT = "Once upon a time"
 @pytest.mark.slow  # starts its own vLLM server (~1 min, plus waiting for the one-server lock)
 def test_push_every_k_steps_serves_the_trained_weights(tmp_path, tiny_model):
     data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
-                                                     {"role": "assistant", "content": "the end " * 4}]}) + "\n"
-                            for i in range(4)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "the end " * 4}]}
+            )
+            + "\n"
+            for i in range(4)
+        )
+    )
     # vLLM's ZMQ socket paths live under the server's data dir and must stay < 108 characters
     serve_dir = Path(tempfile.mkdtemp(prefix="fwpush", dir="/tmp"))
     with start_server(tiny_model, serve_dir) as server:
-        config = TrainConfig(objective="sft", model=str(tiny_model), data=[str(data)], run_dir=tmp_path / "run",
-                             max_seq_len=64, micro_batch_tokens=128, batch_size=4, lr=5e-3, max_steps=4,
-                             save_every=0, push_every=2, push_url=server.base_url, admin_token=server.admin_token)
+        config = TrainConfig(
+            objective="sft",
+            model=str(tiny_model),
+            data=[str(data)],
+            run_dir=tmp_path / "run",
+            max_seq_len=64,
+            micro_batch_tokens=128,
+            batch_size=4,
+            lr=5e-3,
+            max_steps=4,
+            save_every=0,
+            push_every=2,
+            push_url=server.base_url,
+            admin_token=server.admin_token,
+        )
         state = train(config)
         assert state.pushed_version == 2
         status = httpx.get(server.url + "/flywheel/status", timeout=10).json()
@@ -43,9 +61,20 @@ def test_push_every_k_steps_serves_the_trained_weights(tmp_path, tiny_model):
         ckpt = config.run_dir / "checkpoints" / "step_000004"
         assert json.loads((ckpt / "trainer_state" / "state.json").read_text())["pushed_version"] == 2
 
-        reply = httpx.post(server.base_url + "/completions", timeout=60, json={
-            "model": server.model, "prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, "seed": 0, "logprobs": 0,
-            "ignore_eos": True, "return_token_ids": True}).json()
+        reply = httpx.post(
+            server.base_url + "/completions",
+            timeout=60,
+            json={
+                "model": server.model,
+                "prompt": PROMPT,
+                "max_tokens": 8,
+                "temperature": 1.0,
+                "seed": 0,
+                "logprobs": 0,
+                "ignore_eos": True,
+                "return_token_ids": True,
+            },
+        ).json()
         choice = reply["choices"][0]
         served_ids, served_logprobs = choice["token_ids"], torch.tensor(choice["logprobs"]["token_logprobs"])
     shutil.rmtree(serve_dir, ignore_errors=True)
@@ -57,7 +86,7 @@ def test_push_every_k_steps_serves_the_trained_weights(tmp_path, tiny_model):
         model = AutoModelForCausalLM.from_pretrained(path)
         ids = torch.tensor([prompt_ids + served_ids])
         with torch.no_grad():
-            logp = model(ids).logits[0, len(prompt_ids) - 1:-1].log_softmax(-1)
+            logp = model(ids).logits[0, len(prompt_ids) - 1 : -1].log_softmax(-1)
         return logp.gather(-1, torch.tensor(served_ids)[:, None])[:, 0]
 
     # the server runs the weights of the last push (= the final checkpoint), not the ones it started with

@@ -33,17 +33,33 @@ def records(groups: int, size: int = 4, seed: int = 0) -> list[RolloutRecord]:
     for g in range(groups):
         for i in range(size):
             n = rng.randint(3, 6)
-            out.append(RolloutRecord(group_id=f"s{seed}g{g}", prompt_token_ids=[rng.randrange(5000) for _ in range(4)],
-                                     completion_token_ids=[rng.randrange(5000) for _ in range(n)],
-                                     behavior_logprobs=[-9.0] * n, reward=float(i % 2)))
+            out.append(
+                RolloutRecord(
+                    group_id=f"s{seed}g{g}",
+                    prompt_token_ids=[rng.randrange(5000) for _ in range(4)],
+                    completion_token_ids=[rng.randrange(5000) for _ in range(n)],
+                    behavior_logprobs=[-9.0] * n,
+                    reward=float(i % 2),
+                )
+            )
     return out
 
 
 def queue_config(tmp_path, tiny_model, redis_url, **overrides) -> TrainConfig:
-    values = dict(objective="grpo", model=str(tiny_model), run_dir=tmp_path / "run", lr=1e-3, max_seq_len=32,
-                  micro_batch_tokens=128, batch_size=8, max_steps=2, save_every=1,
-                  queue={"url": redis_url, "claim_idle_s": 1.0}, queue_input={"block_s": 0.2, "max_wait_s": 30},
-                  grpo={"group_size": 4})
+    values = dict(
+        objective="grpo",
+        model=str(tiny_model),
+        run_dir=tmp_path / "run",
+        lr=1e-3,
+        max_seq_len=32,
+        micro_batch_tokens=128,
+        batch_size=8,
+        max_steps=2,
+        save_every=1,
+        queue={"url": redis_url, "claim_idle_s": 1.0},
+        queue_input={"block_s": 0.2, "max_wait_s": 30},
+        grpo={"group_size": 4},
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -53,7 +69,9 @@ def trained_ids(run_dir: Path) -> list[str]:
     return state["trained_ids"]
 
 
-def test_queue_training_takes_whole_groups_dead_letters_bad_records_and_acks(tmp_path, tiny_model, redis_client, redis_url):
+def test_queue_training_takes_whole_groups_dead_letters_bad_records_and_acks(
+    tmp_path, tiny_model, redis_client, redis_url
+):
     queue = RolloutQueue(QueueConfig(url=redis_url))
     # two groups interleaved: a step of 8 must wait until both groups of 4 are complete
     recs = records(4)
@@ -79,12 +97,46 @@ def test_kill_and_resume_trains_every_record_exactly_once(tmp_path, tiny_model, 
     recs = records(6)
     queue.put(recs)
     config = queue_config(tmp_path, tiny_model, redis_url, batch_size=4, max_steps=6, save_every=2)
-    argv = [sys.executable, "-m", "flywheel.clients.cli", "train", "--objective", "grpo", "--model", str(tiny_model),
-            "--run-dir", str(config.run_dir), "--lr", "1e-3", "--max-seq-len", "32", "--micro-batch-tokens", "128",
-            "--batch-size", "4", "--max-steps", "6", "--save-every", "2", "--queue.url", redis_url,
-            "--queue.claim-idle-s", "1", "--queue-input.block-s", "0.2", "--grpo.group-size", "4"]
-    proc = subprocess.Popen(argv, cwd=REPO, env=os.environ | {"FLYWHEEL_HOME": os.environ["FLYWHEEL_HOME"]},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "flywheel.clients.cli",
+        "train",
+        "--objective",
+        "grpo",
+        "--model",
+        str(tiny_model),
+        "--run-dir",
+        str(config.run_dir),
+        "--lr",
+        "1e-3",
+        "--max-seq-len",
+        "32",
+        "--micro-batch-tokens",
+        "128",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "6",
+        "--save-every",
+        "2",
+        "--queue.url",
+        redis_url,
+        "--queue.claim-idle-s",
+        "1",
+        "--queue-input.block-s",
+        "0.2",
+        "--grpo.group-size",
+        "4",
+    ]
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=os.environ | {"FLYWHEEL_HOME": os.environ["FLYWHEEL_HOME"]},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = config.run_dir / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):  # step 3 trained, not yet saved
@@ -109,8 +161,9 @@ def test_kill_and_resume_trains_every_record_exactly_once(tmp_path, tiny_model, 
     assert after["pending"] == 0 and after["lag"] == 0 and after["dead_letter_length"] == 0
 
 
-def test_trained_records_are_not_acked_before_their_checkpoint_even_after_a_long_wait(tmp_path, tiny_model,
-                                                                                      redis_client, redis_url):
+def test_trained_records_are_not_acked_before_their_checkpoint_even_after_a_long_wait(
+    tmp_path, tiny_model, redis_client, redis_url
+):
     """Issue 16 defect 1: after a step that does not checkpoint, the wait for the next batch outlived
     claim_idle_s, our own reclaim got the step's records back and acked them as duplicates; a crash
     before the next checkpoint then lost them. They must stay pending and come back after a crash."""
@@ -120,15 +173,23 @@ def test_trained_records_are_not_acked_before_their_checkpoint_even_after_a_long
     from flywheel.trainer.checkpoint import TrainState
     from flywheel.trainer.queue_source import QueueSource
 
-    config = queue_config(tmp_path, tiny_model, redis_url, batch_size=4, save_every=2,
-                          queue={"url": redis_url, "claim_idle_s": 0.5},
-                          queue_input={"block_s": 0.2, "max_wait_s": 3})
+    config = queue_config(
+        tmp_path,
+        tiny_model,
+        redis_url,
+        batch_size=4,
+        save_every=2,
+        queue={"url": redis_url, "claim_idle_s": 0.5},
+        queue_input={"block_s": 0.2, "max_wait_s": 3},
+    )
     RolloutQueue(config.queue).put(records(1))  # one group of 4: one step's worth
     source = QueueSource(config)
     first = source.next_step(0, TrainState())
     trained = sorted(d.record.id for d in first.acks)
     assert len(trained) == 4
-    with pytest.raises(UserError, match="no rollouts on stream"):  # no next batch: the wait (3 s) outlives claim_idle_s (0.5 s) six times
+    with pytest.raises(
+        UserError, match="no rollouts on stream"
+    ):  # no next batch: the wait (3 s) outlives claim_idle_s (0.5 s) six times
         source.next_step(1, TrainState())
     pending = redis_client.xpending(config.queue.stream, config.queue.group)["pending"]
     assert pending == 4, "a trained but not yet checkpointed record was acked"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.server.weights.protocol import OLD_WEIGHTS_KEPT
 from flywheel.clients.servers import vllm_lock
+from flywheel.server.weights.protocol import OLD_WEIGHTS_KEPT
 
 PROBE = Path(__file__).with_name("weight_apply_probe.py")
 
@@ -25,8 +25,9 @@ def probe(request) -> dict:
     from flywheel.server.models import resolve_model
 
     with vllm_lock():
-        done = subprocess.run([sys.executable, str(PROBE), str(resolve_model(request.param))],
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, str(PROBE), str(resolve_model(request.param))], capture_output=True, text=True, timeout=600
+        )
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert done.returncode == 0 and line, f"probe failed ({done.returncode}):\n{done.stderr[-3000:]}"
     return json.loads(line.removeprefix("RESULT "))

@@ -42,10 +42,12 @@ from flywheel.server.weights.protocol import (
 
 def small_model() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {"model.embed_tokens.weight": torch.randn(16, 8, generator=g),
-            "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8, generator=g).to(torch.bfloat16),
-            "model.norm.weight": torch.ones(8),
-            "model.step": torch.tensor(3, dtype=torch.int64)}
+    return {
+        "model.embed_tokens.weight": torch.randn(16, 8, generator=g),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8, generator=g).to(torch.bfloat16),
+        "model.norm.weight": torch.ones(8),
+        "model.step": torch.tensor(3, dtype=torch.int64),
+    }
 
 
 @pytest.fixture
@@ -71,18 +73,25 @@ def test_bucket_and_gpu_pushes_share_one_validation(tmp_path, manifest):
     from_list = validate_tensors(tensor_list_entries(TensorList(**tensor_list(sd.items()))), manifest)
     assert from_files == from_list == {"tensors": 4, "bytes": 16 * 8 * 4 + 8 * 8 * 2 + 8 * 4 + 8}
     q = "model.layers.0.self_attn.q_proj.weight"
-    bad = {"wrong shape": {**sd, q: torch.zeros(8, 7)},
-           "unknown name": {**sd, "model.layers.9.x": torch.zeros(2)},
-           "missing": {k: v for k, v in sd.items() if k != "model.norm.weight"},
-           "int where float": {**sd, q: torch.zeros(8, 8, dtype=torch.int32)},
-           "float where int": {**sd, "model.step": torch.tensor(3.0)}}
+    bad = {
+        "wrong shape": {**sd, q: torch.zeros(8, 7)},
+        "unknown name": {**sd, "model.layers.9.x": torch.zeros(2)},
+        "missing": {k: v for k, v in sd.items() if k != "model.norm.weight"},
+        "int where float": {**sd, q: torch.zeros(8, 8, dtype=torch.int32)},
+        "float where int": {**sd, "model.step": torch.tensor(3.0)},
+    }
     for label, weights in bad.items():
         with pytest.raises(PushError) as info:
             validate_tensors(tensor_list_entries(TensorList(**tensor_list(weights.items()))), manifest)
         assert info.value.status == 400, label
     # a float dtype may replace another (the server casts), and a tied lm_head is ignored
     cast = {**sd, q: sd[q].float(), "lm_head.weight": torch.zeros(16, 8)}
-    assert validate_tensors(tensor_list_entries(TensorList(**tensor_list(cast.items()))), manifest, tied_lm_head=True)["tensors"] == 4
+    assert (
+        validate_tensors(tensor_list_entries(TensorList(**tensor_list(cast.items()))), manifest, tied_lm_head=True)[
+            "tensors"
+        ]
+        == 4
+    )
 
 
 def test_push_request_fields_follow_the_transport():
@@ -98,7 +107,10 @@ def test_push_request_fields_follow_the_transport():
         {"transport": "ipc", "tensors": tensors, "ipc_handles": [{}, {}]},  # 2 handles, 1 tensor
         {"transport": "shm", "buckets": []},
         {"transport": "http", "buckets": [{"index": 0}], "tensors": tensors},
-        {"transport": "nccl", "tensors": {**tensors, "dtype_names": ["float33"]}},  # getattr(torch, ...) is never reached
+        {
+            "transport": "nccl",
+            "tensors": {**tensors, "dtype_names": ["float33"]},
+        },  # getattr(torch, ...) is never reached
         {"transport": "nccl", "tensors": {**tensors, "shapes": [[2], [3]]}},
         {"transport": "nccl", "tensors": {**tensors, "shapes": [[-2]]}},
     ]
@@ -110,9 +122,17 @@ def test_push_request_fields_follow_the_transport():
 def test_gpu_commit_body_names_dtypes_and_shapes_in_send_order():
     sd = small_model()
     body = gpu_commit_body(list(sd.items()), 5, "nccl", "wait", "step 9")
-    assert body == {"version": 5, "transport": "nccl", "pause_mode": "wait", "source": "step 9",
-                    "tensors": {"names": list(sd), "dtype_names": ["float32", "bfloat16", "float32", "int64"],
-                                "shapes": [[16, 8], [8, 8], [8], []]}}
+    assert body == {
+        "version": 5,
+        "transport": "nccl",
+        "pause_mode": "wait",
+        "source": "step 9",
+        "tensors": {
+            "names": list(sd),
+            "dtype_names": ["float32", "bfloat16", "float32", "int64"],
+            "shapes": [[16, 8], [8, 8], [8], []],
+        },
+    }
     PushRequest(**body)  # what the client builds is what the server accepts
     with pytest.raises(ValueError, match="complex64"):
         tensor_list([("z", torch.zeros(2, dtype=torch.complex64))])
@@ -137,11 +157,25 @@ def test_gpu_transports_refuse_cpu_tensors_and_bad_arguments_before_any_request(
 
 
 def test_nccl_sender_init_body_carries_the_wire_params():
-    sender = NCCLSender("http://h:8000/v1", "tok", master_address="10.0.0.2", master_port=29600, world_size=3,
-                        packed=False, packed_buffer_size_bytes=1 << 20, packed_num_buffers=3)
+    sender = NCCLSender(
+        "http://h:8000/v1",
+        "tok",
+        master_address="10.0.0.2",
+        master_port=29600,
+        world_size=3,
+        packed=False,
+        packed_buffer_size_bytes=1 << 20,
+        packed_num_buffers=3,
+    )
     assert sender.url == "http://h:8000"
-    assert sender.init_body() == {"master_address": "10.0.0.2", "master_port": 29600, "world_size": 3, "packed": False,
-                                  "packed_buffer_size_bytes": 1 << 20, "packed_num_buffers": 3}
+    assert sender.init_body() == {
+        "master_address": "10.0.0.2",
+        "master_port": 29600,
+        "world_size": 3,
+        "packed": False,
+        "packed_buffer_size_bytes": 1 << 20,
+        "packed_num_buffers": 3,
+    }
     assert NCCLSender("http://h:8000", "tok").init_body()["packed"] is True  # vLLM's trainer default
     with pytest.raises(RuntimeError, match="not connected"):
         sender.broadcast([])
@@ -152,8 +186,23 @@ def test_nccl_sender_init_body_carries_the_wire_params():
 
 def _handle_args(shape=(4, 2), dtype=torch.float16):
     """The tuple torch's reduce_tensor returns for a CUDA tensor, with made-up handle bytes (argument handling only)."""
-    return (torch.nn.Parameter, torch.Size(shape), (shape[1], 1), 0, torch.storage.TypedStorage, dtype, 0,
-            b"\x01" * 64, 16, 0, False, b"/torch_123_ref", 8, b"\x02" * 64, True)
+    return (
+        torch.nn.Parameter,
+        torch.Size(shape),
+        (shape[1], 1),
+        0,
+        torch.storage.TypedStorage,
+        dtype,
+        0,
+        b"\x01" * 64,
+        16,
+        0,
+        False,
+        b"/torch_123_ref",
+        8,
+        b"\x02" * 64,
+        True,
+    )
 
 
 def test_ipc_handle_codec_matches_torch_and_never_needs_pickle():
@@ -165,9 +214,15 @@ def test_ipc_handle_codec_matches_torch_and_never_needs_pickle():
     uuid, args = decode_ipc_args(wire)
     assert uuid == "GPU-1234" and args == _handle_args()
     assert decode_ipc_args({**wire, "event_handle": None})[1][13] is None
-    for key, value in [("tensor_cls", "os.system"), ("storage_cls", "builtins.eval"), ("dtype", "complex128"),
-                       ("storage_handle", "%%%"), ("storage_device", "0"), ("requires_grad", 1),
-                       ("tensor_size", ["x"])]:
+    for key, value in [
+        ("tensor_cls", "os.system"),
+        ("storage_cls", "builtins.eval"),
+        ("dtype", "complex128"),
+        ("storage_handle", "%%%"),
+        ("storage_device", "0"),
+        ("requires_grad", 1),
+        ("tensor_size", ["x"]),
+    ]:
         with pytest.raises(HandleError, match=key):
             decode_ipc_args({**wire, key: value})
     with pytest.raises(HandleError, match="lacks"):
@@ -192,7 +247,9 @@ def _weight_transfer_arg(config: ServeConfig, cpu: bool) -> dict:
 
 def test_serve_config_picks_the_vllm_weight_transfer_backend():
     assert _weight_transfer_arg(ServeConfig(), cpu=True) == {"backend": "flywheel"}
-    assert _weight_transfer_arg(ServeConfig(weight_transports=["shm", "http", "nccl"]), cpu=False) == {"backend": "flywheel_nccl"}
+    assert _weight_transfer_arg(ServeConfig(weight_transports=["shm", "http", "nccl"]), cpu=False) == {
+        "backend": "flywheel_nccl"
+    }
     assert _weight_transfer_arg(ServeConfig(weight_transports=["ipc"]), cpu=False) == {"backend": "flywheel_ipc"}
     with pytest.raises(ValueError, match="need a CUDA device"):
         _weight_transfer_arg(ServeConfig(weight_transports=["nccl"]), cpu=True)
@@ -203,8 +260,11 @@ def test_serve_config_picks_the_vllm_weight_transfer_backend():
 
 
 def test_every_backend_the_config_can_name_is_registered_in_vllms_factory():
-    import flywheel.server.weights.worker  # noqa: F401  (the worker extension: importing it registers them)
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
+    import flywheel.server.weights.worker  # noqa: F401  (the worker extension: importing it registers them)
+
     for transports in (["shm"], ["shm", "nccl"], ["ipc", "http"]):
-        assert ServeConfig(weight_transports=transports).weight_transfer_backend() in WeightTransferEngineFactory._registry
+        assert (
+            ServeConfig(weight_transports=transports).weight_transfer_backend() in WeightTransferEngineFactory._registry
+        )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
 import signal
 import subprocess
@@ -18,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from flywheel.clients.servers import start_server
 from flywheel.server.weights.client import PushFailed, push_weights
 from flywheel.server.weights.shm_buckets import ShmBuckets
-from flywheel.clients.servers import start_server
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1 2 3 4", "Hello, my name is"]
 
@@ -39,8 +38,9 @@ def greedy(url: str, model: str) -> list[tuple[list[int], list[float]]]:
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
     out = []
     for prompt in PROMPTS:
-        c = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0, logprobs=1,
-                                      extra_body={"return_token_ids": True}).choices[0]
+        c = client.completions.create(
+            model=model, prompt=prompt, max_tokens=12, temperature=0, logprobs=1, extra_body={"return_token_ids": True}
+        ).choices[0]
         out.append((c.model_extra["token_ids"], c.logprobs.token_logprobs))
     return out
 
@@ -125,19 +125,27 @@ def test_bad_pushes_are_refused_and_a_keeps_serving(served_a, tmp_path):
     save_file(good, str(whole))
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(whole.read_bytes()[:-1000])
-    r = httpx.post(srv.url + "/flywheel/admin/weights/push", headers=srv.admin_headers,
-                   json={"version": before_version + 1, "transport": "shm", "buckets": [{"path": str(cut)}]})
+    r = httpx.post(
+        srv.url + "/flywheel/admin/weights/push",
+        headers=srv.admin_headers,
+        json={"version": before_version + 1, "transport": "shm", "buckets": [{"path": str(cut)}]},
+    )
     assert r.status_code == 400 and "truncated" in r.json()["error"]["message"]
     # a bucket whose checksum does not match
-    r = httpx.put(srv.url + "/flywheel/admin/weights/buckets/p1/0", content=whole.read_bytes(),
-                  headers={**srv.admin_headers, "x-flywheel-sha256": "0" * 64})
+    r = httpx.put(
+        srv.url + "/flywheel/admin/weights/buckets/p1/0",
+        content=whole.read_bytes(),
+        headers={**srv.admin_headers, "x-flywheel-sha256": "0" * 64},
+    )
     assert r.status_code == 400 and "checksum" in r.json()["error"]["message"]
     # stale and duplicate versions
     with pytest.raises(PushFailed) as info:
         push_weights(srv.url, good, before_version, srv.admin_token)
     assert info.value.status == 409
     # no token
-    r = httpx.post(srv.url + "/flywheel/admin/weights/push", json={"version": 99, "transport": "shm", "buckets": [{"path": "/x"}]})
+    r = httpx.post(
+        srv.url + "/flywheel/admin/weights/push", json={"version": 99, "transport": "shm", "buckets": [{"path": "/x"}]}
+    )
     assert r.status_code == 401
     assert status(srv.url)["policy_version"] == before_version
     assert_same(greedy(srv.url, "m"), before, tol=0.0)
@@ -165,15 +173,24 @@ def test_pusher_killed_mid_transfer_changes_nothing(served_a, tmp_path):
     before = greedy(srv.url, "m")
     bucket = tmp_path / "b.safetensors"
     save_file(load_file(next(b.glob("*.safetensors"))), str(bucket))
-    proc = subprocess.Popen([sys.executable, "-c", PUSHER, srv.url, srv.admin_token, str(bucket)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PUSHER, srv.url, srv.admin_token, str(bucket)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "HALF"
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     # the half bucket can never be committed, and nothing changed
-    r = httpx.post(srv.url + "/flywheel/admin/weights/push", headers=srv.admin_headers,
-                   json={"version": before_version + 1, "transport": "http", "push_id": "killed",
-                         "buckets": [{"index": 0, "sha256": "0" * 64}]})
+    r = httpx.post(
+        srv.url + "/flywheel/admin/weights/push",
+        headers=srv.admin_headers,
+        json={
+            "version": before_version + 1,
+            "transport": "http",
+            "push_id": "killed",
+            "buckets": [{"index": 0, "sha256": "0" * 64}],
+        },
+    )
     assert r.status_code == 400 and "not uploaded" in r.json()["error"]["message"]
     assert status(srv.url)["policy_version"] == before_version
     assert_same(greedy(srv.url, "m"), before, tol=0.0)
@@ -186,8 +203,14 @@ def _stream(url: str, out: dict, go: threading.Barrier, max_tokens: int):
     go.wait()  # every client is built before any request is sent: the streams start together
     out["t_sent"] = time.monotonic()
     try:
-        for chunk in client.completions.create(model="m", prompt="Tell a long story", max_tokens=max_tokens,
-                                               temperature=1.0, stream=True, extra_body={"ignore_eos": True}):
+        for chunk in client.completions.create(
+            model="m",
+            prompt="Tell a long story",
+            max_tokens=max_tokens,
+            temperature=1.0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        ):
             out["started"].set()
             out["versions"].append(chunk.model_extra.get("policy_version"))
             if chunk.choices:
@@ -309,8 +332,11 @@ def test_gpu_transport_commits_are_checked_like_bucket_pushes(served_a):
     srv, a, b, _ = served_a
     v = status(srv.url)["policy_version"]
     sd = load_file(next(a.glob("*.safetensors")))
-    tensors = {"names": list(sd), "dtype_names": [str(t.dtype).removeprefix("torch.") for t in sd.values()],
-               "shapes": [list(t.shape) for t in sd.values()]}
+    tensors = {
+        "names": list(sd),
+        "dtype_names": [str(t.dtype).removeprefix("torch.") for t in sd.values()],
+        "shapes": [list(t.shape) for t in sd.values()],
+    }
     url = srv.url + "/flywheel/admin/weights/push"
     r = httpx.post(url, headers=srv.admin_headers, json={"version": v, "transport": "nccl", "tensors": tensors})
     assert r.status_code == 409  # stale version first, whatever the transport
@@ -318,7 +344,9 @@ def test_gpu_transport_commits_are_checked_like_bucket_pushes(served_a):
     assert r.status_code == 400 and "not enabled" in r.json()["error"]["message"]
     r = httpx.post(url, headers=srv.admin_headers, json={"version": v + 1, "transport": "ipc", "tensors": tensors})
     assert r.status_code == 400 and "ipc_handles" in r.json()["error"]["message"]  # not a push at all
-    r = httpx.post(url, headers=srv.admin_headers, json={"version": v + 1, "transport": "rdma", "buckets": [{"path": "/x"}]})
+    r = httpx.post(
+        url, headers=srv.admin_headers, json={"version": v + 1, "transport": "rdma", "buckets": [{"path": "/x"}]}
+    )
     assert r.status_code == 400 and "transport" in r.json()["error"]["message"]
     st = status(srv.url)
     assert st["policy_version"] == v and st["weights"]["backend"] == "flywheel" and st["weights"]["workers"] == 1

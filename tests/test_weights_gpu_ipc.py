@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 
 from flywheel.server.weights.gpu import encode_ipc_args, require_cuda, tensor_list  # noqa: E402
 
-CHILD = r'''
+CHILD = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 from torch.multiprocessing.reductions import rebuild_cuda_tensor
@@ -34,7 +34,7 @@ for name, h in zip(body["tensors"]["names"], body["ipc_handles"]):
     t = rebuild_cuda_tensor(*args)
     out[name] = [float(t.float().sum()), list(t.shape), str(t.dtype)]
 print(json.dumps(out))
-'''
+"""
 
 
 @pytest.mark.gpu
@@ -42,16 +42,22 @@ def test_real_ipc_handles_round_trip_through_json():
     from torch.multiprocessing.reductions import reduce_tensor
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    sd = {"a": torch.randn(64, 32, device="cuda", generator=g),
-          "b": torch.randn(128, device="cuda", generator=g).bfloat16(),
-          "c": torch.randn(8, 8, device="cuda", generator=g)[:, :4].contiguous()}
+    sd = {
+        "a": torch.randn(64, 32, device="cuda", generator=g),
+        "b": torch.randn(128, device="cuda", generator=g).bfloat16(),
+        "c": torch.randn(8, 8, device="cuda", generator=g)[:, :4].contiguous(),
+    }
     require_cuda(sd, "ipc")
     uuid = str(torch.cuda.get_device_properties(0).uuid)
     pairs = [(n, t.contiguous()) for n, t in sd.items()]
-    body = {"tensors": tensor_list(pairs),  # the fields gpu_client.gpu_commit_body adds for ipc
-            "ipc_handles": [encode_ipc_args(reduce_tensor(t)[1], uuid) for _, t in pairs]}
+    body = {
+        "tensors": tensor_list(pairs),  # the fields gpu_client.gpu_commit_body adds for ipc
+        "ipc_handles": [encode_ipc_args(reduce_tensor(t)[1], uuid) for _, t in pairs],
+    }
     torch.cuda.synchronize()
-    r = subprocess.run([sys.executable, "-c", CHILD, ROOT], input=json.dumps(body), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD, ROOT], input=json.dumps(body), capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout)
     for n, t in sd.items():

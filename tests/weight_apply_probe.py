@@ -34,13 +34,17 @@ def main(model_dir: str) -> None:
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         a.update(load_file(f))
     g = torch.Generator().manual_seed(3)
-    b = {k: v + 0.05 * v.float().std().to(v.dtype) * torch.randn(v.shape, generator=g).to(v.dtype) for k, v in a.items()}
+    b = {
+        k: v + 0.05 * v.float().std().to(v.dtype) * torch.randn(v.shape, generator=g).to(v.dtype) for k, v in a.items()
+    }
     params = SamplingParams(max_tokens=10, temperature=0, logprobs=0)
 
     def outputs():
         done = llm.generate(PROMPTS, params, use_tqdm=False)
-        return [[list(o.outputs[0].token_ids), [next(iter(d.values())).logprob for d in o.outputs[0].logprobs]]
-                for o in done]
+        return [
+            [list(o.outputs[0].token_ids), [next(iter(d.values())).logprob for d in o.outputs[0].logprobs]]
+            for o in done
+        ]
 
     staged = StagedApply(model)
     result = {"unsupported": StagedApply.supported(model), "seconds": {}}

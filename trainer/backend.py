@@ -11,7 +11,7 @@ registry can import them without a circle.
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable
+from collections.abc import Callable
 
 from flywheel.server.errors import UserError
 from flywheel.trainer.policy_interface import Policy, PolicyConfig
@@ -23,8 +23,10 @@ def megatron_available() -> bool:
 
 def _transformers(config: PolicyConfig) -> Policy:
     if config.parallel.splits_model:
-        raise UserError(f"the transformers backend runs one process and cannot split the model "
-                        f"(parallel: {config.parallel.model_dump()}); use --backend megatron")
+        raise UserError(
+            f"the transformers backend runs one process and cannot split the model "
+            f"(parallel: {config.parallel.model_dump()}); use --backend megatron"
+        )
     from flywheel.trainer.hf_backend import HFPolicy
 
     return HFPolicy(config)

@@ -38,10 +38,16 @@ class TrainState(BaseModel):
     """Everything besides weights and optimizer that a resumed run needs."""
 
     step: int = Field(default=0, description="Optimizer steps completed")
-    pushed_version: int = Field(default=0, description="Last weight version pushed to the server (0: the served checkpoint)")
-    trained_ids: list[str] = Field(default_factory=list, description="Recent queue record ids already trained (idempotency)")
+    pushed_version: int = Field(
+        default=0, description="Last weight version pushed to the server (0: the served checkpoint)"
+    )
+    trained_ids: list[str] = Field(
+        default_factory=list, description="Recent queue record ids already trained (idempotency)"
+    )
     dropped_stale: int = Field(default=0, description="Rollouts dropped for being older than max_staleness")
-    skipped_duplicates: int = Field(default=0, description="Redelivered records skipped because they were already trained")
+    skipped_duplicates: int = Field(
+        default=0, description="Redelivered records skipped because they were already trained"
+    )
     tokens_trained: int = Field(default=0, description="Target tokens trained on so far")
 
     def remember(self, ids: list[str]) -> None:
@@ -84,8 +90,9 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(run_dir: Path, policy, optimizer, scheduler, state: TrainState, keep: int = 2,
-                    layout: dict | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path, policy, optimizer, scheduler, state: TrainState, keep: int = 2, layout: dict | None = None
+) -> Path:
     import torch
 
     root = Path(run_dir) / "checkpoints"
@@ -95,8 +102,10 @@ def save_checkpoint(run_dir: Path, policy, optimizer, scheduler, state: TrainSta
         shutil.rmtree(tmp)
     policy.save_hf(tmp)  # every rank calls it: model-parallel backends gather inside
     (tmp / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-               tmp / STATE_DIR / f"rank{_rank()}.pt")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+        tmp / STATE_DIR / f"rank{_rank()}.pt",
+    )
     _barrier()  # every rank's state is in tmp before rank 0 renames it (else a rank's file can miss the rename)
     if _rank() == 0:
         (tmp / STATE_DIR / STATE_FILE).write_text(state.model_dump_json())
@@ -148,8 +157,10 @@ def check_resume_layout(checkpoint: Path, layout: dict) -> None:
     changed = {k: (saved.get(k), v) for k, v in layout.items() if saved.get(k) != v}
     if changed:
         what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-        raise UserError(f"{checkpoint} was written with {saved}; this run changes {what}. Resume with "
-                         f"the same backend and parallel degrees, or start a new run with --model {checkpoint} (weights only)")
+        raise UserError(
+            f"{checkpoint} was written with {saved}; this run changes {what}. Resume with "
+            f"the same backend and parallel degrees, or start a new run with --model {checkpoint} (weights only)"
+        )
 
 
 def load_trainer_state(checkpoint: Path, optimizer, scheduler) -> TrainState:
@@ -159,8 +170,10 @@ def load_trainer_state(checkpoint: Path, optimizer, scheduler) -> TrainState:
     path = checkpoint / STATE_DIR / f"rank{_rank()}.pt"
     if not path.is_file():
         world = torch.distributed.get_world_size() if _distributed() else 1
-        raise UserError(f"{path} is missing: resume with the world size and parallel "
-                         f"degrees the checkpoint was written with (this run has {world} ranks)")
+        raise UserError(
+            f"{path} is missing: resume with the world size and parallel "
+            f"degrees the checkpoint was written with (this run has {world} ranks)"
+        )
     blob = torch.load(path, weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])

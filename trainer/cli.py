@@ -1,9 +1,9 @@
 """`flywheel train`: CPT / SFT / DPO / GRPO on files or the rollout queue; `plot` and `convert` subcommands.
 
-    flywheel train --objective sft --data chats.jsonl --model tiny-qwen3 --run-dir runs/sft --max-steps 50
-    flywheel train --config loop.yaml --resume              # continue the latest checkpoint in run_dir
-    flywheel train plot runs/sft                            # PNG curves into runs/sft/plots/
-    flywheel train convert ...                              # HF <-> megatron (trainer/megatron/convert.py)
+flywheel train --objective sft --data chats.jsonl --model tiny-qwen3 --run-dir runs/sft --max-steps 50
+flywheel train --config loop.yaml --resume              # continue the latest checkpoint in run_dir
+flywheel train plot runs/sft                            # PNG curves into runs/sft/plots/
+flywheel train convert ...                              # HF <-> megatron (trainer/megatron/convert.py)
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ def run(config: TrainConfig) -> int:
         state = train(config)
     except DataError as exc:
         raise UserError(str(exc)) from None
-    print(f"trained {state.step} steps, {state.tokens_trained} tokens; checkpoints in {Path(config.run_dir) / 'checkpoints'}")
+    print(
+        f"trained {state.step} steps, {state.tokens_trained} tokens; checkpoints in {Path(config.run_dir) / 'checkpoints'}"
+    )
     return 0
 
 
@@ -51,6 +53,9 @@ def run_plot(config: PlotConfig) -> int:
 SUBCOMMANDS: dict = {"plot": (PlotConfig, run_plot)}
 
 # The megatron developer owns conversion (trainer/megatron/convert_cli.py: Config + run); expose it when present.
-if importlib.util.find_spec("flywheel.trainer.megatron") is not None and importlib.util.find_spec("flywheel.trainer.megatron.convert_cli") is not None:
+if (
+    importlib.util.find_spec("flywheel.trainer.megatron") is not None
+    and importlib.util.find_spec("flywheel.trainer.megatron.convert_cli") is not None
+):
     _convert = importlib.import_module("flywheel.trainer.megatron.convert_cli")
     SUBCOMMANDS["convert"] = (_convert.Config, _convert.run)

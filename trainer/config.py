@@ -14,23 +14,51 @@ from flywheel.trainer.policy_interface import ParallelConfig, PolicyConfig
 class QueueInput(BaseModel):
     """How the trainer reads the rollout queue (sampler/queue.py's RolloutQueue)."""
 
-    consumer: str = Field(default="trainer-0", description="Consumer name inside the group (stable across restarts so pending entries come back)")
+    consumer: str = Field(
+        default="trainer-0",
+        description="Consumer name inside the group (stable across restarts so pending entries come back)",
+    )
     block_s: float = Field(default=2.0, ge=0, description="How long one read waits for new records")
-    max_wait_s: float = Field(default=600.0, gt=0, description="Error out when a step's batch is still incomplete after this long")
+    max_wait_s: float = Field(
+        default=600.0, gt=0, description="Error out when a step's batch is still incomplete after this long"
+    )
 
 
 class GrpoLossConfig(BaseModel):
     """GRPO objective settings."""
 
     clip_low: float = Field(default=0.2, ge=0, description="Lower clip range: ratio >= 1 - clip_low")
-    clip_high: float = Field(default=0.28, ge=0, description="Upper clip range: ratio <= 1 + clip_high (DAPO clip-higher)")
-    aggregation: Literal["token-mean", "seq-mean", "dr-grpo"] = Field(default="token-mean", description="Loss aggregation: token-mean (DAPO), seq-mean (GRPO), dr-grpo (sum / constant)")
-    dr_grpo_constant: int = Field(default=1024, gt=0, description="Dr.GRPO normaliser C (tokens), typically the max completion length")
-    scale_by_std: bool = Field(default=True, description="Divide advantages by the group std (False: Dr.GRPO, mean-centred only)")
-    kl_coef: float = Field(default=0.0, ge=0, description="Weight of the k3 KL to the frozen reference (0: no reference model)")
-    tis_cap: float | None = Field(default=None, gt=0, description="Truncated importance sampling cap; set to run a proximal pass and weight tokens by min(pi_old/pi_behaviour, cap)")
-    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature of the rollouts (logprobs are taken from logits / temperature)")
-    group_size: int = Field(default=0, ge=0, description="Completions per prompt; with the queue, a step waits for whole groups (0: take what arrives)")
+    clip_high: float = Field(
+        default=0.28, ge=0, description="Upper clip range: ratio <= 1 + clip_high (DAPO clip-higher)"
+    )
+    aggregation: Literal["token-mean", "seq-mean", "dr-grpo"] = Field(
+        default="token-mean",
+        description="Loss aggregation: token-mean (DAPO), seq-mean (GRPO), dr-grpo (sum / constant)",
+    )
+    dr_grpo_constant: int = Field(
+        default=1024, gt=0, description="Dr.GRPO normaliser C (tokens), typically the max completion length"
+    )
+    scale_by_std: bool = Field(
+        default=True, description="Divide advantages by the group std (False: Dr.GRPO, mean-centred only)"
+    )
+    kl_coef: float = Field(
+        default=0.0, ge=0, description="Weight of the k3 KL to the frozen reference (0: no reference model)"
+    )
+    tis_cap: float | None = Field(
+        default=None,
+        gt=0,
+        description="Truncated importance sampling cap; set to run a proximal pass and weight tokens by min(pi_old/pi_behaviour, cap)",
+    )
+    temperature: float = Field(
+        default=1.0,
+        gt=0,
+        description="Sampling temperature of the rollouts (logprobs are taken from logits / temperature)",
+    )
+    group_size: int = Field(
+        default=0,
+        ge=0,
+        description="Completions per prompt; with the queue, a step waits for whole groups (0: take what arrives)",
+    )
 
 
 class DPOConfig(BaseModel):
@@ -44,11 +72,20 @@ class TrainConfig(BaseModel):
 
     objective: Literal["cpt", "sft", "dpo", "grpo"] = Field(default="sft", description="Training objective")
     backend: Literal["transformers", "megatron"] = Field(default="transformers", description="Model implementation")
-    model: str = Field(default="tiny-qwen3", description="Starting HF folder or bundled model name (tiny-qwen3, smollm2-135m-instruct, ...)")
-    data: list[str] = Field(default_factory=list, description="Training files (JSONL of the objective's shape, or .txt for cpt)")
-    queue: QueueConfig | None = Field(default=None, description="Rollout queue (grpo): set --queue.url to train from Redis instead of files")
+    model: str = Field(
+        default="tiny-qwen3",
+        description="Starting HF folder or bundled model name (tiny-qwen3, smollm2-135m-instruct, ...)",
+    )
+    data: list[str] = Field(
+        default_factory=list, description="Training files (JSONL of the objective's shape, or .txt for cpt)"
+    )
+    queue: QueueConfig | None = Field(
+        default=None, description="Rollout queue (grpo): set --queue.url to train from Redis instead of files"
+    )
     queue_input: QueueInput = Field(default_factory=QueueInput, description="Trainer-side queue reading settings")
-    run_dir: Path = Field(default=Path("runs/train"), description="Where checkpoints, metrics.jsonl and TensorBoard events go")
+    run_dir: Path = Field(
+        default=Path("runs/train"), description="Where checkpoints, metrics.jsonl and TensorBoard events go"
+    )
     seed: int = Field(default=0, description="Seed for data order and torch RNG")
     resume: bool = Field(default=False, description="Continue from the latest checkpoint in run_dir")
 
@@ -57,45 +94,85 @@ class TrainConfig(BaseModel):
     betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW betas")
     warmup_steps: int = Field(default=0, ge=0, description="Linear warmup steps from 0 to lr")
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio at max_steps")
-    max_steps: int = Field(default=100, gt=0, description="Optimizer steps of the whole run (the LR schedule spans them)")
-    stop_after: int | None = Field(default=None, gt=0, description="Checkpoint and stop after this many steps of this invocation (time-boxed jobs; continue with --resume)")
+    max_steps: int = Field(
+        default=100, gt=0, description="Optimizer steps of the whole run (the LR schedule spans them)"
+    )
+    stop_after: int | None = Field(
+        default=None,
+        gt=0,
+        description="Checkpoint and stop after this many steps of this invocation (time-boxed jobs; continue with --resume)",
+    )
     batch_size: int = Field(default=8, gt=0, description="Samples per optimizer step (DPO: pairs; GRPO: completions)")
-    micro_batch_tokens: int = Field(default=4096, gt=0, description="Token budget of one forward/backward; a step accumulates gradients over as many micro-batches as its samples need")
+    micro_batch_tokens: int = Field(
+        default=4096,
+        gt=0,
+        description="Token budget of one forward/backward; a step accumulates gradients over as many micro-batches as its samples need",
+    )
     max_seq_len: int = Field(default=1024, gt=1, description="Longer samples are truncated (CPT documents are chunked)")
-    pack: bool = Field(default=True, description="Pack samples of a micro-batch into one row (document boundaries kept); False: one padded row each")
+    pack: bool = Field(
+        default=True,
+        description="Pack samples of a micro-batch into one row (document boundaries kept); False: one padded row each",
+    )
     grad_clip: float = Field(default=1.0, gt=0, description="Clip the global gradient norm to this value")
     bf16: bool = Field(default=False, description="bfloat16 weights/compute (use fp32 on CPU)")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward to save memory")
-    compile: bool = Field(default=False, description="torch.compile every transformer layer (both backends); "
-                          "megatron on an H200: 1.5-1.9x faster steps (bench/results/train_speed.json)")
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Model-parallel degrees (megatron backend)")
+    compile: bool = Field(
+        default=False,
+        description="torch.compile every transformer layer (both backends); "
+        "megatron on an H200: 1.5-1.9x faster steps (bench/results/train_speed.json)",
+    )
+    parallel: ParallelConfig = Field(
+        default_factory=ParallelConfig, description="Model-parallel degrees (megatron backend)"
+    )
 
     save_every: int = Field(default=50, ge=0, description="Checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(default=2, ge=1, description="How many step checkpoints to keep in run_dir")
     log_every: int = Field(default=1, gt=0, description="Write metrics every N steps")
     push_every: int = Field(default=0, ge=0, description="Push weights to the server every K steps (0: never)")
-    push_url: str | None = Field(default=None, description="Server base URL for weight pushes (None: pushing is a no-op)")
-    push_transport: Literal["auto", "shm", "http", "ipc"] = Field(default="auto", description="How pushed weights travel: ipc hands the server CUDA-IPC handles of the learner's own GPU tensors (no copy through the host; the learner and the server share the GPU); shm writes safetensors buckets to /dev/shm (a server on this host); http streams them. auto: ipc when the weights are on a GPU and the server (on this host) offers it, else shm on this host, else http")
-    push_retries: int = Field(default=5, ge=0, description="A push that fails on the way (server restarting, 5xx, timeout) is retried this many times with exponential backoff, then skipped (the run goes on)")
-    push_backoff_s: float = Field(default=1.0, gt=0, description="First retry delay of a failed push, doubled each retry (at most 30 s)")
+    push_url: str | None = Field(
+        default=None, description="Server base URL for weight pushes (None: pushing is a no-op)"
+    )
+    push_transport: Literal["auto", "shm", "http", "ipc"] = Field(
+        default="auto",
+        description="How pushed weights travel: ipc hands the server CUDA-IPC handles of the learner's own GPU tensors (no copy through the host; the learner and the server share the GPU); shm writes safetensors buckets to /dev/shm (a server on this host); http streams them. auto: ipc when the weights are on a GPU and the server (on this host) offers it, else shm on this host, else http",
+    )
+    push_retries: int = Field(
+        default=5,
+        ge=0,
+        description="A push that fails on the way (server restarting, 5xx, timeout) is retried this many times with exponential backoff, then skipped (the run goes on)",
+    )
+    push_backoff_s: float = Field(
+        default=1.0, gt=0, description="First retry delay of a failed push, doubled each retry (at most 30 s)"
+    )
     admin_token: str | None = Field(default=None, description="Admin token of the server's weight routes")
-    max_staleness: int = Field(default=4, ge=0, description="Drop rollouts whose policy_version is more than this many versions behind the last push")
+    max_staleness: int = Field(
+        default=4,
+        ge=0,
+        description="Drop rollouts whose policy_version is more than this many versions behind the last push",
+    )
 
     grpo: GrpoLossConfig = Field(default_factory=GrpoLossConfig, description="GRPO settings")
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO settings")
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.queue is None and not self.data:
             raise ValueError("give training files (--data) or a rollout queue (--queue.url)")
         if self.queue is not None and self.objective != "grpo":
             raise ValueError("the rollout queue feeds the grpo objective only")
         if self.micro_batch_tokens < self.max_seq_len:
-            raise ValueError(f"micro_batch_tokens ({self.micro_batch_tokens}) must be >= max_seq_len ({self.max_seq_len})")
+            raise ValueError(
+                f"micro_batch_tokens ({self.micro_batch_tokens}) must be >= max_seq_len ({self.max_seq_len})"
+            )
         return self
 
     def policy_config(self, model: str | Path | None = None) -> PolicyConfig:
-        return PolicyConfig(backend=self.backend, model=str(model or self.model), bf16=self.bf16,
-                            gradient_checkpointing=self.gradient_checkpointing, compile=self.compile,
-                            parallel=self.parallel,
-                            seed=self.seed)
+        return PolicyConfig(
+            backend=self.backend,
+            model=str(model or self.model),
+            bf16=self.bf16,
+            gradient_checkpointing=self.gradient_checkpointing,
+            compile=self.compile,
+            parallel=self.parallel,
+            seed=self.seed,
+        )

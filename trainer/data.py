@@ -16,9 +16,10 @@ Bad input raises DataError naming the file and line.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -94,8 +95,10 @@ def chat_sample(tokenizer, messages: list[dict], where: str, train_on: str = "al
         before = render(messages[:i], True) if i > 0 else ""
         upto = render(messages[: i + 1], False)
         if not (full.startswith(upto) and upto.startswith(before)):
-            raise DataError(f"{where}: the chat template does not render conversations prefix-wise; "
-                            f"cannot locate assistant turn {i}")
+            raise DataError(
+                f"{where}: the chat template does not render conversations prefix-wise; "
+                f"cannot locate assistant turn {i}"
+            )
         spans.append((len(before), len(upto)))
     if not spans:
         raise DataError(f"{where}: no assistant message to train on")
@@ -143,7 +146,7 @@ def _text_documents(path: Path) -> Iterator[tuple[str, str]]:
     for where, obj in read_jsonl(path):
         text = obj.get("text") if isinstance(obj, dict) else obj
         if not isinstance(text, str) or not text:
-            raise DataError(f"{where}: expected {{\"text\": non-empty string}} (CPT), got {str(obj)[:80]}")
+            raise DataError(f'{where}: expected {{"text": non-empty string}} (CPT), got {str(obj)[:80]}')
         yield where, text
 
 
@@ -154,7 +157,7 @@ def load_text(path: Path, tokenizer, max_len: int) -> list[Sample]:
     for where, text in _text_documents(path):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
         for start in range(0, len(ids), max_len):
-            chunk = ids[start:start + max_len]
+            chunk = ids[start : start + max_len]
             if len(chunk) > 1:
                 out.append(Sample(chunk, [True] * len(chunk), key=f"{where}+{start}"))
     return out
@@ -179,8 +182,10 @@ def load_dpo(path: Path, tokenizer, max_len: int) -> list[PreferencePair]:
             prompt = [{"role": "user", "content": obj["prompt"]}]
         else:
             raise DataError(f"{where}: a DPO pair needs 'prompt' (string) or 'messages' (list)")
-        sides = [chat_sample(tokenizer, prompt + [_as_message(obj[k], where, k)], where, train_on="last")
-                 for k in ("chosen", "rejected")]
+        sides = [
+            chat_sample(tokenizer, prompt + [_as_message(obj[k], where, k)], where, train_on="last")
+            for k in ("chosen", "rejected")
+        ]
         chosen, rejected = (_require_tokens(_truncate(s, max_len), where) for s in sides)
         out.append(PreferencePair(chosen, rejected, key=where))
     return out
@@ -203,9 +208,13 @@ def rollout_sample(record: RolloutRecord, advantage: float, max_len: int) -> Sam
     if record.behavior_logprobs is None:
         raise DataError(f"record {record.id}: no behavior_logprobs (GRPO needs the sampler's logprobs)")
     p, c = len(record.prompt_token_ids), len(record.completion_token_ids)
-    sample = Sample(tokens=list(record.prompt_token_ids) + list(record.completion_token_ids),
-                    loss_mask=[False] * p + [True] * c,
-                    logprobs=[0.0] * p + list(record.behavior_logprobs), advantage=advantage, key=record.id)
+    sample = Sample(
+        tokens=list(record.prompt_token_ids) + list(record.completion_token_ids),
+        loss_mask=[False] * p + [True] * c,
+        logprobs=[0.0] * p + list(record.behavior_logprobs),
+        advantage=advantage,
+        key=record.id,
+    )
     return _truncate(sample, max_len)
 
 
@@ -261,9 +270,11 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.mask.sum())
 
-    def to(self, device: torch.device) -> "Batch":
-        moved = {k: getattr(self, k).to(device) for k in ("input_ids", "position_ids", "targets", "mask", "seq_index",
-                                                         "behavior_logprobs", "advantages")}
+    def to(self, device: torch.device) -> Batch:
+        moved = {
+            k: getattr(self, k).to(device)
+            for k in ("input_ids", "position_ids", "targets", "mask", "seq_index", "behavior_logprobs", "advantages")
+        }
         return Batch(**moved, keys=self.keys)
 
 
@@ -286,16 +297,18 @@ def collate(samples: list[Sample], pad_id: int, pack: bool = True, first_index: 
         col = 0
         for s in row:
             n = len(s.tokens)
-            ids[r, col:col + n] = torch.tensor(s.tokens)
-            pos[r, col:col + n] = torch.arange(n)
+            ids[r, col : col + n] = torch.tensor(s.tokens)
+            pos[r, col : col + n] = torch.arange(n)
             nxt = torch.tensor(s.tokens[1:], dtype=torch.long)
             counted = torch.tensor(s.loss_mask[1:], dtype=torch.bool)
-            targets[r, col:col + n - 1] = torch.where(counted, nxt, torch.full_like(nxt, IGNORE))
-            seq[r, col:col + n - 1] = torch.where(counted, index, -1)
+            targets[r, col : col + n - 1] = torch.where(counted, nxt, torch.full_like(nxt, IGNORE))
+            seq[r, col : col + n - 1] = torch.where(counted, index, -1)
             if s.logprobs is not None:
-                behavior[r, col:col + n - 1] = torch.tensor(s.logprobs[1:])
-            adv[r, col:col + n - 1] = s.advantage
+                behavior[r, col : col + n - 1] = torch.tensor(s.logprobs[1:])
+            adv[r, col : col + n - 1] = s.advantage
             col += n
             index += 1
         pos[r, col:] = torch.arange(width - col)  # padding: a document of its own, never a target
-    return Batch(ids, pos, targets, (targets != IGNORE).float(), seq, behavior, adv, [s.key for row in rows for s in row])
+    return Batch(
+        ids, pos, targets, (targets != IGNORE).float(), seq, behavior, adv, [s.key for row in rows for s in row]
+    )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -43,17 +43,20 @@ class HFPolicy:
                 layer.compile()
         self.model.train()
 
-    def forward_logprobs(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
-                         temperature: float = 1.0) -> torch.Tensor:
+    def forward_logprobs(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
         device = self.model.device
-        logits = self.model(input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False).logits
+        logits = self.model(
+            input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False
+        ).logits
         targets = targets.to(device)
         return token_logprobs(logits, targets, temperature)
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         return (p for p in self.model.parameters() if p.requires_grad)
 
-    def train(self, mode: bool = True) -> "HFPolicy":
+    def train(self, mode: bool = True) -> HFPolicy:
         self.model.train(mode)
         return self
 

@@ -44,8 +44,13 @@ def sequence_sums(values: torch.Tensor, mask: torch.Tensor, seq_index: torch.Ten
 # ---------------------------------------------------------------- DPO
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sigmoid DPO (Rafailov et al. 2023) on summed response log-probs, one entry per pair.
 
         r_c = beta * (log pi(y_c|x) - log ref(y_c|x)),   r_r = beta * (log pi(y_r|x) - log ref(y_r|x))
@@ -64,8 +69,9 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 # ---------------------------------------------------------------- GRPO
 
 
-def group_advantages(rewards: torch.Tensor, group_ids: list[str], scale_by_std: bool = True,
-                     eps: float = 1e-6) -> tuple[torch.Tensor, int]:
+def group_advantages(
+    rewards: torch.Tensor, group_ids: list[str], scale_by_std: bool = True, eps: float = 1e-6
+) -> tuple[torch.Tensor, int]:
     """Group-normalised advantages (Shao et al. 2024), one per completion.
 
         A_i = (r_i - mean_g) / (std_g + eps)     (scale_by_std=True, GRPO; std with Bessel's correction)
@@ -99,9 +105,16 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tensor, mode: Aggregation,
-              num_tokens: float | None = None, num_seqs: int | None = None, seq_lengths: torch.Tensor | None = None,
-              constant: float | None = None) -> torch.Tensor:
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    seq_index: torch.Tensor,
+    mode: Aggregation,
+    num_tokens: float | None = None,
+    num_seqs: int | None = None,
+    seq_lengths: torch.Tensor | None = None,
+    constant: float | None = None,
+) -> torch.Tensor:
     """Reduce a per-token loss to a scalar.
 
         token-mean (DAPO):    sum_{i,t} l_it / sum_i |o_i|
@@ -126,11 +139,22 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tens
     raise ValueError(f"unknown aggregation {mode!r} (token-mean, seq-mean, dr-grpo)")
 
 
-def grpo_loss(logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              seq_index: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2,
-              proximal_logprobs: torch.Tensor | None = None, tis_cap: float | None = None,
-              ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
-              aggregation: Aggregation = "token-mean", **normalisers) -> tuple[torch.Tensor, dict[str, float]]:
+def grpo_loss(
+    logprobs: torch.Tensor,
+    behavior_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    seq_index: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    proximal_logprobs: torch.Tensor | None = None,
+    tis_cap: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    aggregation: Aggregation = "token-mean",
+    **normalisers,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-level clipped policy-gradient loss with optional KL and truncated importance sampling.
 
     Per token, with p = logprobs (with grad), b = behaviour logprobs from the rollout record,

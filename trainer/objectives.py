@@ -73,7 +73,9 @@ def _pair_sums(policy, pairs: list[PreferencePair], pad_id: int, pack: bool) -> 
     return sums.view(len(pairs), 2)
 
 
-def dpo_backward(policy, pairs: list[PreferencePair], reference: torch.Tensor, config: TrainConfig, pad_id: int) -> dict:
+def dpo_backward(
+    policy, pairs: list[PreferencePair], reference: torch.Tensor, config: TrainConfig, pad_id: int
+) -> dict:
     """DPO: mean sigmoid loss over the step's pairs; `reference` [n_pairs, 2] from pair_logprob_sums."""
     n = len(pairs)
     groups, start = [], 0
@@ -83,7 +85,7 @@ def dpo_backward(policy, pairs: list[PreferencePair], reference: torch.Tensor, c
     loss_sum, margin_sum, correct = 0.0, 0.0, 0.0
     for start, group in my_share(policy, groups):
         sums = _pair_sums(policy, group, pad_id, config.pack)
-        ref = reference[start:start + len(group)].to(sums.device)
+        ref = reference[start : start + len(group)].to(sums.device)
         loss, margin, _ = dpo_loss(sums[:, 0], sums[:, 1], ref[:, 0], ref[:, 1], beta=config.dpo.beta)
         (loss * len(group) / n).backward()
         loss_sum += float(loss.detach()) * len(group) / n
@@ -91,16 +93,21 @@ def dpo_backward(policy, pairs: list[PreferencePair], reference: torch.Tensor, c
         correct += float((margin > 0).sum())
     totals = summed_over_shards(policy, {"loss": loss_sum, "margin": margin_sum, "correct": correct})
     tokens = sum(counted_tokens(p.chosen) + counted_tokens(p.rejected) for p in pairs)
-    return {"loss": totals["loss"], "margin_mean": totals["margin"] / n, "accuracy": totals["correct"] / n,
-            "tokens": tokens}
+    return {
+        "loss": totals["loss"],
+        "margin_mean": totals["margin"] / n,
+        "accuracy": totals["correct"] / n,
+        "tokens": tokens,
+    }
 
 
 def grpo_backward(policy, samples: list[Sample], config: TrainConfig, pad_id: int, reference=None) -> dict:
     """GRPO: clipped token-level policy gradient on rollouts whose advantages are already set."""
     g = config.grpo
     lengths = torch.tensor([float(counted_tokens(s)) for s in samples], device=_device(policy))
-    norm = dict(num_tokens=float(lengths.sum()), num_seqs=len(samples), seq_lengths=lengths,
-                constant=float(g.dr_grpo_constant))
+    norm = dict(
+        num_tokens=float(lengths.sum()), num_seqs=len(samples), seq_lengths=lengths, constant=float(g.dr_grpo_constant)
+    )
     loss_sum, sums = 0.0, {"clip_fraction": 0.0, "ratio_mean": 0.0, "kl": 0.0, "tis_weight_mean": 0.0}
     groups, first = [], 0
     for group in micro_batches(samples, config.micro_batch_tokens):
@@ -116,10 +123,21 @@ def grpo_backward(policy, samples: list[Sample], config: TrainConfig, pad_id: in
             with torch.no_grad():
                 ref = _logprobs(reference, batch, g.temperature)
         logprobs = _logprobs(policy, batch, g.temperature)
-        loss, metrics = grpo_loss(logprobs, batch.behavior_logprobs, batch.advantages, batch.mask, batch.seq_index,
-                                  clip_low=g.clip_low, clip_high=g.clip_high, proximal_logprobs=proximal,
-                                  tis_cap=g.tis_cap, ref_logprobs=ref, kl_coef=g.kl_coef,
-                                  aggregation=g.aggregation, **norm)
+        loss, metrics = grpo_loss(
+            logprobs,
+            batch.behavior_logprobs,
+            batch.advantages,
+            batch.mask,
+            batch.seq_index,
+            clip_low=g.clip_low,
+            clip_high=g.clip_high,
+            proximal_logprobs=proximal,
+            tis_cap=g.tis_cap,
+            ref_logprobs=ref,
+            kl_coef=g.kl_coef,
+            aggregation=g.aggregation,
+            **norm,
+        )
         loss.backward()
         loss_sum += float(loss.detach())
         share = batch.num_tokens / max(norm["num_tokens"], 1.0)  # token-weighted average of the metrics

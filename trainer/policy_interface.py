@@ -22,8 +22,9 @@ reference/behaviour passes).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
@@ -42,9 +43,19 @@ class ParallelConfig(BaseModel):
     `expert` must divide tensor * data (experts are split over ranks that share a pipeline stage).
     """
 
-    tensor: int = Field(default=1, ge=1, description="Tensor-parallel degree: attention heads, FFN columns and the vocabulary split over ranks (megatron only)")
-    pipeline: int = Field(default=1, ge=1, description="Pipeline-parallel degree: layers split into consecutive stages, trained with megatron's 1F1B schedule (megatron only)")
-    expert: int = Field(default=1, ge=1, description="Expert-parallel degree for MoE models: experts split over ranks (megatron only)")
+    tensor: int = Field(
+        default=1,
+        ge=1,
+        description="Tensor-parallel degree: attention heads, FFN columns and the vocabulary split over ranks (megatron only)",
+    )
+    pipeline: int = Field(
+        default=1,
+        ge=1,
+        description="Pipeline-parallel degree: layers split into consecutive stages, trained with megatron's 1F1B schedule (megatron only)",
+    )
+    expert: int = Field(
+        default=1, ge=1, description="Expert-parallel degree for MoE models: experts split over ranks (megatron only)"
+    )
 
     # megatron's own names for the same three numbers (trainer/megatron/model.py and bench/ read them)
     @property
@@ -71,9 +82,12 @@ class PolicyConfig(BaseModel):
     model: str = Field(description="HF folder (or bundled model name) to start from")
     bf16: bool = Field(default=False, description="Keep weights and compute in bfloat16 (slow on CPU: fp32 there)")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward to save memory")
-    compile: bool = Field(default=False, description="torch.compile every transformer layer (regional; shapes go dynamic after the first change). "
-                          "On an H200 the megatron backend trains 1.5-1.9x faster with it (bench/results/train_speed.json); "
-                          "the first steps pay the compilation")
+    compile: bool = Field(
+        default=False,
+        description="torch.compile every transformer layer (regional; shapes go dynamic after the first change). "
+        "On an H200 the megatron backend trains 1.5-1.9x faster with it (bench/results/train_speed.json); "
+        "the first steps pay the compilation",
+    )
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Model-parallel degrees (megatron)")
     seed: int = Field(default=0, description="Seed of torch's and megatron's model-parallel RNGs at build time")
 
@@ -82,8 +96,9 @@ class PolicyConfig(BaseModel):
 class Policy(Protocol):
     """A trainable causal LM seen through HF names. Keep this small: two backends implement it."""
 
-    def forward_logprobs(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
-                         temperature: float = 1.0) -> torch.Tensor:
+    def forward_logprobs(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
         """Per-token log-probabilities of `targets` (float32 [B, T], 0 where IGNORE); see module docstring."""
         ...
 

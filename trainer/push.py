@@ -43,6 +43,7 @@ class WeightPusher:
     def resolve_transport(self, weights: dict) -> str:
         """The transport of every push of this run, decided once (push_transport's description)."""
         from flywheel.server.weights.client import auto_transport, is_loopback
+
         if self.requested_transport != "auto":
             return self.requested_transport
         on_gpu = any(getattr(t, "is_cuda", False) for t in weights.values())
@@ -92,8 +93,15 @@ class WeightPusher:
         start, failures, error = time.perf_counter(), 0, None
         for attempt in range(self.retries + 1):
             try:
-                push_weights(self.url, weights, version=version, admin_token=self.token, transport=self.transport,
-                             source=f"trainer step {step}", buckets=self.buckets)
+                push_weights(
+                    self.url,
+                    weights,
+                    version=version,
+                    admin_token=self.token,
+                    transport=self.transport,
+                    source=f"trainer step {step}",
+                    buckets=self.buckets,
+                )
                 break
             except PushFailed as exc:
                 served = self.served_version()
@@ -107,11 +115,19 @@ class WeightPusher:
             failures += 1
             if attempt < self.retries:
                 delay = min(self.backoff_s * 2**attempt, 30.0)
-                print(f"flywheel train: push of version {version} failed ({type(error).__name__}: {error}); "
-                      f"retry {attempt + 1}/{self.retries} in {delay:.1f} s", file=sys.stderr, flush=True)
+                print(
+                    f"flywheel train: push of version {version} failed ({type(error).__name__}: {error}); "
+                    f"retry {attempt + 1}/{self.retries} in {delay:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 time.sleep(delay)
         else:
-            print(f"flywheel train: push of version {version} failed {failures} times; training goes on "
-                  f"(the next push supersedes it): {error}", file=sys.stderr, flush=True)
+            print(
+                f"flywheel train: push of version {version} failed {failures} times; training goes on "
+                f"(the next push supersedes it): {error}",
+                file=sys.stderr,
+                flush=True,
+            )
             return {"push_failures": failures, "push_failed_version": version, "push_s": time.perf_counter() - start}
         return {"pushed_version": version, "push_s": time.perf_counter() - start, "push_failures": failures}

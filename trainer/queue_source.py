@@ -59,8 +59,7 @@ class QueueSource:
             if time.monotonic() > deadline:
                 if ready:
                     break  # train on what there is rather than stall forever
-                raise UserError(f"no rollouts on stream {self.config.queue.stream!r} "
-                                 f"for {wait.max_wait_s:.0f}s")
+                raise UserError(f"no rollouts on stream {self.config.queue.stream!r} for {wait.max_wait_s:.0f}s")
             for d in self.queue.get(count=self.config.batch_size, block_s=wait.block_s, seen=self.seen):
                 mine = self.in_flight.get(d.record.id) or self.buffer.get(d.record.id)
                 if mine is not None:  # a record we hold came again

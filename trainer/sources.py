@@ -15,7 +15,7 @@ import torch
 from flywheel.sampler.record import RolloutRecord
 from flywheel.trainer.checkpoint import TrainState
 from flywheel.trainer.config import TrainConfig
-from flywheel.trainer.data import (DataError, load_dpo, load_rollouts, load_sft, load_text, rollout_sample, take_step)
+from flywheel.trainer.data import DataError, load_dpo, load_rollouts, load_sft, load_text, rollout_sample, take_step
 from flywheel.trainer.losses import group_advantages
 
 
@@ -44,10 +44,18 @@ def rollout_step(records: list[RolloutRecord], config: TrainConfig, state: Train
     samples = [rollout_sample(r, float(a), config.max_seq_len) for r, a in zip(fresh, adv)]
     # how off-policy this step is: versions behind the last push, of the records actually trained
     staleness = [state.pushed_version - r.policy_version for r in fresh]
-    return StepData(samples, record_ids=[r.id for r in records],
-                    info={"reward_mean": float(rewards.mean()), "dropped_stale": dropped,
-                          "zero_variance_groups": zero, "completions": len(fresh),
-                          "staleness_max": max(staleness), "staleness_mean": sum(staleness) / len(staleness)})
+    return StepData(
+        samples,
+        record_ids=[r.id for r in records],
+        info={
+            "reward_mean": float(rewards.mean()),
+            "dropped_stale": dropped,
+            "zero_variance_groups": zero,
+            "completions": len(fresh),
+            "staleness_max": max(staleness),
+            "staleness_mean": sum(staleness) / len(staleness),
+        },
+    )
 
 
 class FileSource:
@@ -71,18 +79,21 @@ class FileSource:
             # a file holds whole groups: normalise each over all of its members once, then shuffle freely
             rewards = torch.tensor([r.reward for r in self.items])
             self.advantages, self.zero_variance_groups = group_advantages(
-                rewards, [r.group_id for r in self.items], scale_by_std=config.grpo.scale_by_std)
+                rewards, [r.group_id for r in self.items], scale_by_std=config.grpo.scale_by_std
+            )
 
     def next_step(self, step: int, state: TrainState) -> StepData:
         indices = take_step(len(self.items), step, self.config.batch_size, self.config.seed)
         chosen = [self.items[i] for i in indices]
         if self.config.objective == "grpo":
-            keep = [i for i in indices
-                    if not is_stale(self.items[i], state.pushed_version, self.config.max_staleness)]
+            keep = [i for i in indices if not is_stale(self.items[i], state.pushed_version, self.config.max_staleness)]
             samples = [rollout_sample(self.items[i], float(self.advantages[i]), self.config.max_seq_len) for i in keep]
             rewards = [self.items[i].reward for i in keep]
-            info = {"dropped_stale": len(indices) - len(keep), "completions": len(keep),
-                    "zero_variance_groups": self.zero_variance_groups}
+            info = {
+                "dropped_stale": len(indices) - len(keep),
+                "completions": len(keep),
+                "zero_variance_groups": self.zero_variance_groups,
+            }
             if rewards:
                 info["reward_mean"] = sum(rewards) / len(rewards)
             return StepData(samples, indices=keep, info=info)

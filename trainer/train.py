@@ -1,13 +1,13 @@
 """The training recipe: a plain loop over small pieces.
 
-    policy    = build_policy(...)                    trainer/backend.py (transformers | megatron)
-    source    = FileSource | QueueSource             trainer/sources.py, trainer/queue_source.py
-    per step:   data = source.next_step(step)        samples of this step (stale rollouts dropped)
-                *_backward(policy, data)             trainer/objectives.py: loss + backward per micro-batch
-                clip, optimizer.step, schedule.step
-                checkpoint every N steps and on push steps, then ack   trainer/checkpoint.py (records acked once durable)
-                push weights every K steps           trainer/push.py (version = last pushed + 1, after its checkpoint)
-                log metrics                          trainer/metrics.py (JSONL + TensorBoard) and the progress bar
+policy    = build_policy(...)                    trainer/backend.py (transformers | megatron)
+source    = FileSource | QueueSource             trainer/sources.py, trainer/queue_source.py
+per step:   data = source.next_step(step)        samples of this step (stale rollouts dropped)
+            *_backward(policy, data)             trainer/objectives.py: loss + backward per micro-batch
+            clip, optimizer.step, schedule.step
+            checkpoint every N steps and on push steps, then ack   trainer/checkpoint.py (records acked once durable)
+            push weights every K steps           trainer/push.py (version = last pushed + 1, after its checkpoint)
+            log metrics                          trainer/metrics.py (JSONL + TensorBoard) and the progress bar
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ from transformers import AutoTokenizer
 
 from flywheel.server.errors import UserError
 from flywheel.trainer.backend import build_policy
-from flywheel.trainer.checkpoint import TrainState, check_resume_layout, latest_checkpoint, load_trainer_state, save_checkpoint
+from flywheel.trainer.checkpoint import (
+    TrainState,
+    check_resume_layout,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+)
 from flywheel.trainer.config import TrainConfig
 from flywheel.trainer.metrics import MetricsLog
 from flywheel.trainer.objectives import dpo_backward, grpo_backward, nll_backward, pair_logprob_sums
@@ -116,7 +122,11 @@ def prepare_run_dir(config: TrainConfig) -> Path | None:
 
 def train(config: TrainConfig) -> TrainState:
     checkpoint = prepare_run_dir(config)
-    layout = {"backend": config.backend, "world_size": int(os.environ.get("WORLD_SIZE", "1")), **config.parallel.model_dump()}
+    layout = {
+        "backend": config.backend,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        **config.parallel.model_dump(),
+    }
     if checkpoint is not None:
         check_resume_layout(checkpoint, layout)  # before anything is built
     torch.manual_seed(config.seed)
@@ -171,8 +181,9 @@ def train(config: TrainConfig) -> TrainState:
             if push_now:
                 state.pushed_version = pusher.next_version(state.pushed_version)
             if push_now or (config.save_every and state.step % config.save_every == 0) or state.step == last_step:
-                save_checkpoint(config.run_dir, policy, optimizer, scheduler, state, keep=config.keep_checkpoints,
-                                layout=layout)
+                save_checkpoint(
+                    config.run_dir, policy, optimizer, scheduler, state, keep=config.keep_checkpoints, layout=layout
+                )
                 source.ack_durable(pending_ack)  # only now: the step that used them survives a crash
                 pending_ack = []
             if push_now:
@@ -181,7 +192,9 @@ def train(config: TrainConfig) -> TrainState:
             metrics["tokens_per_s"] = metrics.get("tokens", 0) / metrics["step_s"]
             if state.step % config.log_every == 0 or state.step == last_step:
                 log.log(state.step, metrics)
-            bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "reward_mean", "kl", "tokens_per_s") if k in metrics})
+            bar.set_postfix(
+                {k: f"{metrics[k]:.4g}" for k in ("loss", "reward_mean", "kl", "tokens_per_s") if k in metrics}
+            )
             bar.update(1)
     finally:
         bar.close()

@@ -31,15 +31,31 @@ class Config(BaseModel):
     base_url: str = Field(default="http://127.0.0.1:8000/v1", description="OpenAI API base URL (ends in /v1)")
     model: str | None = Field(default=None, description="Model name to request (default: the first of GET /v1/models)")
     api_key: str = Field(default="EMPTY", description="Bearer token sent to the endpoint")
-    benchmarks: list[str] = Field(default_factory=lambda: ["gsm8k-style"],
-                                  description=f"Benchmarks: {', '.join(LOADERS)}, custom:PATH.jsonl, or a name from `collections`")
-    collections: dict[str, dict[str, float]] = Field(default_factory=dict, description="Weighted mixes: {name: {benchmark: weight}}; --limit is the mix's size")
-    custom_scorer: str = Field(default="exact_match", description="Scorer for custom JSONL lines without a 'scorer' key (a sampler.rewards name)")
-    limit: int | None = Field(default=None, description="Items per benchmark (spread evenly over the benchmark); collections default to 100")
-    prompt_format: Literal["chat", "completion"] = Field(default="chat", description="chat: /v1/chat/completions (server's chat template); completion: raw text to /v1/completions")
-    chat_template: Path | None = Field(default=None, description="Jinja chat template file sent with each chat request (vLLM's `chat_template`)")
+    benchmarks: list[str] = Field(
+        default_factory=lambda: ["gsm8k-style"],
+        description=f"Benchmarks: {', '.join(LOADERS)}, custom:PATH.jsonl, or a name from `collections`",
+    )
+    collections: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Weighted mixes: {name: {benchmark: weight}}; --limit is the mix's size"
+    )
+    custom_scorer: str = Field(
+        default="exact_match",
+        description="Scorer for custom JSONL lines without a 'scorer' key (a sampler.rewards name)",
+    )
+    limit: int | None = Field(
+        default=None, description="Items per benchmark (spread evenly over the benchmark); collections default to 100"
+    )
+    prompt_format: Literal["chat", "completion"] = Field(
+        default="chat",
+        description="chat: /v1/chat/completions (server's chat template); completion: raw text to /v1/completions",
+    )
+    chat_template: Path | None = Field(
+        default=None, description="Jinja chat template file sent with each chat request (vLLM's `chat_template`)"
+    )
     system_prompt: str | None = Field(default=None, description="System message (chat) or preamble (completion)")
-    num_fewshot: int = Field(default=0, description="Few-shot examples prepended (from the benchmark's own exemplars, never the item)")
+    num_fewshot: int = Field(
+        default=0, description="Few-shot examples prepended (from the benchmark's own exemplars, never the item)"
+    )
     max_tokens: int = Field(default=256, description="Max new tokens per reply")
     temperature: float = Field(default=0.0, description="Sampling temperature")
     top_p: float = Field(default=1.0, description="Nucleus sampling")
@@ -49,9 +65,13 @@ class Config(BaseModel):
     concurrency: int = Field(default=8, description="Max requests in flight")
     timeout_s: float = Field(default=300.0, description="Per-request timeout in seconds")
     output_dir: Path | None = Field(default=None, description="Run directory (default runs/eval/<timestamp>)")
-    watch: bool = Field(default=False, description="Poll GET {server_url}/flywheel/status and evaluate each new policy_version once")
+    watch: bool = Field(
+        default=False, description="Poll GET {server_url}/flywheel/status and evaluate each new policy_version once"
+    )
     server_url: str | None = Field(default=None, description="Server root for --watch (default: base_url without /v1)")
-    history: Path = Field(default=Path("runs/eval/history.jsonl"), description="History JSONL appended by --watch (one line per version)")
+    history: Path = Field(
+        default=Path("runs/eval/history.jsonl"), description="History JSONL appended by --watch (one line per version)"
+    )
     poll_s: float = Field(default=5.0, description="Seconds between status polls (--watch)")
     max_versions: int | None = Field(default=None, description="Stop --watch after this many new versions")
     watch_timeout_s: float | None = Field(default=None, description="Stop --watch after this many seconds")
@@ -70,7 +90,9 @@ def load_items(config: Config) -> dict[str, list[EvalItem]]:
     for name in config.benchmarks:
         try:
             if name in config.collections:
-                out[name] = load_collection(name, config.collections[name], config.limit or 100, config.seed or 0, config.custom_scorer)
+                out[name] = load_collection(
+                    name, config.collections[name], config.limit or 100, config.seed or 0, config.custom_scorer
+                )
             else:
                 out[name] = spread(load_benchmark(name, config.custom_scorer), config.limit)
         except DatasetError as exc:
@@ -82,11 +104,22 @@ def evaluate(config: Config, model: str, out_dir: Path, items: dict[str, list[Ev
     from flywheel.clients.eval.report import write_run
     from flywheel.clients.eval.runner import QuerySettings, grade, query_all
 
-    settings = QuerySettings(base_url=config.base_url, model=model, api_key=config.api_key, prompt_format=config.prompt_format,
-                             chat_template=config.chat_template.read_text() if config.chat_template else None,
-                             system_prompt=config.system_prompt, num_fewshot=config.num_fewshot, max_tokens=config.max_tokens,
-                             temperature=config.temperature, top_p=config.top_p, seed=config.seed, n=config.n_samples,
-                             concurrency=config.concurrency, timeout_s=config.timeout_s)
+    settings = QuerySettings(
+        base_url=config.base_url,
+        model=model,
+        api_key=config.api_key,
+        prompt_format=config.prompt_format,
+        chat_template=config.chat_template.read_text() if config.chat_template else None,
+        system_prompt=config.system_prompt,
+        num_fewshot=config.num_fewshot,
+        max_tokens=config.max_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        seed=config.seed,
+        n=config.n_samples,
+        concurrency=config.concurrency,
+        timeout_s=config.timeout_s,
+    )
     samples = {}
     for name, xs in items.items():
         samples[name] = asyncio.run(query_all(xs, settings, desc=name))
@@ -136,10 +169,13 @@ def run(config: Config) -> int:
 
 # ---------------------------------------------------------------- compare / plot
 
+
 class CompareConfig(BaseModel):
     """Compare two eval runs: per-benchmark deltas with paired bootstrap CIs and flipped samples."""
 
-    runs: list[Path] = Field(default_factory=list, description="Two run directories: RUN_A RUN_B", json_schema_extra={"positional": True})
+    runs: list[Path] = Field(
+        default_factory=list, description="Two run directories: RUN_A RUN_B", json_schema_extra={"positional": True}
+    )
     resamples: int = Field(default=2000, description="Bootstrap resamples")
     seed: int = Field(default=0, description="Bootstrap seed")
     show_flips: int = Field(default=5, description="Flipped samples printed per benchmark")
@@ -167,8 +203,12 @@ def run_compare(config: CompareConfig) -> int:
 class PlotConfig(BaseModel):
     """Draw accuracy vs policy version from a --watch history file."""
 
-    history: Path = Field(default=Path("runs/eval/history.jsonl"), description="History JSONL written by `flywheel eval --watch`")
-    output: Path | None = Field(default=None, description="PNG to write (default: next to the history, accuracy_vs_version.png)")
+    history: Path = Field(
+        default=Path("runs/eval/history.jsonl"), description="History JSONL written by `flywheel eval --watch`"
+    )
+    output: Path | None = Field(
+        default=None, description="PNG to write (default: next to the history, accuracy_vs_version.png)"
+    )
 
 
 def run_plot(config: PlotConfig) -> int:

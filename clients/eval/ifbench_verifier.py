@@ -25,11 +25,13 @@ from flywheel.sampler.record import Reward
 @lru_cache(maxsize=1)
 def _registry() -> dict[str, Any]:
     try:
-        import nltk  # noqa: F401
         import emoji  # noqa: F401
+        import nltk  # noqa: F401
         import syllapy  # noqa: F401
     except ImportError as exc:
-        raise RuntimeError(f"the IFBench verifier needs {exc.name}: pip install nltk emoji syllapy unicodedata2") from None
+        raise RuntimeError(
+            f"the IFBench verifier needs {exc.name}: pip install nltk emoji syllapy unicodedata2"
+        ) from None
     import nltk
 
     # Offline, nltk.download prints an error and returns False; silence it (the checks that need the
@@ -51,7 +53,9 @@ def _registry() -> dict[str, Any]:
     return registry.INSTRUCTION_DICT
 
 
-def check_instructions(response: str, instruction_id_list: list[str], kwargs: list[dict], prompt: str) -> tuple[list[bool], list[str]]:
+def check_instructions(
+    response: str, instruction_id_list: list[str], kwargs: list[dict], prompt: str
+) -> tuple[list[bool], list[str]]:
     """IFBench's strict check (evaluation_lib.test_instruction_following_strict), one verdict per
     instruction, plus the ids that could not be checked offline."""
     registry = _registry()
@@ -72,8 +76,17 @@ def check_instructions(response: str, instruction_id_list: list[str], kwargs: li
 
 def ifbench_score(completion: str, answer: dict, **ctx: Any) -> Reward:
     """1.0 when every instruction of the prompt is followed (IFBench 'prompt-level strict')."""
-    followed, unverifiable = check_instructions(completion, answer["instruction_id_list"], answer["kwargs"], answer["prompt"])
+    followed, unverifiable = check_instructions(
+        completion, answer["instruction_id_list"], answer["kwargs"], answer["prompt"]
+    )
     value = 1.0 if followed and all(followed) else 0.0
-    return Reward(name="ifbench", value=value,
-                  details={"followed": followed, "instruction_ids": answer["instruction_id_list"],
-                           "instruction_accuracy": sum(followed) / max(1, len(followed)), "unverifiable": unverifiable})
+    return Reward(
+        name="ifbench",
+        value=value,
+        details={
+            "followed": followed,
+            "instruction_ids": answer["instruction_id_list"],
+            "instruction_accuracy": sum(followed) / max(1, len(followed)),
+            "unverifiable": unverifiable,
+        },
+    )

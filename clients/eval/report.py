@@ -33,16 +33,25 @@ def _stderr(values: list[float]) -> float:
 
 def summarize_benchmark(samples: list[Sample], pass_k: list[int]) -> dict[str, Any]:
     scores = [s.score for s in samples]
-    out: dict[str, Any] = {"n": len(samples), "score": sum(scores) / max(1, len(scores)), "stderr": _stderr(scores),
-                           "errors": sum(1 for s in samples if s.error)}
+    out: dict[str, Any] = {
+        "n": len(samples),
+        "score": sum(scores) / max(1, len(scores)),
+        "stderr": _stderr(scores),
+        "errors": sum(1 for s in samples if s.error),
+    }
     item = samples[0].item if samples else None
-    out["metric"] = {"loglikelihood_choice": "accuracy (log-likelihood)", "code_exec": "pass@1", "ifbench": "prompt-level strict accuracy"}.get(
-        item.scorer if item else "", "accuracy")
+    out["metric"] = {
+        "loglikelihood_choice": "accuracy (log-likelihood)",
+        "code_exec": "pass@1",
+        "ifbench": "prompt-level strict accuracy",
+    }.get(item.scorer if item else "", "accuracy")
     n_rep = max((len(s.rewards) for s in samples), default=0)
     if item is not None and item.scorer == "code_exec":
         for k in pass_k:
             if k <= n_rep:
-                out[f"pass@{k}"] = sum(pass_at_k(len(s.rewards), sum(r["value"] >= 1.0 for r in s.rewards), k) for s in samples) / len(samples)
+                out[f"pass@{k}"] = sum(
+                    pass_at_k(len(s.rewards), sum(r["value"] >= 1.0 for r in s.rewards), k) for s in samples
+                ) / len(samples)
     if item is not None and item.scorer == "ifbench":
         accs = [r["details"]["instruction_accuracy"] for s in samples for r in s.rewards[:1]]
         out["instruction_accuracy"] = sum(accs) / max(1, len(accs))
@@ -53,16 +62,26 @@ def summarize_benchmark(samples: list[Sample], pass_k: list[int]) -> dict[str, A
         for s in samples:
             by_member[s.item.meta["member"]].append(s)
         weights = {m: xs[0].item.meta["member_weight"] for m, xs in by_member.items()}
-        out["members"] = {m: {"n": len(xs), "score": sum(x.score for x in xs) / len(xs), "weight": weights[m]} for m, xs in by_member.items()}
+        out["members"] = {
+            m: {"n": len(xs), "score": sum(x.score for x in xs) / len(xs), "weight": weights[m]}
+            for m, xs in by_member.items()
+        }
         out["score"] = sum(v["score"] * v["weight"] for v in out["members"].values()) / sum(weights.values())
         out["metric"] = "weighted accuracy"
     return out
 
 
-def summarize(samples_by_benchmark: dict[str, list[Sample]], settings: dict[str, Any], pass_k: list[int]) -> dict[str, Any]:
-    versions = sorted({s.policy_version for xs in samples_by_benchmark.values() for s in xs if s.policy_version is not None})
-    return {"benchmarks": {b: summarize_benchmark(xs, pass_k) for b, xs in samples_by_benchmark.items()},
-            "policy_versions": versions, "settings": settings}
+def summarize(
+    samples_by_benchmark: dict[str, list[Sample]], settings: dict[str, Any], pass_k: list[int]
+) -> dict[str, Any]:
+    versions = sorted(
+        {s.policy_version for xs in samples_by_benchmark.values() for s in xs if s.policy_version is not None}
+    )
+    return {
+        "benchmarks": {b: summarize_benchmark(xs, pass_k) for b, xs in samples_by_benchmark.items()},
+        "policy_versions": versions,
+        "settings": settings,
+    }
 
 
 def bar_chart_png(summary: dict[str, Any], title: str = "") -> bytes:
@@ -93,28 +112,34 @@ def _html(summary: dict[str, Any], png: bytes, samples_by_benchmark: dict[str, l
     s = summary["settings"]
     rows = "".join(
         f"<tr><td>{html.escape(b)}</td><td>{html.escape(v['metric'])}</td><td>{v['score']:.4f}</td><td>±{1.96 * v['stderr']:.4f}</td>"
-        f"<td>{v['n']}</td><td>{v['errors']}</td></tr>" for b, v in summary["benchmarks"].items())
+        f"<td>{v['n']}</td><td>{v['errors']}</td></tr>"
+        for b, v in summary["benchmarks"].items()
+    )
     fails = []
     for b, xs in samples_by_benchmark.items():
         wrong = [x for x in xs if x.score < 1.0][:3]
         for x in wrong:
             reply = x.error or (x.completions[0] if x.completions else "")
-            fails.append(f"<tr><td>{html.escape(b)}</td><td>{html.escape(x.item.id)}</td><td><pre>{html.escape(x.item.prompt[:600])}</pre></td>"
-                         f"<td><pre>{html.escape(str(reply)[:600])}</pre></td><td>{html.escape(str(x.item.answer)[:200])}</td></tr>")
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Flywheel eval: {html.escape(str(s.get('model')))}</title>
+            fails.append(
+                f"<tr><td>{html.escape(b)}</td><td>{html.escape(x.item.id)}</td><td><pre>{html.escape(x.item.prompt[:600])}</pre></td>"
+                f"<td><pre>{html.escape(str(reply)[:600])}</pre></td><td>{html.escape(str(x.item.answer)[:200])}</td></tr>"
+            )
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Flywheel eval: {html.escape(str(s.get("model")))}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}
 pre{{white-space:pre-wrap;max-width:40em;margin:0}}</style></head><body>
 <h1>Flywheel eval</h1>
-<p>model <b>{html.escape(str(s.get('model')))}</b> at {html.escape(str(s.get('base_url')))}; policy versions {summary['policy_versions'] or 'n/a'};
-format {html.escape(str(s.get('prompt_format')))}, {s.get('num_fewshot')}-shot, temperature {s.get('temperature')}, seed {s.get('seed')}</p>
+<p>model <b>{html.escape(str(s.get("model")))}</b> at {html.escape(str(s.get("base_url")))}; policy versions {summary["policy_versions"] or "n/a"};
+format {html.escape(str(s.get("prompt_format")))}, {s.get("num_fewshot")}-shot, temperature {s.get("temperature")}, seed {s.get("seed")}</p>
 <table><tr><th>benchmark</th><th>metric</th><th>score</th><th>95% CI</th><th>n</th><th>errors</th></tr>{rows}</table>
 <p><img alt="scores" src="data:image/png;base64,{base64.b64encode(png).decode()}"></p>
 <h2>Some failed samples</h2>
-<table><tr><th>benchmark</th><th>id</th><th>prompt</th><th>reply</th><th>answer</th></tr>{''.join(fails)}</table>
+<table><tr><th>benchmark</th><th>id</th><th>prompt</th><th>reply</th><th>answer</th></tr>{"".join(fails)}</table>
 </body></html>"""
 
 
-def write_run(out_dir: Path, samples_by_benchmark: dict[str, list[Sample]], settings: dict[str, Any], pass_k: list[int]) -> dict[str, Any]:
+def write_run(
+    out_dir: Path, samples_by_benchmark: dict[str, list[Sample]], settings: dict[str, Any], pass_k: list[int]
+) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "samples.jsonl", "w") as fh:
         for xs in samples_by_benchmark.values():

@@ -27,7 +27,6 @@ from flywheel.clients.eval.datasets import EvalItem
 from flywheel.server.status import response_version
 
 
-
 @dataclass
 class QuerySettings:
     base_url: str
@@ -62,13 +61,26 @@ class Sample:
 
     def to_record(self) -> dict[str, Any]:
         it = self.item
-        return {"benchmark": it.benchmark, "id": it.id, "member": it.meta.get("member"), "scorer": it.scorer,
-                "prompt": self.prompt, "completions": self.completions, "finish_reasons": self.finish_reasons,
-                "choice_logprobs": self.choice_logprobs, "answer": it.answer, "rewards": self.rewards,
-                "score": self.score, "policy_version": self.policy_version, "error": self.error, "meta": it.meta}
+        return {
+            "benchmark": it.benchmark,
+            "id": it.id,
+            "member": it.meta.get("member"),
+            "scorer": it.scorer,
+            "prompt": self.prompt,
+            "completions": self.completions,
+            "finish_reasons": self.finish_reasons,
+            "choice_logprobs": self.choice_logprobs,
+            "answer": it.answer,
+            "rewards": self.rewards,
+            "score": self.score,
+            "policy_version": self.policy_version,
+            "error": self.error,
+            "meta": it.meta,
+        }
 
 
 # ---------------------------------------------------------------- prompts
+
 
 def chat_messages(item: EvalItem, s: QuerySettings) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": s.system_prompt}] if s.system_prompt else []
@@ -89,6 +101,7 @@ def text_prompt(item: EvalItem, s: QuerySettings) -> str:
 
 # ---------------------------------------------------------------- querying
 
+
 async def _post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> httpx.Response:
     resp = await client.post(path, json=body)
     if resp.status_code != 200:
@@ -97,7 +110,13 @@ async def _post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> h
 
 
 def _sampling(s: QuerySettings) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": s.model, "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "n": s.n}
+    body: dict[str, Any] = {
+        "model": s.model,
+        "max_tokens": s.max_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "n": s.n,
+    }
     if s.seed is not None:
         body["seed"] = s.seed
     return body
@@ -143,12 +162,20 @@ async def loglikelihood(client: httpx.AsyncClient, sample: Sample, s: QuerySetti
     context = text_prompt(sample.item, s)
     choices = sample.item.choices or []
     sample.prompt = context
-    body = {"model": s.model, "prompt": [context + c for c in choices], "max_tokens": 1, "temperature": 0.0,
-            "echo": True, "logprobs": 1}
+    body = {
+        "model": s.model,
+        "prompt": [context + c for c in choices],
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "echo": True,
+        "logprobs": 1,
+    }
     resp = await _post(client, "/completions", body)
     by_index = {c["index"]: c for c in resp.json()["choices"]}
-    sample.choice_logprobs = [continuation_logprob(by_index[i]["logprobs"], len(context), len(context) + len(c))
-                              for i, c in enumerate(choices)]
+    sample.choice_logprobs = [
+        continuation_logprob(by_index[i]["logprobs"], len(context), len(context) + len(c))
+        for i, c in enumerate(choices)
+    ]
     sample.policy_version = response_version(resp.headers)
 
 
@@ -156,8 +183,12 @@ async def query_all(items: list[EvalItem], s: QuerySettings, desc: str = "eval")
     samples = [Sample(item=it) for it in items]
     limit = asyncio.Semaphore(s.concurrency)
     headers = {"Authorization": f"Bearer {s.api_key}"}
-    async with httpx.AsyncClient(base_url=s.base_url.rstrip("/"), headers=headers, timeout=s.timeout_s,
-                                 limits=httpx.Limits(max_connections=s.concurrency)) as client:
+    async with httpx.AsyncClient(
+        base_url=s.base_url.rstrip("/"),
+        headers=headers,
+        timeout=s.timeout_s,
+        limits=httpx.Limits(max_connections=s.concurrency),
+    ) as client:
         bar = tqdm(total=len(samples), desc=desc, unit="item", leave=False)
 
         async def one(sample: Sample) -> None:
@@ -177,6 +208,7 @@ async def query_all(items: list[EvalItem], s: QuerySettings, desc: str = "eval")
 
 
 # ---------------------------------------------------------------- grading
+
 
 @lru_cache(maxsize=64)
 def _scorer(name: str, options: tuple) -> Any:
@@ -216,7 +248,9 @@ def grade(samples: list[Sample]) -> None:
             letter = (item.choices[pick]).strip()
             sample.completions = [letter]
             ok = letter == str(item.answer).strip()
-            sample.rewards = [{"name": "loglikelihood_choice", "value": float(ok), "weight": 1.0, "details": {"picked": letter}}]
+            sample.rewards = [
+                {"name": "loglikelihood_choice", "value": float(ok), "weight": 1.0, "details": {"picked": letter}}
+            ]
             sample.score = float(ok)
             continue
         sample.rewards = [grade_reply(item, c, sample.prompt) for c in sample.completions]

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 
@@ -33,8 +34,14 @@ def policy_version(server_url: str, timeout_s: float = 10.0) -> int:
     return fetch_status(server_url, timeout=timeout_s).policy_version
 
 
-def watch(server_url: str, history: Path, evaluate: Callable[[int], tuple[dict[str, float], str]],
-          poll_s: float = 5.0, max_versions: int | None = None, timeout_s: float | None = None) -> int:
+def watch(
+    server_url: str,
+    history: Path,
+    evaluate: Callable[[int], tuple[dict[str, float], str]],
+    poll_s: float = 5.0,
+    max_versions: int | None = None,
+    timeout_s: float | None = None,
+) -> int:
     """Evaluate every new version; returns how many were evaluated. Stops after max_versions new
     ones or timeout_s seconds (None: run until interrupted)."""
     done = {h["version"] for h in read_history(history)}
@@ -50,7 +57,9 @@ def watch(server_url: str, history: Path, evaluate: Callable[[int], tuple[dict[s
             scores, run_dir = evaluate(version)
             history.parent.mkdir(parents=True, exist_ok=True)
             with open(history, "a") as fh:
-                fh.write(json.dumps({"version": version, "time": time.time(), "scores": scores, "run_dir": run_dir}) + "\n")
+                fh.write(
+                    json.dumps({"version": version, "time": time.time(), "scores": scores, "run_dir": run_dir}) + "\n"
+                )
             done.add(version)
             evaluated += 1
         if max_versions is not None and evaluated >= max_versions:

@@ -25,11 +25,18 @@ def main() -> None:
     client = OpenAI(base_url=args.base_url, api_key=args.api_key)
     model = args.model or client.models.list().data[0].id
     raw = client.chat.completions.with_raw_response.create(
-        model=model, messages=[{"role": "user", "content": args.prompt}], max_tokens=args.max_tokens, temperature=0.7, seed=0)
+        model=model,
+        messages=[{"role": "user", "content": args.prompt}],
+        max_tokens=args.max_tokens,
+        temperature=0.7,
+        seed=0,
+    )
     reply = raw.parse()
     print(reply.choices[0].message.content)
-    print(f"[model {reply.model}, {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens, "
-          f"finish {reply.choices[0].finish_reason}, policy version {raw.headers.get('x-flywheel-policy-version', 'n/a')}]")
+    print(
+        f"[model {reply.model}, {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens, "
+        f"finish {reply.choices[0].finish_reason}, policy version {raw.headers.get('x-flywheel-policy-version', 'n/a')}]"
+    )
 
 
 if __name__ == "__main__":

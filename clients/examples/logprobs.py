@@ -25,14 +25,22 @@ def main() -> None:
     model = args.model or client.models.list().data[0].id
 
     print("generated tokens (chat, top alternatives):")
-    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": args.prompt}], max_tokens=args.max_tokens,
-                                          temperature=0, logprobs=True, top_logprobs=args.top_logprobs)
+    chat = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": args.prompt}],
+        max_tokens=args.max_tokens,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=args.top_logprobs,
+    )
     for t in chat.choices[0].logprobs.content:
         alts = ", ".join(f"{a.token!r} {a.logprob:.2f}" for a in t.top_logprobs)
         print(f"  {t.token!r:>16} {t.logprob:8.3f}   [{alts}]")
 
     print("prompt tokens (completions, echo=True):")
-    comp = client.completions.create(model=model, prompt=args.prompt, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    comp = client.completions.create(
+        model=model, prompt=args.prompt, max_tokens=1, temperature=0, echo=True, logprobs=1
+    )
     lp = comp.choices[0].logprobs
     for token, value, offset in zip(lp.tokens, lp.token_logprobs, lp.text_offset):
         shown = "   (first token: no logprob)" if value is None else f"{value:8.3f}"

@@ -1,6 +1,6 @@
 """Stream a chat reply token by token through the OpenAI SDK, with the usage at the end.
 
-    python -m clients.examples.streaming --base-url http://127.0.0.1:8000/v1 "Count to five."
+python -m clients.examples.streaming --base-url http://127.0.0.1:8000/v1 "Count to five."
 """
 
 from __future__ import annotations
@@ -24,8 +24,13 @@ def main() -> None:
     client = OpenAI(base_url=args.base_url, api_key=args.api_key)
     model = args.model or client.models.list().data[0].id
     start, first, chunks, usage = time.perf_counter(), None, 0, None
-    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": args.prompt}],
-                                            max_tokens=args.max_tokens, stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": args.prompt}],
+        max_tokens=args.max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     for chunk in stream:
         if chunk.usage is not None:  # the last chunk: no choices, just the token counts
             usage = chunk.usage
@@ -37,8 +42,10 @@ def main() -> None:
                 sys.stdout.flush()
     total = time.perf_counter() - start
     print()
-    print(f"[{chunks} chunks, {usage.completion_tokens if usage else '?'} completion tokens, "
-          f"first token after {1000 * ((first or start) - start):.0f} ms, {1000 * total:.0f} ms in all]")
+    print(
+        f"[{chunks} chunks, {usage.completion_tokens if usage else '?'} completion tokens, "
+        f"first token after {1000 * ((first or start) - start):.0f} ms, {1000 * total:.0f} ms in all]"
+    )
 
 
 if __name__ == "__main__":

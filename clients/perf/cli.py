@@ -35,16 +35,35 @@ class Config(BaseModel):
 
     base_url: str = Field(default="http://127.0.0.1:8000/v1", description="OpenAI API base URL (ends in /v1)")
     model: str | None = Field(default=None, description="Model name (default: the first of GET /v1/models)")
-    endpoint: Literal["completions", "chat"] = Field(default="completions", description="Stream from /v1/completions or /v1/chat/completions")
-    parallel: list[int] = Field(default_factory=lambda: [1, 4, 16, 64], description="Closed loop: concurrent requests, one run per value")
-    rate: list[float] = Field(default_factory=list, description="Open loop: Poisson arrival rates in requests/s, one run per value (replaces the sweep)")
+    endpoint: Literal["completions", "chat"] = Field(
+        default="completions", description="Stream from /v1/completions or /v1/chat/completions"
+    )
+    parallel: list[int] = Field(
+        default_factory=lambda: [1, 4, 16, 64], description="Closed loop: concurrent requests, one run per value"
+    )
+    rate: list[float] = Field(
+        default_factory=list,
+        description="Open loop: Poisson arrival rates in requests/s, one run per value (replaces the sweep)",
+    )
     max_concurrency: int | None = Field(default=None, description="Open loop: cap on requests in flight (None: no cap)")
-    num_requests: int | None = Field(default=None, description="Requests per run (default: max(16, 4 x parallel) closed, 64 open)")
-    input_len: int = Field(default=128, description="Synthetic prompt length in tokens (exact, by the served model's tokenizer)")
+    num_requests: int | None = Field(
+        default=None, description="Requests per run (default: max(16, 4 x parallel) closed, 64 open)"
+    )
+    input_len: int = Field(
+        default=128, description="Synthetic prompt length in tokens (exact, by the served model's tokenizer)"
+    )
     output_len: int = Field(default=64, description="Tokens to generate per request (max_tokens)")
-    ignore_eos: bool = Field(default=True, description="Send vLLM's ignore_eos so every reply has exactly output_len tokens")
-    dataset: str | None = Field(default=None, description="Use a benchmark's prompts (flywheel eval names, custom:PATH) instead of synthetic ones")
-    tokenizer: str | None = Field(default=None, description="Local HF tokenizer folder of the served model (default: the server's /tokenize route)")
+    ignore_eos: bool = Field(
+        default=True, description="Send vLLM's ignore_eos so every reply has exactly output_len tokens"
+    )
+    dataset: str | None = Field(
+        default=None,
+        description="Use a benchmark's prompts (flywheel eval names, custom:PATH) instead of synthetic ones",
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="Local HF tokenizer folder of the served model (default: the server's /tokenize route)",
+    )
     temperature: float = Field(default=0.0, description="Sampling temperature")
     seed: int = Field(default=0, description="Seed for prompts and arrival times")
     warmup: int = Field(default=2, description="Requests sent (and not measured) before the first run")
@@ -57,7 +76,10 @@ def build_prompts(config: Config, model: str, num: int) -> list[Prompt]:
     if config.dataset:
         return dataset_prompts(config.dataset, num, config.output_len, config.seed)
     if config.tokenizer:
-        if not (Path(config.tokenizer) / "tokenizer_config.json").is_file() and not (Path(config.tokenizer) / "tokenizer.json").is_file():
+        if (
+            not (Path(config.tokenizer) / "tokenizer_config.json").is_file()
+            and not (Path(config.tokenizer) / "tokenizer.json").is_file()
+        ):
             raise UserError(f"--tokenizer {config.tokenizer} is not an HF tokenizer folder")
         tok = LocalTokenizer(config.tokenizer)
     else:
@@ -80,7 +102,7 @@ def run_all(config: Config, target: LoadTarget) -> tuple[list[dict], dict[str, l
             await closed_loop(target, prompts[: config.warmup], min(config.warmup, 4))
         runs, by_label = [], {}
         for (mode, x), n in zip(plans, sizes):
-            batch = prompts[config.warmup: config.warmup + n]
+            batch = prompts[config.warmup : config.warmup + n]
             if mode == "closed":
                 results, duration, overhead = await closed_loop(target, batch, int(x))
                 label, head = f"parallel={int(x)}", {"mode": "closed", "parallel": int(x)}
@@ -90,9 +112,12 @@ def run_all(config: Config, target: LoadTarget) -> tuple[list[dict], dict[str, l
             metrics = head | summarize(results, duration) | overhead
             runs.append(metrics)
             by_label[label] = results
-            print(f"[flywheel perf] {label}: {metrics['output_throughput']:.1f} output tok/s, "
-                  f"TTFT p50 {metrics['ttft_ms_p50']:.1f} ms, {metrics['errors']} errors, client CPU {100 * metrics['client_cpu_fraction']:.1f}%",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[flywheel perf] {label}: {metrics['output_throughput']:.1f} output tok/s, "
+                f"TTFT p50 {metrics['ttft_ms_p50']:.1f} ms, {metrics['errors']} errors, client CPU {100 * metrics['client_cpu_fraction']:.1f}%",
+                file=sys.stderr,
+                flush=True,
+            )
         return runs, by_label
 
     return asyncio.run(go())
@@ -103,17 +128,30 @@ def print_table(runs: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="flywheel perf")
-    cols = [("run", None), ("req/s", "request_throughput"), ("out tok/s", "output_throughput"), ("tot tok/s", "total_token_throughput"),
-            ("TTFT p50", "ttft_ms_p50"), ("TTFT p99", "ttft_ms_p99"), ("TPOT p50", "tpot_ms_p50"), ("ITL p50", "itl_ms_p50"),
-            ("e2e p50", "e2e_ms_p50"), ("e2e p99", "e2e_ms_p99"), ("errors", "errors"), ("client CPU", "client_cpu_fraction"),
-            ("loop lag p99", "loop_lag_ms_p99")]
+    cols = [
+        ("run", None),
+        ("req/s", "request_throughput"),
+        ("out tok/s", "output_throughput"),
+        ("tot tok/s", "total_token_throughput"),
+        ("TTFT p50", "ttft_ms_p50"),
+        ("TTFT p99", "ttft_ms_p99"),
+        ("TPOT p50", "tpot_ms_p50"),
+        ("ITL p50", "itl_ms_p50"),
+        ("e2e p50", "e2e_ms_p50"),
+        ("e2e p99", "e2e_ms_p99"),
+        ("errors", "errors"),
+        ("client CPU", "client_cpu_fraction"),
+        ("loop lag p99", "loop_lag_ms_p99"),
+    ]
     for name, _ in cols:
         table.add_column(name, justify="right")
     for r in runs:
         cells = [f"parallel {r['parallel']}" if r["mode"] == "closed" else f"rate {r['rate']:g}/s"]
         for _, key in cols[1:]:
             v = r[key]
-            cells.append(f"{100 * v:.1f}%" if key == "client_cpu_fraction" else str(v) if isinstance(v, int) else f"{v:.1f}")
+            cells.append(
+                f"{100 * v:.1f}%" if key == "client_cpu_fraction" else str(v) if isinstance(v, int) else f"{v:.1f}"
+            )
         table.add_row(*cells)
     Console(width=max(160, Console().width)).print(table)
     print("times in ms; TPOT excludes the first token; client CPU = the load generator's own CPU time / wall time")
@@ -125,14 +163,25 @@ def run(config: Config) -> int:
     if any(p < 1 for p in config.parallel) or any(r <= 0 for r in config.rate):
         raise UserError("--parallel values must be >= 1 and --rate values > 0")
     model = served_model(config.base_url, config.model)
-    target = LoadTarget(base_url=config.base_url, model=model, endpoint=config.endpoint, ignore_eos=config.ignore_eos,
-                        temperature=config.temperature, timeout_s=config.timeout_s)
+    target = LoadTarget(
+        base_url=config.base_url,
+        model=model,
+        endpoint=config.endpoint,
+        ignore_eos=config.ignore_eos,
+        temperature=config.temperature,
+        timeout_s=config.timeout_s,
+    )
     runs, by_label = run_all(config, target)
     out_dir = config.output_dir or Path("runs/perf") / time.strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {"command": " ".join(["flywheel", "perf", *sys.argv[2:]]) if sys.argv[1:2] == ["perf"] else "flywheel perf",
-               "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
-               "python": platform.python_version(), "model": model, "settings": config.model_dump(mode="json"), "runs": runs}
+    results = {
+        "command": " ".join(["flywheel", "perf", *sys.argv[2:]]) if sys.argv[1:2] == ["perf"] else "flywheel perf",
+        "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
+        "python": platform.python_version(),
+        "model": model,
+        "settings": config.model_dump(mode="json"),
+        "runs": runs,
+    }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     with open(out_dir / "requests.jsonl", "w") as fh:
         for label, rs in by_label.items():

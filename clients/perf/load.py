@@ -62,8 +62,13 @@ class LoadTarget:
 
 
 def request_payload(target: LoadTarget, prompt: Prompt) -> tuple[str, dict[str, Any]]:
-    body: dict[str, Any] = {"model": target.model, "max_tokens": prompt.output_len, "temperature": target.temperature,
-                            "stream": True, "stream_options": {"include_usage": True}}
+    body: dict[str, Any] = {
+        "model": target.model,
+        "max_tokens": prompt.output_len,
+        "temperature": target.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if target.ignore_eos:
         body["ignore_eos"] = True
     if target.endpoint == "chat":
@@ -77,8 +82,10 @@ def _is_token_chunk(chunk: dict[str, Any]) -> bool:
     """A chunk that carries generated tokens (the last, usage-only chunk has no choices). Its text may
     be empty when a token is half of a UTF-8 character; it is still a token arriving, as vLLM's
     benchmark counts it."""
-    return any(c.get("text") is not None or (c.get("delta") or {}).get("content") is not None
-               for c in chunk.get("choices") or [])
+    return any(
+        c.get("text") is not None or (c.get("delta") or {}).get("content") is not None
+        for c in chunk.get("choices") or []
+    )
 
 
 async def send_request(session: aiohttp.ClientSession, target: LoadTarget, prompt: Prompt) -> RequestResult:
@@ -113,7 +120,7 @@ async def send_request(session: aiohttp.ClientSession, target: LoadTarget, promp
         result.ok = bool(result.chunk_times)
         if not result.ok:
             result.error = "no tokens in the stream"
-    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
+    except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"[:200]
     if not result.end:
         result.end = time.perf_counter()
@@ -134,7 +141,7 @@ class OverheadMonitor:
             await asyncio.sleep(self.tick_s)
             self.lags.append(max(0.0, time.perf_counter() - t0 - self.tick_s))
 
-    def __enter__(self) -> "OverheadMonitor":
+    def __enter__(self) -> OverheadMonitor:
         self.cpu0, self.wall0 = time.process_time(), time.perf_counter()
         self._task = asyncio.get_running_loop().create_task(self._tick())
         return self
@@ -146,18 +153,26 @@ class OverheadMonitor:
 
     def summary(self) -> dict[str, float]:
         lags = sorted(self.lags) or [0.0]
-        return {"client_cpu_s": self.cpu_s, "client_cpu_fraction": self.cpu_s / max(self.wall_s, 1e-9),
-                "loop_lag_ms_p50": 1000 * lags[len(lags) // 2], "loop_lag_ms_p99": 1000 * lags[int(0.99 * (len(lags) - 1))],
-                "loop_lag_ms_max": 1000 * lags[-1]}
+        return {
+            "client_cpu_s": self.cpu_s,
+            "client_cpu_fraction": self.cpu_s / max(self.wall_s, 1e-9),
+            "loop_lag_ms_p50": 1000 * lags[len(lags) // 2],
+            "loop_lag_ms_p99": 1000 * lags[int(0.99 * (len(lags) - 1))],
+            "loop_lag_ms_max": 1000 * lags[-1],
+        }
 
 
 def _session(target: LoadTarget) -> aiohttp.ClientSession:
     # limit=0: no connection cap of aiohttp's own; concurrency is the test's parameter, not the pool's.
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False),
-                                 timeout=aiohttp.ClientTimeout(total=target.timeout_s))
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, force_close=False),
+        timeout=aiohttp.ClientTimeout(total=target.timeout_s),
+    )
 
 
-async def closed_loop(target: LoadTarget, prompts: list[Prompt], parallel: int) -> tuple[list[RequestResult], float, dict]:
+async def closed_loop(
+    target: LoadTarget, prompts: list[Prompt], parallel: int
+) -> tuple[list[RequestResult], float, dict]:
     """`parallel` workers, each sending its next prompt as soon as its last reply ends."""
     queue = list(reversed(prompts))
     results: list[RequestResult] = []
@@ -174,8 +189,9 @@ async def closed_loop(target: LoadTarget, prompts: list[Prompt], parallel: int) 
     return results, duration, monitor.summary()
 
 
-async def open_loop(target: LoadTarget, prompts: list[Prompt], rate: float, seed: int = 0,
-                    max_concurrency: int | None = None) -> tuple[list[RequestResult], float, dict]:
+async def open_loop(
+    target: LoadTarget, prompts: list[Prompt], rate: float, seed: int = 0, max_concurrency: int | None = None
+) -> tuple[list[RequestResult], float, dict]:
     """Poisson arrivals at `rate` requests/s, independent of how fast replies come back."""
     rng = random.Random(seed)
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None

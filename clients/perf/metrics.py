@@ -27,7 +27,10 @@ def _stats(name: str, values_s: list[float]) -> dict[str, float]:
     if not values_s:
         return {f"{name}_ms_mean": float("nan"), **{f"{name}_ms_p{p}": float("nan") for p in PERCENTILES}}
     arr = np.asarray(values_s) * 1000.0
-    return {f"{name}_ms_mean": float(arr.mean()), **{f"{name}_ms_p{p}": float(np.percentile(arr, p)) for p in PERCENTILES}}
+    return {
+        f"{name}_ms_mean": float(arr.mean()),
+        **{f"{name}_ms_p{p}": float(np.percentile(arr, p)) for p in PERCENTILES},
+    }
 
 
 def summarize(results: list[RequestResult], duration_s: float) -> dict[str, Any]:
@@ -36,8 +39,12 @@ def summarize(results: list[RequestResult], duration_s: float) -> dict[str, Any]
     in_tokens = sum(r.prompt_tokens for r in ok)
     errors = [r.error for r in results if not r.ok]
     out: dict[str, Any] = {
-        "requests": len(results), "completed": len(ok), "errors": len(errors), "duration_s": duration_s,
-        "input_tokens": in_tokens, "output_tokens": out_tokens,
+        "requests": len(results),
+        "completed": len(ok),
+        "errors": len(errors),
+        "duration_s": duration_s,
+        "input_tokens": in_tokens,
+        "output_tokens": out_tokens,
         "request_throughput": len(ok) / duration_s if duration_s > 0 else 0.0,
         "output_throughput": out_tokens / duration_s if duration_s > 0 else 0.0,
         "total_token_throughput": (in_tokens + out_tokens) / duration_s if duration_s > 0 else 0.0,

@@ -45,7 +45,10 @@ def latency_cdf(results_by_label: dict[str, list[RequestResult]], out: Path) -> 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for label, results in results_by_label.items():
-        for ax, values in ((axes[0], [r.ttft for r in results if r.ok]), (axes[1], [r.latency for r in results if r.ok])):
+        for ax, values in (
+            (axes[0], [r.ttft for r in results if r.ok]),
+            (axes[1], [r.latency for r in results if r.ok]),
+        ):
             if values:
                 v = np.sort(np.asarray(values) * 1000)
                 ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=label)

@@ -31,8 +31,24 @@ Answer extraction ('auto'): last \\boxed{}, last <answer></answer>, last 'Answer
 a leading <think>...</think> block is ignored (sampler.rewards.extract).
 """
 
-from flywheel.sampler.rewards.registry import Scorer, ScorerError, get_scorer, list_scorers, load_object, register_scorer
 from flywheel.sampler.rewards import code, gym, match, remote, shape  # noqa: F401  (register the built-in scorers)
 from flywheel.sampler.rewards.combine import RewardSpec, WeightedScorer
+from flywheel.sampler.rewards.registry import (
+    Scorer,
+    ScorerError,
+    get_scorer,
+    list_scorers,
+    load_object,
+    register_scorer,
+)
 
-__all__ = ["Scorer", "ScorerError", "get_scorer", "list_scorers", "load_object", "register_scorer", "RewardSpec", "WeightedScorer"]
+__all__ = [
+    "Scorer",
+    "ScorerError",
+    "get_scorer",
+    "list_scorers",
+    "load_object",
+    "register_scorer",
+    "RewardSpec",
+    "WeightedScorer",
+]

@@ -47,10 +47,14 @@ def run_sandboxed(program: str, timeout_s: float = 5.0, memory_mb: int = 1024, f
         source.write_text(program)
         start = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(CHILD), str(source)], cwd=workdir,
+            [sys.executable, "-I", "-S", str(CHILD), str(source)],
+            cwd=workdir,
             env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"},
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True, preexec_fn=_limits(int(timeout_s) + 1, memory_mb, file_mb),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_limits(int(timeout_s) + 1, memory_mb, file_mb),
         )
         try:
             _, err = proc.communicate(timeout=timeout_s)
@@ -68,7 +72,11 @@ def run_sandboxed(program: str, timeout_s: float = 5.0, memory_mb: int = 1024, f
     if proc.returncode < 0:
         return {"passed": False, "result": f"failed: killed by signal {-proc.returncode}", "seconds": seconds}
     lines = err.decode(errors="replace").strip().splitlines()
-    return {"passed": False, "result": f"failed: {lines[-1] if lines else 'exit code ' + str(proc.returncode)}", "seconds": seconds}
+    return {
+        "passed": False,
+        "result": f"failed: {lines[-1] if lines else 'exit code ' + str(proc.returncode)}",
+        "seconds": seconds,
+    }
 
 
 def code_from_completion(completion: str) -> str:

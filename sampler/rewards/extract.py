@@ -20,7 +20,7 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 def strip_think(text: str) -> str:
     """Drop a leading <think>...</think> block: the answer is what follows the reasoning."""
     end = text.rfind("</think>")
-    return text[end + len("</think>"):] if end >= 0 else text
+    return text[end + len("</think>") :] if end >= 0 else text
 
 
 def last_boxed(text: str) -> str | None:
@@ -33,7 +33,7 @@ def last_boxed(text: str) -> str | None:
     while j < len(text) and depth:
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         j += 1
-    return text[i:j - 1].strip() if depth == 0 else None
+    return text[i : j - 1].strip() if depth == 0 else None
 
 
 def answer_tag(text: str) -> str | None:

@@ -7,7 +7,7 @@ answer is extracted first (default 'auto': boxed, <answer>, 'Answer:' line, last
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from flywheel.sampler.record import Reward
@@ -15,7 +15,7 @@ from flywheel.sampler.rewards.extract import AnswerFormat, extract_answer
 from flywheel.sampler.rewards.registry import Scorer, ScorerError, register_scorer
 
 
-@lru_cache(maxsize=None)
+@cache
 def _score_fn(task: str):
     import reasoning_gym
 
@@ -38,6 +38,8 @@ def reasoning_gym_scorer(task: str | None = None, answer_format: AnswerFormat = 
             raise ScorerError("reasoning_gym scorer: no task= option and the answer has no metadata.source_dataset")
         predicted, how = extract_answer(completion, answer_format)
         value = float(_score_fn(name)(predicted, entry)) if predicted is not None else 0.0
-        return Reward(name="reasoning_gym", value=value, details={"task": name, "extracted": predicted, "extractor": how})
+        return Reward(
+            name="reasoning_gym", value=value, details={"task": name, "extracted": predicted, "extractor": how}
+        )
 
     return score

@@ -6,7 +6,6 @@ import re
 import threading
 from typing import Any
 
-
 from flywheel.sampler.record import Reward
 from flywheel.sampler.rewards.extract import AnswerFormat, extract_answer, strip_think
 from flywheel.sampler.rewards.registry import Scorer, ScorerError, register_scorer
@@ -60,7 +59,9 @@ def exact_match_scorer(answer_format: AnswerFormat = "auto", case_sensitive: boo
     def score(completion: str, answer: Any, **context: Any) -> Reward:
         predicted, how = extract_answer(completion, answer_format)
         refs = answer if isinstance(answer, list) else [answer]
-        ok = predicted is not None and any(_normalize(predicted, case_sensitive) == _normalize(r, case_sensitive) for r in refs)
+        ok = predicted is not None and any(
+            _normalize(predicted, case_sensitive) == _normalize(r, case_sensitive) for r in refs
+        )
         return Reward(name="exact_match", value=float(ok), details={"extracted": predicted, "extractor": how})
 
     return score

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from flywheel.sampler.record import Reward
 
@@ -67,7 +68,9 @@ def as_reward(name: str, result: Any) -> Reward:
         return Reward(name=name, value=float(result))
     if isinstance(result, dict) and "value" in result:
         return Reward(name=result.get("name", name), value=float(result["value"]), details=result.get("details", {}))
-    raise ScorerError(f"scorer {name!r} returned {type(result).__name__}; expected Reward, a number or a dict with 'value'")
+    raise ScorerError(
+        f"scorer {name!r} returned {type(result).__name__}; expected Reward, a number or a dict with 'value'"
+    )
 
 
 def _user_scorer(path: str, **options: Any) -> Scorer:

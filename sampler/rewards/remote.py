@@ -25,8 +25,15 @@ class RemoteRewardError(RuntimeError):
 
 
 @register_scorer("http")
-def http_scorer(url: str, timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 0.5,
-                headers: dict[str, str] | None = None, fallback: float | None = None, name: str = "http") -> Scorer:
+def http_scorer(
+    url: str,
+    timeout_s: float = 30.0,
+    retries: int = 3,
+    backoff_s: float = 0.5,
+    headers: dict[str, str] | None = None,
+    fallback: float | None = None,
+    name: str = "http",
+) -> Scorer:
     """Score by POSTing to a reward server (see module docstring for the protocol)."""
     if not url.startswith(("http://", "https://")):
         raise ScorerError(f"http scorer: url must start with http:// or https://, got {url!r}")
@@ -39,7 +46,9 @@ def http_scorer(url: str, timeout_s: float = 30.0, retries: int = 3, backoff_s: 
                 response = client.post(url, content=payload, headers={"content-type": "application/json"})
                 if response.status_code < 500 and response.status_code != 429:
                     if response.status_code != 200:
-                        raise RemoteRewardError(f"reward server {url} answered {response.status_code}: {response.text[:200]}")
+                        raise RemoteRewardError(
+                            f"reward server {url} answered {response.status_code}: {response.text[:200]}"
+                        )
                     body = response.json()
                     value = body.get("value", body.get("reward"))
                     if not isinstance(value, int | float):

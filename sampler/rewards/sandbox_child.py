@@ -10,15 +10,57 @@ import os
 import sys
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-REFUSED_PREFIXES = ("subprocess.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty", "pty.",
-                    "socket.", "ctypes.", "winreg.", "_winapi.", "os.kill", "os.killpg", "signal.pthread_kill",
-                    "gc.get_referrers", "gc.get_referents", "gc.get_objects", "os.system", "os.putenv", "os.unsetenv",
-                    "os.chroot", "os.setuid", "resource.setrlimit", "urllib.", "http.", "sys.remote_exec")
+REFUSED_PREFIXES = (
+    "subprocess.",
+    "os.exec",
+    "os.spawn",
+    "os.posix_spawn",
+    "os.fork",
+    "os.forkpty",
+    "pty.",
+    "socket.",
+    "ctypes.",
+    "winreg.",
+    "_winapi.",
+    "os.kill",
+    "os.killpg",
+    "signal.pthread_kill",
+    "gc.get_referrers",
+    "gc.get_referents",
+    "gc.get_objects",
+    "os.system",
+    "os.putenv",
+    "os.unsetenv",
+    "os.chroot",
+    "os.setuid",
+    "resource.setrlimit",
+    "urllib.",
+    "http.",
+    "sys.remote_exec",
+)
 # Events whose first argument is a path that must stay inside the working directory.
-PATH_EVENTS = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.chmod", "os.chown", "os.truncate", "os.link",
-               "os.symlink", "os.utime", "os.chdir", "os.chflags", "os.setxattr",
-               "os.removexattr", "shutil.rmtree", "shutil.copyfile", "shutil.copytree", "shutil.move", "os.mkfifo",
-               "os.mknod"}
+PATH_EVENTS = {
+    "os.remove",
+    "os.rmdir",
+    "os.mkdir",
+    "os.rename",
+    "os.chmod",
+    "os.chown",
+    "os.truncate",
+    "os.link",
+    "os.symlink",
+    "os.utime",
+    "os.chdir",
+    "os.chflags",
+    "os.setxattr",
+    "os.removexattr",
+    "shutil.rmtree",
+    "shutil.copyfile",
+    "shutil.copytree",
+    "shutil.move",
+    "os.mkfifo",
+    "os.mknod",
+}
 TWO_PATH_EVENTS = {"os.rename", "os.link", "os.symlink", "shutil.copyfile", "shutil.copytree", "shutil.move"}
 # Listing is allowed in the library too: the import system lists package directories.
 LIST_EVENTS = {"os.listdir", "os.scandir", "glob.glob", "os.walk"}

@@ -23,14 +23,20 @@ def format_think_scorer(answer_pattern: str | None = None, think_opened_in_promp
     def score(completion: str, answer: Any, **context: Any) -> Reward:
         found = shape.match(completion)
         if not found:
-            return Reward(name="format_think", value=0.0, details={"reason": "no <think>...</think> block at the start"})
+            return Reward(
+                name="format_think", value=0.0, details={"reason": "no <think>...</think> block at the start"}
+            )
         reasoning, rest = found.group(1), found.group(2).strip()
         if "<think>" in rest or "</think>" in rest:
             return Reward(name="format_think", value=0.0, details={"reason": "more than one think block"})
         if not reasoning.strip() or not rest:
-            return Reward(name="format_think", value=0.0, details={"reason": "empty reasoning or no answer after </think>"})
+            return Reward(
+                name="format_think", value=0.0, details={"reason": "empty reasoning or no answer after </think>"}
+            )
         if answer_re and not answer_re.search(rest):
-            return Reward(name="format_think", value=0.0, details={"reason": f"answer does not match {answer_pattern!r}"})
+            return Reward(
+                name="format_think", value=0.0, details={"reason": f"answer does not match {answer_pattern!r}"}
+            )
         return Reward(name="format_think", value=1.0, details={})
 
     return score
@@ -48,8 +54,9 @@ def format_regex_scorer(pattern: str) -> Scorer:
 
 
 @register_scorer("length_penalty")
-def length_penalty_scorer(target: int = 256, limit: int = 1024, unit: Literal["tokens", "chars"] = "tokens",
-                          truncated_penalty: float = 1.0) -> Scorer:
+def length_penalty_scorer(
+    target: int = 256, limit: int = 1024, unit: Literal["tokens", "chars"] = "tokens", truncated_penalty: float = 1.0
+) -> Scorer:
     """0 up to `target`, falling linearly to -1 at `limit` (and below); -`truncated_penalty` when cut by max_tokens.
 
     Token counts come from the context (`completion_token_ids` or `completion_tokens`); without

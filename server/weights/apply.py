@@ -68,6 +68,7 @@ class Staged:
         def load(*args, **kwargs):
             self.calls += 1
             return loader(*args, **kwargs)
+
         return load
 
 
@@ -127,13 +128,22 @@ class StagedApply:
         for layer in self.tied:
             # e.g. a tied lm_head: its weight is the embedding's, whose new GEMM handle was just packed
             weight = layer._parameters.get("weight")
-            owner = next((o for o, s in self.staged.items() if s.calls and weight is not None
-                          and o._parameters.get("weight") is weight), None)
+            owner = next(
+                (
+                    o
+                    for o, s in self.staged.items()
+                    if s.calls and weight is not None and o._parameters.get("weight") is weight
+                ),
+                None,
+            )
             if owner is None:
                 continue
             method = getattr(layer, "quant_method", None)
-            if (hasattr(owner, "cpu_linear") and hasattr(layer, "cpu_linear")
-                    and type(method) is type(getattr(owner, "quant_method", None))):
+            if (
+                hasattr(owner, "cpu_linear")
+                and hasattr(layer, "cpu_linear")
+                and type(method) is type(getattr(owner, "quant_method", None))
+            ):
                 layer.cpu_linear = owner.cpu_linear  # the same dispatch on the same weight: the same handle
             elif isinstance(method, QuantizeMethodBase):
                 method.process_weights_after_loading(layer)

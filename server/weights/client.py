@@ -19,8 +19,8 @@ import hashlib
 import ipaddress
 import json
 import os
-import struct
 import shutil
+import struct
 import tempfile
 import time
 import uuid
@@ -91,8 +91,11 @@ def write_safetensors(tensors: dict, path: Path) -> None:
     header, offset = {}, 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": TORCH_DTYPES[str(t.dtype).removeprefix("torch.")][0], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": TORCH_DTYPES[str(t.dtype).removeprefix("torch.")][0],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
@@ -128,10 +131,20 @@ def _file_chunks(path: Path, chunk: int = 8 << 20) -> Iterator[bytes]:
             yield data
 
 
-def push_weights(url: str, weights: dict | str | os.PathLike, version: int, admin_token: str, *,
-                 transport: Transport = "auto", pause_mode: Literal["keep", "wait", "abort"] = "keep",
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, source: str = "", timeout: float = 600.0,
-                 sender=None, buckets=None) -> dict:
+def push_weights(
+    url: str,
+    weights: dict | str | os.PathLike,
+    version: int,
+    admin_token: str,
+    *,
+    transport: Transport = "auto",
+    pause_mode: Literal["keep", "wait", "abort"] = "keep",
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    source: str = "",
+    timeout: float = 600.0,
+    sender=None,
+    buckets=None,
+) -> dict:
     """Push a full set of weights as `version`; returns the server's summary (version, tensors, bytes, seconds).
 
     sender: for transport="nccl", the NCCLSender that init_nccl() returned (the group is opened once).
@@ -146,8 +159,10 @@ def push_weights(url: str, weights: dict | str | os.PathLike, version: int, admi
     headers = {"authorization": f"Bearer {admin_token}"}
     if transport in GPU_TRANSPORTS:
         if not isinstance(weights, dict):
-            raise ValueError(f"transport={transport!r} pushes a state dict of CUDA tensors, not a folder; "
-                             f"push a checkpoint folder with transport='shm' or 'http'")
+            raise ValueError(
+                f"transport={transport!r} pushes a state dict of CUDA tensors, not a folder; "
+                f"push a checkpoint folder with transport='shm' or 'http'"
+            )
         from flywheel.server.weights.gpu_client import push_gpu
 
         t0 = time.perf_counter()
@@ -171,20 +186,37 @@ def push_weights(url: str, weights: dict | str | os.PathLike, version: int, admi
         t_written = time.perf_counter()
         with httpx.Client(timeout=timeout, headers=headers) as http:
             if transport == "shm":
-                body = {"version": version, "transport": "shm", "pause_mode": pause_mode, "source": source,
-                        "buckets": [{"path": str(p.resolve())} for p in paths]}
+                body = {
+                    "version": version,
+                    "transport": "shm",
+                    "pause_mode": pause_mode,
+                    "source": source,
+                    "buckets": [{"path": str(p.resolve())} for p in paths],
+                }
             else:
                 push_id = uuid.uuid4().hex
                 uploaded = []
                 for i, path in enumerate(paths):
                     sha = _sha256(path)
-                    resp = http.put(f"{url}{ADMIN_PREFIX}/buckets/{push_id}/{i}", content=_file_chunks(path),
-                                    headers={SHA_HEADER: sha, "content-type": "application/octet-stream",
-                                             "content-length": str(path.stat().st_size)})
+                    resp = http.put(
+                        f"{url}{ADMIN_PREFIX}/buckets/{push_id}/{i}",
+                        content=_file_chunks(path),
+                        headers={
+                            SHA_HEADER: sha,
+                            "content-type": "application/octet-stream",
+                            "content-length": str(path.stat().st_size),
+                        },
+                    )
                     push_answer(resp)
                     uploaded.append({"index": i, "sha256": sha})
-                body = {"version": version, "transport": "http", "push_id": push_id, "pause_mode": pause_mode,
-                        "source": source, "buckets": uploaded}
+                body = {
+                    "version": version,
+                    "transport": "http",
+                    "push_id": push_id,
+                    "pause_mode": pause_mode,
+                    "source": source,
+                    "buckets": uploaded,
+                }
             t_sent = time.perf_counter()
             result = push_answer(http.post(f"{url}{ADMIN_PREFIX}/push", json=body))
     except BaseException:
@@ -194,7 +226,10 @@ def push_weights(url: str, weights: dict | str | os.PathLike, version: int, admi
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
-    result["client_seconds"] = {"serialize": round(t_written - t0, 4), "send": round(t_sent - t_written, 4),
-                                "total": round(time.perf_counter() - t0, 4)}
+    result["client_seconds"] = {
+        "serialize": round(t_written - t0, 4),
+        "send": round(t_sent - t_written, 4),
+        "total": round(time.perf_counter() - t0, 4),
+    }
     result["transport"] = transport
     return result

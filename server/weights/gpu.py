@@ -21,14 +21,39 @@ from collections.abc import Iterable
 import torch
 
 # torch dtype name -> (safetensors dtype, bytes per element): the dtypes a GPU push may name
-TORCH_DTYPES = {"float64": ("F64", 8), "float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2),
-                "float8_e4m3fn": ("F8_E4M3", 1), "float8_e5m2": ("F8_E5M2", 1), "int64": ("I64", 8),
-                "int32": ("I32", 4), "int16": ("I16", 2), "int8": ("I8", 1), "uint8": ("U8", 1), "bool": ("BOOL", 1)}
+TORCH_DTYPES = {
+    "float64": ("F64", 8),
+    "float32": ("F32", 4),
+    "float16": ("F16", 2),
+    "bfloat16": ("BF16", 2),
+    "float8_e4m3fn": ("F8_E4M3", 1),
+    "float8_e5m2": ("F8_E5M2", 1),
+    "int64": ("I64", 8),
+    "int32": ("I32", 4),
+    "int16": ("I16", 2),
+    "int8": ("I8", 1),
+    "uint8": ("U8", 1),
+    "bool": ("BOOL", 1),
+}
 
 # the fields of torch.multiprocessing.reductions.rebuild_cuda_tensor, in order
-IPC_FIELDS = ("tensor_cls", "tensor_size", "tensor_stride", "tensor_offset", "storage_cls", "dtype", "storage_device",
-              "storage_handle", "storage_size_bytes", "storage_offset_bytes", "requires_grad", "ref_counter_handle",
-              "ref_counter_offset", "event_handle", "event_sync_required")
+IPC_FIELDS = (
+    "tensor_cls",
+    "tensor_size",
+    "tensor_stride",
+    "tensor_offset",
+    "storage_cls",
+    "dtype",
+    "storage_device",
+    "storage_handle",
+    "storage_size_bytes",
+    "storage_offset_bytes",
+    "requires_grad",
+    "ref_counter_handle",
+    "ref_counter_offset",
+    "event_handle",
+    "event_sync_required",
+)
 _BYTES = {"storage_handle", "ref_counter_handle", "event_handle"}
 _INTS = {"tensor_offset", "storage_device", "storage_size_bytes", "storage_offset_bytes", "ref_counter_offset"}
 _BOOLS = {"requires_grad", "event_sync_required"}
@@ -65,8 +90,10 @@ def require_cuda(weights: dict, transport: str) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name!r} is a {type(t).__name__}, not a torch.Tensor")
         if t.device.type != "cuda":
-            raise ValueError(f"transport={transport!r} moves CUDA tensors, but {name!r} is on {t.device}; "
-                             f"move the model to the GPU or use transport='shm' / 'http'")
+            raise ValueError(
+                f"transport={transport!r} moves CUDA tensors, but {name!r} is on {t.device}; "
+                f"move the model to the GPU or use transport='shm' / 'http'"
+            )
 
 
 def encode_ipc_args(args: tuple, gpu_uuid: str) -> dict:
@@ -133,5 +160,7 @@ def check_ipc_handles(handles: list[dict], tensors) -> None:
     for i, (handle, shape, dtype) in enumerate(zip(handles, tensors.shapes, tensors.dtype_names)):
         _, args = decode_ipc_args(handle)
         if list(args[1]) != list(shape) or args[5] != getattr(torch, dtype):
-            raise HandleError(f"ipc_handles[{i}] describes {list(args[1])} {args[5]}, "
-                              f"but tensors[{i}] ({tensors.names[i]!r}) is {list(shape)} {dtype}")
+            raise HandleError(
+                f"ipc_handles[{i}] describes {list(args[1])} {args[5]}, "
+                f"but tensors[{i}] ({tensors.names[i]!r}) is {list(shape)} {dtype}"
+            )

@@ -35,17 +35,30 @@ DEFAULT_PACKED_BUFFER_BYTES = 1 << 30
 class NCCLSender:
     """Rank 0 of the trainer<->server NCCL group; build it with init_nccl()."""
 
-    def __init__(self, url: str, admin_token: str, *, master_address: str = "127.0.0.1", master_port: int = 29555,
-                 world_size: int | None = None, packed: bool = True,
-                 packed_buffer_size_bytes: int = DEFAULT_PACKED_BUFFER_BYTES, packed_num_buffers: int = 2,
-                 timeout: float = 600.0):
+    def __init__(
+        self,
+        url: str,
+        admin_token: str,
+        *,
+        master_address: str = "127.0.0.1",
+        master_port: int = 29555,
+        world_size: int | None = None,
+        packed: bool = True,
+        packed_buffer_size_bytes: int = DEFAULT_PACKED_BUFFER_BYTES,
+        packed_num_buffers: int = 2,
+        timeout: float = 600.0,
+    ):
         self.url = url.rstrip("/").removesuffix("/v1")
         self.admin_token = admin_token
         self.timeout = timeout
-        self.init = NCCLInitRequest(master_address=master_address, master_port=master_port,
-                                    world_size=world_size or 2, packed=packed,
-                                    packed_buffer_size_bytes=packed_buffer_size_bytes,
-                                    packed_num_buffers=packed_num_buffers)
+        self.init = NCCLInitRequest(
+            master_address=master_address,
+            master_port=master_port,
+            world_size=world_size or 2,
+            packed=packed,
+            packed_buffer_size_bytes=packed_buffer_size_bytes,
+            packed_num_buffers=packed_num_buffers,
+        )
         self.world_size_given = world_size is not None
         self.group = None  # vLLM PyNcclCommunicator, once connected
 
@@ -53,7 +66,7 @@ class NCCLSender:
         """The JSON body of POST /flywheel/admin/weights/nccl/init."""
         return self.init.model_dump()
 
-    def connect(self) -> "NCCLSender":
+    def connect(self) -> NCCLSender:
         """Join the group: the server's workers block in the rendezvous, so both sides run at once."""
         from vllm.distributed.weight_transfer.nccl_common import trainer_init
 
@@ -61,8 +74,13 @@ class NCCLSender:
         if not self.world_size_given:  # 1 trainer rank + the server's workers
             self.init.world_size = 1 + fetch_status(self.url, timeout=30).weights.workers
         with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(httpx.post, f"{self.url}{ADMIN_PREFIX}/nccl/init", json=self.init_body(),
-                                 headers=headers, timeout=self.timeout)
+            future = pool.submit(
+                httpx.post,
+                f"{self.url}{ADMIN_PREFIX}/nccl/init",
+                json=self.init_body(),
+                headers=headers,
+                timeout=self.timeout,
+            )
             self.group = trainer_init(self.init.model_dump(), rank=0)
             push_answer(future.result())
         return self
@@ -74,10 +92,14 @@ class NCCLSender:
         if self.init.packed:
             from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
 
-            packed_nccl_broadcast_producer(iterator=iter(pairs), group=self.group, src=0,
-                                           post_iter_func=lambda item: item[1],
-                                           buffer_size_bytes=self.init.packed_buffer_size_bytes,
-                                           num_buffers=self.init.packed_num_buffers)
+            packed_nccl_broadcast_producer(
+                iterator=iter(pairs),
+                group=self.group,
+                src=0,
+                post_iter_func=lambda item: item[1],
+                buffer_size_bytes=self.init.packed_buffer_size_bytes,
+                num_buffers=self.init.packed_num_buffers,
+            )
         else:
             stream = torch.cuda.current_stream()
             for _, t in pairs:
@@ -95,18 +117,37 @@ def init_nccl(url: str, admin_token: str, **kwargs) -> NCCLSender:
     return NCCLSender(url, admin_token, **kwargs).connect()
 
 
-def gpu_commit_body(pairs: list[tuple[str, torch.Tensor]], version: int, transport: str, pause_mode: str,
-                    source: str, ipc_handles: list[dict] | None = None) -> dict:
+def gpu_commit_body(
+    pairs: list[tuple[str, torch.Tensor]],
+    version: int,
+    transport: str,
+    pause_mode: str,
+    source: str,
+    ipc_handles: list[dict] | None = None,
+) -> dict:
     """The commit of a GPU push: the same PushRequest as shm/http, with `tensors` instead of buckets."""
-    body = {"version": version, "transport": transport, "pause_mode": pause_mode, "source": source,
-            "tensors": tensor_list(pairs)}
+    body = {
+        "version": version,
+        "transport": transport,
+        "pause_mode": pause_mode,
+        "source": source,
+        "tensors": tensor_list(pairs),
+    }
     if transport == "ipc":
         body["ipc_handles"] = ipc_handles
     return body
 
 
-def push_gpu(http: httpx.Client, url: str, weights: dict, version: int, transport: str, pause_mode: str,
-             source: str, sender: NCCLSender | None) -> dict:
+def push_gpu(
+    http: httpx.Client,
+    url: str,
+    weights: dict,
+    version: int,
+    transport: str,
+    pause_mode: str,
+    source: str,
+    sender: NCCLSender | None,
+) -> dict:
     require_cuda(weights, transport)
     if transport == "nccl" and (sender is None or sender.group is None):
         raise ValueError("transport='nccl' needs sender=init_nccl(url, admin_token, ...) (once per trainer)")
@@ -118,8 +159,12 @@ def push_gpu(http: httpx.Client, url: str, weights: dict, version: int, transpor
         pairs = [(name, t.contiguous()) for name, t in pairs]  # a handle shares the storage from its base
         handles = [encode_ipc_args(reduce_tensor(t)[1], uuid) for _, t in pairs]
         torch.cuda.current_stream().synchronize()  # the server reads the memory from another process
-        result = push_answer(http.post(f"{url}{ADMIN_PREFIX}/push",
-                                      json=gpu_commit_body(pairs, version, transport, pause_mode, source, handles)))
+        result = push_answer(
+            http.post(
+                f"{url}{ADMIN_PREFIX}/push",
+                json=gpu_commit_body(pairs, version, transport, pause_mode, source, handles),
+            )
+        )
         del pairs  # only now may the trainer's copies go
         torch.cuda.ipc_collect()
         return result

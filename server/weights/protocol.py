@@ -30,8 +30,8 @@ import json
 import os
 import stat
 import struct
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -82,8 +82,10 @@ class TensorList(BaseModel):
     @model_validator(mode="after")
     def _consistent(self):
         if not len(self.names) == len(self.dtype_names) == len(self.shapes):
-            raise ValueError(f"names, dtype_names and shapes must have equal lengths "
-                             f"({len(self.names)}, {len(self.dtype_names)}, {len(self.shapes)})")
+            raise ValueError(
+                f"names, dtype_names and shapes must have equal lengths "
+                f"({len(self.names)}, {len(self.dtype_names)}, {len(self.shapes)})"
+            )
         bad = next((d for d in self.dtype_names if d not in TORCH_DTYPES), None)
         if bad is not None:
             raise ValueError(f"dtype {bad!r} is not one of {sorted(TORCH_DTYPES)}")
@@ -95,20 +97,30 @@ class TensorList(BaseModel):
 class PushRequest(BaseModel):
     """Body of POST /flywheel/admin/weights/push."""
 
-    version: int = Field(ge=1, le=MAX_VERSION, description="The version this push creates; must be newer than the served one (at most 2**53 - 1, what JSON clients read exactly)")
+    version: int = Field(
+        ge=1,
+        le=MAX_VERSION,
+        description="The version this push creates; must be newer than the served one (at most 2**53 - 1, what JSON clients read exactly)",
+    )
     transport: Transport = Field(description="How the tensors travel: shm/http buckets, or vLLM's nccl/ipc engines")
     buckets: list[BucketRef] = Field(default_factory=list, description="shm/http: all buckets of the push")
     push_id: str | None = Field(default=None, pattern=PUSH_ID_PATTERN, description="http transport: the upload id")
     tensors: TensorList | None = Field(default=None, description="nccl/ipc: every tensor of the push")
-    ipc_handles: list[dict] | None = Field(default=None, description="ipc: one encoded CUDA-IPC handle per tensor (server/weights/gpu.py)")
-    pause_mode: Literal["keep", "wait", "abort"] = Field(default="keep", description="What in-flight requests do during the update")
+    ipc_handles: list[dict] | None = Field(
+        default=None, description="ipc: one encoded CUDA-IPC handle per tensor (server/weights/gpu.py)"
+    )
+    pause_mode: Literal["keep", "wait", "abort"] = Field(
+        default="keep", description="What in-flight requests do during the update"
+    )
     source: str = Field(default="", description="Free text recorded in the version history (e.g. 'trainer step 40')")
 
     @model_validator(mode="after")
     def _fields_of_transport(self):
         if self.transport in GPU_TRANSPORTS:
             if self.tensors is None or self.buckets:
-                raise ValueError(f"transport {self.transport!r} carries `tensors` (names, dtype_names, shapes), not buckets")
+                raise ValueError(
+                    f"transport {self.transport!r} carries `tensors` (names, dtype_names, shapes), not buckets"
+                )
             if (self.transport == "ipc") != (self.ipc_handles is not None):
                 raise ValueError("`ipc_handles` is required for transport 'ipc' and only allowed there")
             if self.ipc_handles is not None and len(self.ipc_handles) != len(self.tensors.names):
@@ -124,7 +136,9 @@ class NCCLInitRequest(BaseModel):
     master_address: str = Field(description="Address of the trainer's TCPStore rendezvous (trainer is rank 0)")
     master_port: int = Field(ge=1, le=65535, description="Port of that rendezvous")
     world_size: int = Field(ge=2, description="1 trainer rank + every inference worker of this server")
-    packed: bool = Field(default=True, description="Packed broadcast (vLLM's double-buffered chunks); must match the sender")
+    packed: bool = Field(
+        default=True, description="Packed broadcast (vLLM's double-buffered chunks); must match the sender"
+    )
     packed_buffer_size_bytes: int = Field(default=1 << 30, gt=0, description="Packed chunk size; must match the sender")
     packed_num_buffers: int = Field(default=2, ge=1, description="Packed buffers in flight; must match the sender")
 
@@ -139,8 +153,10 @@ def read_header(path: str | os.PathLike) -> dict[str, dict]:
     failure gets the same message naming only the file, so a push cannot probe the host's files
     (their existence, size or first bytes)."""
     path = Path(path)
-    refused = PushError(400, f"bucket {path.name}: not a complete safetensors file (missing, unreadable, "
-                             f"not a regular file, or truncated)")
+    refused = PushError(
+        400,
+        f"bucket {path.name}: not a complete safetensors file (missing, unreadable, not a regular file, or truncated)",
+    )
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
@@ -195,13 +211,17 @@ def validate_tensors(entries: Iterable[Entry], manifest: dict[str, TensorMeta], 
         if tuple(shape) != want_shape:
             raise PushError(400, f"tensor {name!r}: shape {tuple(shape)} != served {want_shape}")
         if (want_dtype in FLOAT_DTYPES) != (dtype in FLOAT_DTYPES) or (
-                want_dtype not in FLOAT_DTYPES and dtype != want_dtype):
+            want_dtype not in FLOAT_DTYPES and dtype != want_dtype
+        ):
             raise PushError(400, f"tensor {name!r}: dtype {dtype} cannot replace served {want_dtype}")
         seen[name] = where
         total += nbytes
     missing = sorted(set(manifest) - set(seen))
     if missing:
-        raise PushError(400, f"push is missing {len(missing)} of {len(manifest)} tensors (first: {missing[0]!r}); pushes must be complete")
+        raise PushError(
+            400,
+            f"push is missing {len(missing)} of {len(manifest)} tensors (first: {missing[0]!r}); pushes must be complete",
+        )
     return {"tensors": len(seen), "bytes": total}
 
 

@@ -78,8 +78,11 @@ async def stage_bucket(push_id: str, index: int, request: Request) -> JSONRespon
         return error(413, f"bucket of {declared} bytes exceeds max_bucket_bytes={config.max_bucket_bytes}")
     staged = sum(f.stat().st_size for f in staging_root(request).glob("*/*") if f.is_file())
     if staged + declared > config.max_push_bytes:  # uploads never committed must not fill the host's memory
-        return error(413, f"{staged} bytes are staged and not committed; this bucket would exceed max_push_bytes="
-                          f"{config.max_push_bytes} (commit or abandon the earlier uploads)")
+        return error(
+            413,
+            f"{staged} bytes are staged and not committed; this bucket would exceed max_push_bytes="
+            f"{config.max_push_bytes} (commit or abandon the earlier uploads)",
+        )
     folder = staging_root(request) / push_id
     folder.mkdir(exist_ok=True)
     final = folder / f"bucket-{index:05d}.safetensors"
@@ -94,7 +97,10 @@ async def stage_bucket(push_id: str, index: int, request: Request) -> JSONRespon
                 digest.update(chunk)
                 fh.write(chunk)
         if digest.hexdigest() != expected:
-            raise PushError(400, f"bucket {index}: checksum mismatch ({size} bytes received, sha256 {digest.hexdigest()[:12]}... != {expected[:12]}...)")
+            raise PushError(
+                400,
+                f"bucket {index}: checksum mismatch ({size} bytes received, sha256 {digest.hexdigest()[:12]}... != {expected[:12]}...)",
+            )
     except ClientDisconnect:
         _drop_refused_upload(part)
         return error(400, "client disconnected mid-bucket; nothing was applied")
@@ -176,7 +182,9 @@ async def push(body: PushRequest, request: Request):
         await asyncio.wait_for(policy.update_lock.acquire(), timeout_s)
     except TimeoutError:
         _drop_staged(body, request)
-        return error(503, f"another weight push held the update lock for over {timeout_s} s; nothing applied, retry later")
+        return error(
+            503, f"another weight push held the update lock for over {timeout_s} s; nothing applied, retry later"
+        )
     if await request.is_disconnected():  # its client gave up while it waited: applying it would surprise everyone
         policy.update_lock.release()
         _drop_staged(body, request)
@@ -224,8 +232,11 @@ async def _commit(request: Request, body: PushRequest, info: dict, summary: dict
     finally:
         policy.update_lock.release()
         _drop_staged(body, request)
-    return {"version": policy.version, **summary,
-            "seconds": {"validate": round(t_valid - t0, 4), **timings, "total": round(time.perf_counter() - t0, 4)}}
+    return {
+        "version": policy.version,
+        **summary,
+        "seconds": {"validate": round(t_valid - t0, 4), **timings, "total": round(time.perf_counter() - t0, 4)},
+    }
 
 
 async def _apply(engine, policy, body: PushRequest, info: dict) -> dict:
@@ -261,12 +272,16 @@ async def nccl_init(body: NCCLInitRequest, request: Request) -> JSONResponse:
         return error(400, f"this server does not accept the nccl weight transport ({config.weight_transports})")
     workers = config.weight_workers()
     if body.world_size != 1 + workers:
-        return error(400, f"world_size must be 1 trainer rank + {workers} server worker(s) = {1 + workers}, got {body.world_size}")
+        return error(
+            400,
+            f"world_size must be 1 trainer rank + {workers} server worker(s) = {1 + workers}, got {body.world_size}",
+        )
     policy = policy_of(request)
     async with policy.update_lock:  # no push while the group forms
         try:
             await request.app.state.engine_client.init_weight_transfer_engine(
-                WeightTransferInitRequest(init_info={**body.model_dump(), "rank_offset": 1}))
+                WeightTransferInitRequest(init_info={**body.model_dump(), "rank_offset": 1})
+            )
         except Exception as exc:
             return error(500, f"NCCL group init failed: {exc}")
     return JSONResponse({"status": "joined", "world_size": body.world_size})

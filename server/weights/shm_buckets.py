@@ -116,7 +116,7 @@ class ShmBuckets:
         self.discard()
         self._cleanup()
 
-    def __enter__(self) -> "ShmBuckets":
+    def __enter__(self) -> ShmBuckets:
         return self
 
     def __exit__(self, *exc) -> None:

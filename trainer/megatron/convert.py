@@ -38,15 +38,22 @@ def _renamed_layer_tensors(arch: ModelArch, i: int) -> list[tuple[str, str]]:
     """(HF name, megatron name) of layer i's tensors that only change name (both directions use this
     table; the fused ones, qkv and the dense fc1, are split or joined in place)."""
     h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-    pairs = [("input_layernorm.weight", "input_layernorm.weight"),
-             ("post_attention_layernorm.weight", "pre_mlp_layernorm.weight"),
-             ("self_attn.o_proj.weight", "self_attention.linear_proj.weight")]
+    pairs = [
+        ("input_layernorm.weight", "input_layernorm.weight"),
+        ("post_attention_layernorm.weight", "pre_mlp_layernorm.weight"),
+        ("self_attn.o_proj.weight", "self_attention.linear_proj.weight"),
+    ]
     if arch.qk_layernorm:
-        pairs += [("self_attn.q_norm.weight", "self_attention.q_layernorm.weight"),
-                  ("self_attn.k_norm.weight", "self_attention.k_layernorm.weight")]
+        pairs += [
+            ("self_attn.q_norm.weight", "self_attention.q_layernorm.weight"),
+            ("self_attn.k_norm.weight", "self_attention.k_layernorm.weight"),
+        ]
     if arch.moe_layers[i]:
-        pairs += [("mlp.gate.weight", "mlp.router.weight"), ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj"),
-                  ("mlp.experts.down_proj", "mlp.experts.down_proj")]
+        pairs += [
+            ("mlp.gate.weight", "mlp.router.weight"),
+            ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj"),
+            ("mlp.experts.down_proj", "mlp.experts.down_proj"),
+        ]
     else:
         pairs += [("mlp.down_proj.weight", "mlp.linear_fc2.weight")]
     return [(h + hf_name, m + mg_name) for hf_name, mg_name in pairs]
@@ -56,8 +63,10 @@ def hf_to_full(hf: dict[str, torch.Tensor], arch: ModelArch) -> dict[str, torch.
     """HF state dict -> full (unsharded) megatron state dict."""
     hd, groups = arch.head_dim, arch.num_kv_heads
     per_group = arch.num_heads // groups
-    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
+    out = {
+        "embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
+        "decoder.final_layernorm.weight": hf["model.norm.weight"],
+    }
     if not arch.tie_word_embeddings:
         out["output_layer.weight"] = hf["lm_head.weight"]
     for i in range(arch.num_layers):
@@ -66,8 +75,10 @@ def hf_to_full(hf: dict[str, torch.Tensor], arch: ModelArch) -> dict[str, torch.
         for kind in ("weight", "bias") if arch.attention_bias else ("weight",):
             q, k, v = (hf[h + f"self_attn.{p}_proj.{kind}"] for p in "qkv")
             tail = q.shape[1:]  # (H,) for weights, () for biases
-            qkv = torch.cat([q.reshape(groups, per_group * hd, *tail), k.reshape(groups, hd, *tail),
-                             v.reshape(groups, hd, *tail)], dim=1)
+            qkv = torch.cat(
+                [q.reshape(groups, per_group * hd, *tail), k.reshape(groups, hd, *tail), v.reshape(groups, hd, *tail)],
+                dim=1,
+            )
             out[m + f"self_attention.linear_qkv.{kind}"] = qkv.reshape(-1, *tail)
         if not arch.moe_layers[i]:
             out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]])
@@ -79,8 +90,11 @@ def full_to_hf(full: dict[str, torch.Tensor], arch: ModelArch) -> dict[str, torc
     hd, groups = arch.head_dim, arch.num_kv_heads
     per_group = arch.num_heads // groups
     embed = full["embedding.word_embeddings.weight"]
-    out = {"model.embed_tokens.weight": embed, "model.norm.weight": full["decoder.final_layernorm.weight"],
-           "lm_head.weight": embed if arch.tie_word_embeddings else full["output_layer.weight"]}
+    out = {
+        "model.embed_tokens.weight": embed,
+        "model.norm.weight": full["decoder.final_layernorm.weight"],
+        "lm_head.weight": embed if arch.tie_word_embeddings else full["output_layer.weight"],
+    }
     for i in range(arch.num_layers):
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
         out.update({hf_name: full[mg_name] for hf_name, mg_name in _renamed_layer_tensors(arch, i)})
@@ -145,7 +159,7 @@ class Layout:
         self.local_experts = (arch.num_experts or 0) // self.ep_size
 
     @classmethod
-    def offline(cls, arch: ModelArch, tp_rank: int, tp_size: int, ep_rank: int, ep_size: int) -> "Layout":
+    def offline(cls, arch: ModelArch, tp_rank: int, tp_size: int, ep_rank: int, ep_size: int) -> Layout:
         """A rank's layout without a process group (file conversion; PP=1, stacked experts)."""
         layout = cls.__new__(cls)
         layout.tp_rank, layout.tp_size, layout.ep_rank, layout.ep_size = tp_rank, tp_size, ep_rank, ep_size
@@ -166,7 +180,7 @@ def shard_full(full: dict[str, torch.Tensor], layout: Layout, names: set[str] | 
             rest = m.group(2)
             if rest.startswith("mlp.experts."):
                 lo = layout.ep_rank * layout.local_experts
-                mine = t[lo: lo + layout.local_experts]
+                mine = t[lo : lo + layout.local_experts]
                 if layout.sequential_experts:  # SequentialMLP: one Linear pair per local expert
                     fc = "linear_fc1" if rest.endswith("gate_up_proj") else "linear_fc2"
                     for j in range(layout.local_experts):
@@ -180,7 +194,9 @@ def shard_full(full: dict[str, torch.Tensor], layout: Layout, names: set[str] | 
     return out
 
 
-def join_shards(shards: dict[tuple[int, int], dict[str, torch.Tensor]], tp_size: int, ep_size: int) -> dict[str, torch.Tensor]:
+def join_shards(
+    shards: dict[tuple[int, int], dict[str, torch.Tensor]], tp_size: int, ep_size: int
+) -> dict[str, torch.Tensor]:
     """Offline inverse of shard_full (PP=1, stacked experts): {(tp_rank, ep_rank): dict} -> full dict."""
     full = {}
     for name in shards[(0, 0)]:
@@ -216,7 +232,9 @@ def gather_full(model, arch: ModelArch, tensors: dict[str, torch.Tensor] | None 
             layer, rest = int(m.group(1)) + layout.layer_offset, m.group(2)
             seq = re.match(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight", rest)
             if seq:  # restack SequentialMLP weights into the full [E, ...] form
-                key = f"decoder.layers.{layer}.mlp.experts." + ("gate_up_proj" if seq.group(2) == "linear_fc1" else "down_proj")
+                key = f"decoder.layers.{layer}.mlp.experts." + (
+                    "gate_up_proj" if seq.group(2) == "linear_fc1" else "down_proj"
+                )
                 experts.setdefault(key, []).append(t)
                 continue
             name = f"decoder.layers.{layer}.{rest}"
@@ -224,7 +242,11 @@ def gather_full(model, arch: ModelArch, tensors: dict[str, torch.Tensor] | None 
             experts[name] = [t]
             continue
         how = _tp_dim(name)
-        mine[name] = _tp_join(_all_gather(t, ps.get_tensor_model_parallel_group()), how) if how is not None and layout.tp_size > 1 else t
+        mine[name] = (
+            _tp_join(_all_gather(t, ps.get_tensor_model_parallel_group()), how)
+            if how is not None and layout.tp_size > 1
+            else t
+        )
     for name, local in experts.items():
         stacked = torch.stack(local) if len(local) > 1 or local[0].dim() == 2 else local[0]
         if layout.ep_size > 1:
@@ -264,4 +286,3 @@ def load_hf_state_dict(model, hf: dict[str, torch.Tensor], arch: ModelArch) -> N
 def hf_state_dict(model, arch: ModelArch) -> dict[str, torch.Tensor]:
     """HF-named full state dict of a (possibly sharded) GPTModel; collective over model-parallel ranks."""
     return full_to_hf(gather_full(model, arch), arch)
-

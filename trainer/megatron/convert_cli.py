@@ -24,18 +24,32 @@ from flywheel.trainer.megatron.model import arch_from_hf
 
 META = "flywheel_megatron.json"
 # files of an HF folder that are not weights: they travel with the megatron checkpoint
-HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
+HF_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 class Config(BaseModel):
     """Convert weights between an HF folder and a sharded megatron checkpoint folder."""
 
-    src: str = Field(description="Source: an HF folder / bundled model name (--to megatron) or a megatron checkpoint folder (--to hf)")
+    src: str = Field(
+        description="Source: an HF folder / bundled model name (--to megatron) or a megatron checkpoint folder (--to hf)"
+    )
     dst: Path = Field(description="Destination folder (created; must not exist unless --overwrite)")
     to: Literal["megatron", "hf"] = Field(default="megatron", description="Direction of the conversion")
-    tensor_parallel: int = Field(default=1, ge=1, description="TP degree of the megatron checkpoint written (--to megatron)")
-    expert_parallel: int = Field(default=1, ge=1, description="EP degree of the megatron checkpoint written (--to megatron, MoE only)")
+    tensor_parallel: int = Field(
+        default=1, ge=1, description="TP degree of the megatron checkpoint written (--to megatron)"
+    )
+    expert_parallel: int = Field(
+        default=1, ge=1, description="EP degree of the megatron checkpoint written (--to megatron, MoE only)"
+    )
     overwrite: bool = Field(default=False, description="Replace dst if it exists")
 
 
@@ -61,7 +75,9 @@ def hf_to_megatron_folder(src: Path, dst: Path, tp_size: int, ep_size: int) -> N
     for name in HF_SIDE_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-    (dst / META).write_text(json.dumps({"tensor_parallel": tp_size, "expert_parallel": ep_size, "source": str(src)}, indent=1))
+    (dst / META).write_text(
+        json.dumps({"tensor_parallel": tp_size, "expert_parallel": ep_size, "source": str(src)}, indent=1)
+    )
 
 
 def megatron_folder_to_hf(src: Path, dst: Path) -> None:
@@ -69,8 +85,11 @@ def megatron_folder_to_hf(src: Path, dst: Path) -> None:
 
     meta = json.loads((src / META).read_text())
     tp_size, ep_size = meta["tensor_parallel"], meta["expert_parallel"]
-    shards = {(tp, ep): torch.load(_rank_file(src, tp, ep), map_location="cpu", weights_only=True)["model"]
-              for tp in range(tp_size) for ep in range(ep_size)}
+    shards = {
+        (tp, ep): torch.load(_rank_file(src, tp, ep), map_location="cpu", weights_only=True)["model"]
+        for tp in range(tp_size)
+        for ep in range(ep_size)
+    }
     arch = arch_from_hf(src)
     hf_sd = full_to_hf(join_shards(shards, tp_size, ep_size), arch)
     config = AutoConfig.from_pretrained(src)

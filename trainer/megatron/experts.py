@@ -26,7 +26,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm")
+_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
 
 class GroupedExperts(MegatronModule):
@@ -43,8 +43,12 @@ class GroupedExperts(MegatronModule):
         ffn, hidden = config.moe_ffn_hidden_size, config.hidden_size
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         fc1_out = 2 * ffn if self.gated else ffn
-        self.gate_up_proj = torch.nn.Parameter(torch.empty(num_local_experts, fc1_out, hidden, device=device, dtype=config.params_dtype))
-        self.down_proj = torch.nn.Parameter(torch.empty(num_local_experts, hidden, ffn, device=device, dtype=config.params_dtype))
+        self.gate_up_proj = torch.nn.Parameter(
+            torch.empty(num_local_experts, fc1_out, hidden, device=device, dtype=config.params_dtype)
+        )
+        self.down_proj = torch.nn.Parameter(
+            torch.empty(num_local_experts, hidden, ffn, device=device, dtype=config.params_dtype)
+        )
         if config.perform_initialization:
             with torch.no_grad():
                 for e in range(num_local_experts):
@@ -146,5 +150,6 @@ class SyncFreeMoELayer(MoELayer):
         pg_collection = pg_collection if pg_collection is not None else get_default_pg_collection()
         super().__init__(config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection)
         if self.token_dispatcher.tp_size * self.token_dispatcher.ep_size == 1:
-            self.token_dispatcher = SyncFreeDispatcher(self.num_local_experts, self.local_expert_indices,
-                                                       config=self.config, pg_collection=pg_collection)
+            self.token_dispatcher = SyncFreeDispatcher(
+                self.num_local_experts, self.local_expert_indices, config=self.config, pg_collection=pg_collection
+            )

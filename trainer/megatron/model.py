@@ -71,17 +71,26 @@ def arch_from_hf(hf_config) -> ModelArch:
         hf_config = AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path)
     mtype = hf_config.model_type
     if mtype not in SUPPORTED:
-        raise ValueError(f"model_type {mtype!r} is not supported by the megatron backend (supported: {', '.join(sorted(SUPPORTED))})")
+        raise ValueError(
+            f"model_type {mtype!r} is not supported by the megatron backend (supported: {', '.join(sorted(SUPPORTED))})"
+        )
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     common = dict(
-        model_type=mtype, vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
-        num_layers=hf_config.num_hidden_layers, num_heads=heads,
-        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads, head_dim=head_dim,
-        ffn_hidden_size=hf_config.intermediate_size, rms_norm_eps=hf_config.rms_norm_eps,
-        rope_theta=_rope_theta(hf_config), max_position_embeddings=hf_config.max_position_embeddings,
+        model_type=mtype,
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        ffn_hidden_size=hf_config.intermediate_size,
+        rms_norm_eps=hf_config.rms_norm_eps,
+        rope_theta=_rope_theta(hf_config),
+        max_position_embeddings=hf_config.max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        qk_layernorm=mtype in ("qwen3", "qwen3_moe"), attention_bias=bool(getattr(hf_config, "attention_bias", False)),
+        qk_layernorm=mtype in ("qwen3", "qwen3_moe"),
+        attention_bias=bool(getattr(hf_config, "attention_bias", False)),
         initializer_range=getattr(hf_config, "initializer_range", 0.02),
     )
     if mtype == "llama" and getattr(hf_config, "mlp_bias", False):
@@ -91,13 +100,19 @@ def arch_from_hf(hf_config) -> ModelArch:
     step = getattr(hf_config, "decoder_sparse_step", 1) or 1
     dense_only = set(getattr(hf_config, "mlp_only_layers", []) or [])
     moe_layers = tuple(i not in dense_only and (i + 1) % step == 0 for i in range(common["num_layers"]))
-    return ModelArch(**common, num_experts=hf_config.num_experts, moe_topk=hf_config.num_experts_per_tok,
-                     moe_ffn_hidden_size=hf_config.moe_intermediate_size,
-                     norm_topk_prob=bool(hf_config.norm_topk_prob), moe_layers=moe_layers)
+    return ModelArch(
+        **common,
+        num_experts=hf_config.num_experts,
+        moe_topk=hf_config.num_experts_per_tok,
+        moe_ffn_hidden_size=hf_config.moe_intermediate_size,
+        norm_topk_prob=bool(hf_config.norm_topk_prob),
+        moe_layers=moe_layers,
+    )
 
 
-def transformer_config(arch: ModelArch, parallel, dtype: torch.dtype = torch.float32, fused: bool = False,
-                       recompute: bool = False):
+def transformer_config(
+    arch: ModelArch, parallel, dtype: torch.dtype = torch.float32, fused: bool = False, recompute: bool = False
+):
     """megatron TransformerConfig equal to the HF model (no dropout, no fusions that need TE/apex).
 
     fused=True (GPU only) turns on megatron's torch.compile'd fusions that need neither TE nor apex:
@@ -107,36 +122,61 @@ def transformer_config(arch: ModelArch, parallel, dtype: torch.dtype = torch.flo
 
     on_cpu = not torch.cuda.is_available()
     kwargs = dict(
-        num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
-        num_attention_heads=arch.num_heads, num_query_groups=arch.num_kv_heads, kv_channels=arch.head_dim,
-        normalization="RMSNorm", layernorm_epsilon=arch.rms_norm_eps, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=arch.attention_bias,
-        qk_layernorm=arch.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0,
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.attention_bias,
+        qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
         init_method_std=arch.initializer_range,
-        tensor_model_parallel_size=parallel.tensor_parallel, pipeline_model_parallel_size=parallel.pipeline_parallel,
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
         expert_model_parallel_size=parallel.expert_parallel,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         pipeline_dtype=dtype,  # what pipeline stages send each other; megatron requires it for PP > 1
-        use_cpu_initialization=on_cpu, perform_initialization=True,
+        use_cpu_initialization=on_cpu,
+        perform_initialization=True,
         # Fusions that need apex/TE (or CUDA JIT) are off; SDPA does the attention fusion.
-        masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
         sequence_parallel=False,
     )
     if recompute:  # gradient checkpointing: recompute every layer in backward
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if fused and not on_cpu:
-        kwargs.update(bias_dropout_fusion=True, bias_activation_fusion=True,
-                      cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native")
+        kwargs.update(
+            bias_dropout_fusion=True,
+            bias_activation_fusion=True,
+            cross_entropy_loss_fusion=True,
+            cross_entropy_fusion_impl="native",
+        )
     if arch.is_moe:
         kwargs.update(
-            num_moe_experts=arch.num_experts, moe_router_topk=arch.moe_topk,
+            num_moe_experts=arch.num_experts,
+            moe_router_topk=arch.moe_topk,
             moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
             # HF norm_topk_prob=True: softmax over the top-k logits == megatron's default;
             # False: softmax over all experts, then top-k == megatron's pre-softmax routing.
             moe_router_pre_softmax=not arch.norm_topk_prob,
-            moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
-            moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_token_dispatcher_type="allgather",
+            moe_grouped_gemm=False,
             moe_layer_freq=[1 if m else 0 for m in arch.moe_layers],
         )
         if parallel.tensor_parallel > 1:  # megatron trains MoE under TP only with sequence parallelism
@@ -145,8 +185,9 @@ def transformer_config(arch: ModelArch, parallel, dtype: torch.dtype = torch.flo
     return TransformerConfig(**kwargs)
 
 
-def layer_specs(config, attention: Literal["sdpa", "local"] = "sdpa",
-                experts: Literal["grouped", "sequential"] = "grouped"):
+def layer_specs(
+    config, attention: Literal["sdpa", "local"] = "sdpa", experts: Literal["grouped", "sequential"] = "grouped"
+):
     """Local (no-TE) layer specs of every layer of this pipeline stage, with our modules plugged in."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.moe.moe_layer import MoESubmodules
@@ -162,9 +203,12 @@ def layer_specs(config, attention: Literal["sdpa", "local"] = "sdpa",
         mlp = spec.submodules.mlp
         if experts == "grouped" and config.num_moe_experts and isinstance(mlp.submodules, MoESubmodules):
             spec.submodules.mlp = ModuleSpec(
-                module=SyncFreeMoELayer, metainfo=mlp.metainfo,
-                submodules=MoESubmodules(experts=ModuleSpec(module=GroupedExperts),
-                                         shared_experts=mlp.submodules.shared_experts))
+                module=SyncFreeMoELayer,
+                metainfo=mlp.metainfo,
+                submodules=MoESubmodules(
+                    experts=ModuleSpec(module=GroupedExperts), shared_experts=mlp.submodules.shared_experts
+                ),
+            )
     if config.sequence_parallel:
         from flywheel.trainer.megatron.sequence_parallel import use_sequence_parallel_norms
 
@@ -172,9 +216,16 @@ def layer_specs(config, attention: Literal["sdpa", "local"] = "sdpa",
     return block
 
 
-def build_gpt(arch: ModelArch, parallel, dtype: torch.dtype = torch.float32,
-              attention: Literal["sdpa", "local"] = "sdpa", experts: Literal["grouped", "sequential"] = "grouped",
-              fused: bool = False, recompute: bool = False, compile_layers: bool = False):
+def build_gpt(
+    arch: ModelArch,
+    parallel,
+    dtype: torch.dtype = torch.float32,
+    attention: Literal["sdpa", "local"] = "sdpa",
+    experts: Literal["grouped", "sequential"] = "grouped",
+    fused: bool = False,
+    recompute: bool = False,
+    compile_layers: bool = False,
+):
     """This rank's GPTModel (its TP/EP shard, its pipeline stage), on the current device.
 
     compile_layers=True compiles every transformer layer with torch.compile (regional compilation,
@@ -189,11 +240,16 @@ def build_gpt(arch: ModelArch, parallel, dtype: torch.dtype = torch.float32,
         raise ValueError(f"vocab size {arch.vocab_size} is not divisible by tensor_parallel={parallel.tensor_parallel}")
     config = transformer_config(arch, parallel, dtype, fused, recompute)
     model = GPTModel(
-        config=config, transformer_layer_spec=layer_specs(config, attention, experts),
-        vocab_size=arch.vocab_size, max_sequence_length=arch.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=arch.tie_word_embeddings, position_embedding_type="rope",
-        rotary_base=arch.rope_theta, parallel_output=True,
+        config=config,
+        transformer_layer_spec=layer_specs(config, attention, experts),
+        vocab_size=arch.vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rope_theta,
+        parallel_output=True,
     )
     if torch.cuda.is_available():
         model = model.cuda()

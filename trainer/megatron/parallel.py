@@ -21,14 +21,13 @@ if TYPE_CHECKING:
     from flywheel.trainer.policy_interface import ParallelConfig
 
 
-
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def init_parallel(config: "ParallelConfig | None" = None, seed: int = 0) -> None:
+def init_parallel(config: ParallelConfig | None = None, seed: int = 0) -> None:
     """Start torch.distributed (if needed) and megatron's model-parallel groups (None: all degrees 1).
 
     `seed` seeds torch and megatron's model-parallel RNG tracker (weight init, dropout).
@@ -39,8 +38,9 @@ def init_parallel(config: "ParallelConfig | None" = None, seed: int = 0) -> None
     apply_patches()
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain python: a world of one on loopback
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(free_port()))
+            os.environ.update(
+                RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+            )
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

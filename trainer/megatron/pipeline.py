@@ -128,8 +128,14 @@ class PipelineRunner:
         b, t = batches[0].input_ids.shape
         func = self._step_func(len(batches), backward)
         return get_forward_backward_func()(
-            forward_step_func=func, data_iterator=iter(batches), model=[self.model],
-            num_microbatches=len(batches), seq_length=t, micro_batch_size=b, forward_only=not backward)
+            forward_step_func=func,
+            data_iterator=iter(batches),
+            model=[self.model],
+            num_microbatches=len(batches),
+            seq_length=t,
+            micro_batch_size=b,
+            forward_only=not backward,
+        )
 
     def logprobs(self, batch: MicroBatch) -> torch.Tensor:
         """Forward-only pass; every stage gets the last stage's log-probs [B, T]."""

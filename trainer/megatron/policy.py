@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-from flywheel.trainer.policy_interface import IGNORE, PolicyConfig, resolve_model_path
 from flywheel.trainer.megatron.convert import full_to_hf, gather_full, hf_state_dict, load_hf_state_dict
 from flywheel.trainer.megatron.model import arch_from_hf, build_gpt
 from flywheel.trainer.megatron.parallel import device, init_parallel
+from flywheel.trainer.policy_interface import IGNORE, PolicyConfig, resolve_model_path
 
 _TP_PARTIAL_GRADS = ("q_layernorm.weight", "k_layernorm.weight")
-
 
 
 def document_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -65,7 +64,9 @@ def pad_to_multiple(input_ids, position_ids, targets, multiple: int):
     if not pad:
         return input_ids, position_ids, targets
     fill = lambda x, v: torch.cat([x, x.new_full((x.shape[0], pad), v)], dim=1)  # noqa: E731
-    positions = torch.cat([position_ids, torch.arange(pad, device=position_ids.device).expand(position_ids.shape[0], pad)], 1)
+    positions = torch.cat(
+        [position_ids, torch.arange(pad, device=position_ids.device).expand(position_ids.shape[0], pad)], 1
+    )
     return fill(input_ids, 0), positions, fill(targets, IGNORE)
 
 
@@ -85,8 +86,13 @@ class MegatronPolicy:
             from flywheel.trainer.megatron.pipeline import apply_cpu_patches
 
             apply_cpu_patches()
-        self.model = build_gpt(self.arch, config.parallel, dtype=self.dtype,
-                               recompute=config.gradient_checkpointing, compile_layers=config.compile)
+        self.model = build_gpt(
+            self.arch,
+            config.parallel,
+            dtype=self.dtype,
+            recompute=config.gradient_checkpointing,
+            compile_layers=config.compile,
+        )
         hf = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype)
         load_hf_state_dict(self.model, {k: v.to(device()) for k, v in hf.state_dict().items()}, self.arch)
         del hf
@@ -101,12 +107,14 @@ class MegatronPolicy:
 
     # -------------------------------------------------------------- forward
 
-    def forward_logprobs(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
-                         temperature: float = 1.0) -> torch.Tensor:
+    def forward_logprobs(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
         t = input_ids.shape[1]
         if self.model.config.sequence_parallel:  # the sequence is split over TP ranks: pad T to a multiple
-            input_ids, position_ids, targets = pad_to_multiple(input_ids, position_ids, targets,
-                                                               self.model.config.tensor_model_parallel_size)
+            input_ids, position_ids, targets = pad_to_multiple(
+                input_ids, position_ids, targets, self.model.config.tensor_model_parallel_size
+            )
         if self.pipeline is not None:
             return self._pipeline_logprobs(input_ids, position_ids, targets, temperature)[:, :t]
         logits = self.model(input_ids, position_ids, document_mask(position_ids))  # [B, T, V / TP]
@@ -149,7 +157,7 @@ class MegatronPolicy:
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         return (p for p in self.model.parameters() if p.requires_grad)
 
-    def train(self, mode: bool = True) -> "MegatronPolicy":
+    def train(self, mode: bool = True) -> MegatronPolicy:
         self.model.train(mode)
         return self
 

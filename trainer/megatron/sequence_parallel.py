@@ -45,4 +45,3 @@ def use_sequence_parallel_norms(block_spec) -> None:
             attention.q_layernorm = HeadRMSNorm
             attention.k_layernorm = HeadRMSNorm
     block_spec.layer_norm = SequenceParallelRMSNorm
-
