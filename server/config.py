@@ -38,11 +38,16 @@ class ServeConfig(BaseModel):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",
-        description="Weights/activations dtype; auto = float32 on CPU (bf16 is ~5x slower there), the checkpoint's on GPU",
+        description=(
+            "Weights/activations dtype; auto = float32 on CPU (bf16 is ~5x slower there), the checkpoint's on GPU"
+        ),
     )
     enforce_eager: bool | None = Field(
         default=None,
-        description="Skip torch.compile and CUDA graphs. Default: on for CPU (starts in ~40 s instead of ~90 s), off on a GPU (eager decoding there measured ~0.15x of the compiled engine's throughput)",
+        description=(
+            "Skip torch.compile and CUDA graphs. Default: on for CPU (starts in ~40 s instead of ~90 s), off on a "
+            "GPU (eager decoding there measured ~0.15x of the compiled engine's throughput)"
+        ),
     )
     kv_cache_gib: int = Field(
         default=1, ge=1, description="KV cache size on CPU in whole GiB (VLLM_CPU_KVCACHE_SPACE takes integers)"
@@ -51,19 +56,28 @@ class ServeConfig(BaseModel):
         default=None,
         gt=0,
         le=1,
-        description="Fraction of the GPU's memory this server may take for weights, activations and KV cache (GPU only). Default: vLLM's own (0.9), for a server alone on its GPU; with a learner on the same GPU set it (e.g. 0.35) and the learner gets the rest",
+        description=(
+            "Fraction of the GPU's memory this server may take for weights, activations and KV cache (GPU only). "
+            "Default: vLLM's own (0.9), for a server alone on its GPU; with a learner on the same GPU set it (e.g. "
+            "0.35) and the learner gets the rest"
+        ),
     )
     max_model_len: int = Field(default=2048, gt=0, description="Maximum prompt + completion tokens per request")
     max_num_seqs: int | None = Field(
         default=None,
         gt=0,
-        description="Maximum concurrently scheduled sequences. Default: 64 on CPU; vLLM's own on a GPU (a 256-way load otherwise queues)",
+        description=(
+            "Maximum concurrently scheduled sequences. Default: 64 on CPU; vLLM's own on a GPU (a 256-way load "
+            "otherwise queues)"
+        ),
     )
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM tensor parallel degree (GPU)")
     seed: int = Field(default=0, description="Engine seed (per-request `seed` still gives reproducible samples)")
     logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = Field(
         default="processed_logprobs",
-        description="Logprobs returned to clients: processed = after temperature/top-p, what GRPO's importance ratio needs",
+        description=(
+            "Logprobs returned to clients: processed = after temperature/top-p, what GRPO's importance ratio needs"
+        ),
     )
     max_logprobs: int = Field(default=20, ge=0, description="Largest `top_logprobs` a request may ask for")
     enable_prefix_caching: bool = Field(
@@ -71,11 +85,19 @@ class ServeConfig(BaseModel):
     )
     weight_transports: list[Literal["shm", "http", "nccl", "ipc"]] | None = Field(
         default=None,
-        description="Weight-push transports this server accepts: shm/http buckets (any device), and at most one of vLLM's GPU engines, nccl (a learner on other GPUs) or ipc (a learner on the same GPU). Default: shm and http on CPU; shm, http and ipc on a GPU",
+        description=(
+            "Weight-push transports this server accepts: shm/http buckets (any device), and at most one of vLLM's "
+            "GPU engines, nccl (a learner on other GPUs) or ipc (a learner on the same GPU). Default: shm and http "
+            "on CPU; shm, http and ipc on a GPU"
+        ),
     )
     weight_apply: Literal["staged", "layerwise"] = Field(
         default="staged",
-        description="How a CPU server applies a push: staged = into staging tensors kept between pushes, one re-pack per layer (about 2x faster; costs one extra copy of the weights in RAM); layerwise = vLLM's in-place layerwise reload (one layer at a time). GPUs always use layerwise",
+        description=(
+            "How a CPU server applies a push: staged = into staging tensors kept between pushes, one re-pack per "
+            "layer (about 2x faster; costs one extra copy of the weights in RAM); layerwise = vLLM's in-place "
+            "layerwise reload (one layer at a time). GPUs always use layerwise"
+        ),
     )
     max_push_bytes: int = Field(default=64 * 2**30, gt=0, description="Largest total size of one weight push")
     max_bucket_bytes: int = Field(
@@ -84,12 +106,17 @@ class ServeConfig(BaseModel):
     push_lock_timeout_s: float = Field(
         default=300.0,
         gt=0,
-        description="A weight push waits at most this long for the one before it to finish (503 after; nothing applied)",
+        description=(
+            "A weight push waits at most this long for the one before it to finish (503 after; nothing applied)"
+        ),
     )
     max_request_bytes: int = Field(
         default=4 * 2**20,
         gt=0,
-        description="Largest request body on the OpenAI routes (413 above it): bounds what one request can make the tokenizer chew (a 20 MB /tokenize string took 30 s of CPU). Weight buckets have their own limit",
+        description=(
+            "Largest request body on the OpenAI routes (413 above it): bounds what one request can make the "
+            "tokenizer chew (a 20 MB /tokenize string took 30 s of CPU). Weight buckets have their own limit"
+        ),
     )
     capture_redis_url: str | None = Field(
         default=None, description="Capture production requests into this Redis (opt-in; off when unset)"

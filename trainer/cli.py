@@ -29,7 +29,8 @@ def run(config: TrainConfig) -> int:
     except DataError as exc:
         raise UserError(str(exc)) from None
     print(
-        f"trained {state.step} steps, {state.tokens_trained} tokens; checkpoints in {Path(config.run_dir) / 'checkpoints'}"
+        f"trained {state.step} steps, {state.tokens_trained} tokens; checkpoints in "
+        f"{Path(config.run_dir) / 'checkpoints'}"
     )
     return 0
 

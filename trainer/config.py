@@ -47,7 +47,10 @@ class GrpoLossConfig(BaseModel):
     tis_cap: float | None = Field(
         default=None,
         gt=0,
-        description="Truncated importance sampling cap; set to run a proximal pass and weight tokens by min(pi_old/pi_behaviour, cap)",
+        description=(
+            "Truncated importance sampling cap; set to run a proximal pass and weight tokens by "
+            "min(pi_old/pi_behaviour, cap)"
+        ),
     )
     temperature: float = Field(
         default=1.0,
@@ -100,13 +103,18 @@ class TrainConfig(BaseModel):
     stop_after: int | None = Field(
         default=None,
         gt=0,
-        description="Checkpoint and stop after this many steps of this invocation (time-boxed jobs; continue with --resume)",
+        description=(
+            "Checkpoint and stop after this many steps of this invocation (time-boxed jobs; continue with --resume)"
+        ),
     )
     batch_size: int = Field(default=8, gt=0, description="Samples per optimizer step (DPO: pairs; GRPO: completions)")
     micro_batch_tokens: int = Field(
         default=4096,
         gt=0,
-        description="Token budget of one forward/backward; a step accumulates gradients over as many micro-batches as its samples need",
+        description=(
+            "Token budget of one forward/backward; a step accumulates gradients over as many micro-batches as its "
+            "samples need"
+        ),
     )
     max_seq_len: int = Field(default=1024, gt=1, description="Longer samples are truncated (CPT documents are chunked)")
     pack: bool = Field(
@@ -134,12 +142,20 @@ class TrainConfig(BaseModel):
     )
     push_transport: Literal["auto", "shm", "http", "ipc"] = Field(
         default="auto",
-        description="How pushed weights travel: ipc hands the server CUDA-IPC handles of the learner's own GPU tensors (no copy through the host; the learner and the server share the GPU); shm writes safetensors buckets to /dev/shm (a server on this host); http streams them. auto: ipc when the weights are on a GPU and the server (on this host) offers it, else shm on this host, else http",
+        description=(
+            "How pushed weights travel: ipc hands the server CUDA-IPC handles of the learner's own GPU tensors (no "
+            "copy through the host; the learner and the server share the GPU); shm writes safetensors buckets to "
+            "/dev/shm (a server on this host); http streams them. auto: ipc when the weights are on a GPU and the "
+            "server (on this host) offers it, else shm on this host, else http"
+        ),
     )
     push_retries: int = Field(
         default=5,
         ge=0,
-        description="A push that fails on the way (server restarting, 5xx, timeout) is retried this many times with exponential backoff, then skipped (the run goes on)",
+        description=(
+            "A push that fails on the way (server restarting, 5xx, timeout) is retried this many times with "
+            "exponential backoff, then skipped (the run goes on)"
+        ),
     )
     push_backoff_s: float = Field(
         default=1.0, gt=0, description="First retry delay of a failed push, doubled each retry (at most 30 s)"

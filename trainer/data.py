@@ -85,7 +85,10 @@ def chat_sample(tokenizer, messages: list[dict], where: str, train_on: str = "al
     rendering the conversation up to it (with the generation prompt) and up to its end, and tokens
     are mapped to spans through the tokenizer's offsets, so templating never re-splits tokens.
     """
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
     full = render(messages, False)
     spans = []
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]

@@ -46,12 +46,17 @@ class ParallelConfig(BaseModel):
     tensor: int = Field(
         default=1,
         ge=1,
-        description="Tensor-parallel degree: attention heads, FFN columns and the vocabulary split over ranks (megatron only)",
+        description=(
+            "Tensor-parallel degree: attention heads, FFN columns and the vocabulary split over ranks (megatron only)"
+        ),
     )
     pipeline: int = Field(
         default=1,
         ge=1,
-        description="Pipeline-parallel degree: layers split into consecutive stages, trained with megatron's 1F1B schedule (megatron only)",
+        description=(
+            "Pipeline-parallel degree: layers split into consecutive stages, trained with megatron's 1F1B schedule "
+            "(megatron only)"
+        ),
     )
     expert: int = Field(
         default=1, ge=1, description="Expert-parallel degree for MoE models: experts split over ranks (megatron only)"

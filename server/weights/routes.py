@@ -99,7 +99,8 @@ async def stage_bucket(push_id: str, index: int, request: Request) -> JSONRespon
         if digest.hexdigest() != expected:
             raise PushError(
                 400,
-                f"bucket {index}: checksum mismatch ({size} bytes received, sha256 {digest.hexdigest()[:12]}... != {expected[:12]}...)",
+                f"bucket {index}: checksum mismatch ({size} bytes received, sha256 {digest.hexdigest()[:12]}... != "
+                f"{expected[:12]}...)",
             )
     except ClientDisconnect:
         _drop_refused_upload(part)
