@@ -12,6 +12,7 @@ from typing import Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
+from flywheel.server.errors import openai_error_body
 from flywheel.server.policy import PolicyState
 from flywheel.server.status import STATUS_PATH, ServerStatus
 
@@ -46,9 +47,7 @@ async def status(request: Request) -> JSONResponse:
 
 
 def error(status: int, message: str, type_: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": type_, "param": None, "code": status}}, status_code=status
-    )
+    return JSONResponse(openai_error_body(status, message, type_), status_code=status)
 
 
 @router.post("/flywheel/admin/pause")
