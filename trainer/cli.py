@@ -51,7 +51,39 @@ def run_plot(config: PlotConfig) -> int:
     return 0
 
 
-SUBCOMMANDS: dict = {"plot": (PlotConfig, run_plot)}
+class MergeConfig(BaseModel):
+    """Merge a LoRA adapter into its base model: an HF folder that serves like a full model."""
+
+    adapter: Path = Field(
+        description="Adapter folder (adapter_config.json + adapter_model.safetensors), e.g. a checkpoint's adapter/"
+    )
+    model: str = Field(description="The base model the adapter was trained on (HF folder or bundled name)")
+    out: Path = Field(description="Destination folder (created; must not exist)")
+
+
+def run_merge(config: MergeConfig) -> int:
+    """Write base + adapter as one merged HF folder."""
+    import torch
+
+    from flywheel.trainer.hf_backend import merged_state_dict, with_lora
+    from flywheel.trainer.policy_interface import LoraConfig, resolve_model_path
+
+    if config.out.exists():
+        raise UserError(f"{config.out} exists; choose a new --out")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_path = resolve_model_path(config.model)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    peft_model = with_lora(model, LoraConfig(rank=1), str(config.adapter))  # rank etc. come from the adapter
+    peft_model.get_base_model().save_pretrained(
+        config.out, state_dict=merged_state_dict(peft_model), safe_serialization=True
+    )
+    AutoTokenizer.from_pretrained(base_path).save_pretrained(config.out)
+    print(config.out)
+    return 0
+
+
+SUBCOMMANDS: dict = {"plot": (PlotConfig, run_plot), "merge": (MergeConfig, run_merge)}
 
 # The megatron developer owns conversion (trainer/megatron/convert_cli.py: Config + run); expose it when present.
 if (

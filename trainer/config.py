@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from flywheel.sampler.config import QueueConfig
-from flywheel.trainer.policy_interface import ParallelConfig, PolicyConfig
+from flywheel.trainer.policy_interface import LORA_TARGETS, LoraConfig, ParallelConfig, PolicyConfig
 
 
 class QueueInput(BaseModel):
@@ -134,6 +134,21 @@ class TrainConfig(BaseModel):
     )
 
     save_every: int = Field(default=50, ge=0, description="Checkpoint every N steps (0: only at the end)")
+    lora_rank: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="Train a LoRA adapter of this rank instead of every weight (0: full fine-tune; transformers "
+        "backend only). Checkpoints hold the merged weights (they serve and restore like a full model) and adapter/",
+    )
+    lora_alpha: float | None = Field(
+        default=None, gt=0, description="LoRA scale numerator (update = alpha / rank * B @ A); default 2 x rank"
+    )
+    lora_targets: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS),
+        min_length=1,
+        description="Modules that get an adapter (attention and MLP projections by default)",
+    )
     keep_checkpoints: int = Field(default=2, ge=1, description="How many step checkpoints to keep in run_dir")
     log_every: int = Field(default=1, gt=0, description="Write metrics every N steps")
     push_every: int = Field(default=0, ge=0, description="Push weights to the server every K steps (0: never)")
@@ -183,7 +198,18 @@ class TrainConfig(BaseModel):
         return self
 
     def policy_config(self, model: str | Path | None = None) -> PolicyConfig:
+        """The policy to build: from `model` (a checkpoint to resume) or the starting model. A LoRA run
+        always builds on the starting model and resumes the checkpoint's adapter/ on top of it (the
+        checkpoint's own weights are the merged ones: building on them would apply the adapter twice)."""
+        lora = None
+        adapter = None
+        if self.lora_rank:
+            lora = LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets)
+            adapter = str(Path(model) / "adapter") if model is not None else None
+            model = None
         return PolicyConfig(
+            lora=lora,
+            adapter=adapter,
             backend=self.backend,
             model=str(model or self.model),
             bf16=self.bf16,
