@@ -83,6 +83,16 @@ class ServeConfig(BaseModel):
     enable_prefix_caching: bool = Field(
         default=True, description="Reuse KV of shared prompt prefixes (reset on every weight update)"
     )
+    max_lora_rank: Literal[0, 1, 8, 16, 32, 64, 128, 256] = Field(
+        default=0,
+        description="Serve LoRA adapters up to this rank (vLLM --enable-lora; 0: off). A trainer with --lora-rank "
+        "then pushes only its adapter (POST /flywheel/admin/adapter), served as --adapter-name beside the base model",
+    )
+    adapter_name: str = Field(
+        default="policy",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="The OpenAI `model` name of the pushed adapter (one stable name; its version advances per push)",
+    )
     weight_transports: list[Literal["shm", "http", "nccl", "ipc"]] | None = Field(
         default=None,
         description=(

@@ -128,6 +128,8 @@ def vllm_argv(config: ServeConfig, model_path: Path, served_name: str, cpu: bool
         argv.append("--disable-uvicorn-access-log")
     if config.max_num_seqs is not None:
         argv += ["--max-num-seqs", str(config.max_num_seqs)]
+    if config.max_lora_rank:  # one adapter slot: the pushed adapter replaces itself in place
+        argv += ["--enable-lora", "--max-lora-rank", str(config.max_lora_rank), "--max-loras", "1"]
     if not cpu and config.gpu_memory_utilization is not None:
         argv += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
     return argv + list(config.vllm_args)
@@ -138,6 +140,7 @@ def install(app, config: ServeConfig, model_path: Path, served_name: str, admin_
     from flywheel.server.middleware import FlywheelMiddleware
     from flywheel.server.policy import PolicyState
     from flywheel.server.routes import router
+    from flywheel.server.weights.adapter import router as adapter_router
     from flywheel.server.weights.routes import router as weights_router
 
     policy = PolicyState(model=str(model_path), served_model_name=served_name)
@@ -161,6 +164,7 @@ def install(app, config: ServeConfig, model_path: Path, served_name: str, admin_
     }
     app.include_router(router)
     app.include_router(weights_router)
+    app.include_router(adapter_router)
     # vLLM's SageMaker bootstrap builds the middleware stack early; Starlette rebuilds it lazily
     # on the first request if we drop it, now including ours.
     app.middleware_stack = None

@@ -155,13 +155,14 @@ class TrainConfig(BaseModel):
     push_url: str | None = Field(
         default=None, description="Server base URL for weight pushes (None: pushing is a no-op)"
     )
-    push_transport: Literal["auto", "shm", "http", "ipc"] = Field(
+    push_transport: Literal["auto", "shm", "http", "ipc", "adapter"] = Field(
         default="auto",
         description=(
             "How pushed weights travel: ipc hands the server CUDA-IPC handles of the learner's own GPU tensors (no "
             "copy through the host; the learner and the server share the GPU); shm writes safetensors buckets to "
             "/dev/shm (a server on this host); http streams them. auto: ipc when the weights are on a GPU and the "
-            "server (on this host) offers it, else shm on this host, else http"
+            "server (on this host) offers it, else shm on this host, else http. adapter (a --lora-rank run and a "
+            "server on this host started with --max-lora-rank): only the LoRA adapter, served as its --adapter-name"
         ),
     )
     push_retries: int = Field(
