@@ -10,8 +10,9 @@ import time
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
+from flywheel.server.middleware import openai_error
 from flywheel.server.policy import PolicyState
 from flywheel.server.status import STATUS_PATH, ServerStatus
 
@@ -45,9 +46,10 @@ async def status(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json"))
 
 
-def error(status: int, message: str, type_: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": type_, "param": None, "code": status}}, status_code=status
+def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None) -> Response:
+    """The OpenAI error envelope (server/middleware.py's openai_error) as a route's answer."""
+    return Response(
+        openai_error(status, message, type_, param=param), status_code=status, media_type="application/json"
     )
 
 
