@@ -136,6 +136,17 @@ class ServeConfig(BaseModel):
     capture_redact: str | None = Field(
         default=None, description="Dotted path of a function(record) -> record | None that redacts or drops a capture"
     )
+    feedback_ttl_s: int = Field(
+        default=7 * 24 * 3600,
+        ge=0,
+        description=(
+            "Seconds a captured completion can be rated through POST /v1/feedback (0: no feedback; needs capture)"
+        ),
+    )
+    feedback_scores: tuple[float, float] = Field(
+        default=(1.0, 5.0),
+        description="The declared range (min, max) of numeric ratings on /v1/feedback; thumbs down/up are its ends",
+    )
     dev_routes: bool = Field(
         default=False, description="Also expose vLLM's own dev/RL routes (collective_rpc, sleep, ...), admin-only"
     )
@@ -145,6 +156,13 @@ class ServeConfig(BaseModel):
         default_factory=list,
         description="Extra raw vLLM engine/server flags, e.g. --vllm-args=--swap-space=0 (advanced)",
     )
+
+    @field_validator("feedback_scores")
+    @classmethod
+    def _score_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] < value[1]:
+            raise ValueError(f"feedback_scores needs min < max, got {value}")
+        return value
 
     @field_validator("weight_transports")
     @classmethod

@@ -2,6 +2,7 @@
 
 flywheel train --objective sft --data chats.jsonl --model tiny-qwen3 --run-dir runs/sft --max-steps 50
 flywheel train --config loop.yaml --resume              # continue the latest checkpoint in run_dir
+flywheel train dpo --from-feedback redis://127.0.0.1:6379/0   # DPO on users' ratings (POST /v1/feedback)
 flywheel train plot runs/sft                            # PNG curves into runs/sft/plots/
 flywheel train convert ...                              # HF <-> megatron (trainer/megatron/convert.py)
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -83,7 +85,22 @@ def run_merge(config: MergeConfig) -> int:
     return 0
 
 
-SUBCOMMANDS: dict = {"plot": (PlotConfig, run_plot), "merge": (MergeConfig, run_merge)}
+class DpoTrainConfig(TrainConfig):
+    """`flywheel train dpo`: TrainConfig with the dpo objective (e.g. `--from-feedback redis://...`)."""
+
+    objective: Literal["dpo"] = Field(default="dpo", description="Training objective (dpo for this subcommand)")
+
+
+def run_dpo(config: DpoTrainConfig) -> int:
+    """Train DPO on preference files (--data) or on the server's user feedback (--from-feedback REDIS_URL)."""
+    return run(config)
+
+
+SUBCOMMANDS: dict = {
+    "plot": (PlotConfig, run_plot),
+    "dpo": (DpoTrainConfig, run_dpo),
+    "merge": (MergeConfig, run_merge),
+}
 
 # The megatron developer owns conversion (trainer/megatron/convert_cli.py: Config + run); expose it when present.
 if (

@@ -85,6 +85,15 @@ class TrainConfig(BaseModel):
     queue: QueueConfig | None = Field(
         default=None, description="Rollout queue (grpo): set --queue.url to train from Redis instead of files"
     )
+    from_feedback: str | None = Field(
+        default=None,
+        description="Redis URL of a server's capture: train on its user feedback (POST /v1/feedback); "
+        "dpo on the preference pairs, grpo on the rated completions",
+    )
+    feedback_stream: str = Field(
+        default="prompts",
+        description="Capture stream whose feedback --from-feedback reads (the server's capture_stream)",
+    )
     queue_input: QueueInput = Field(default_factory=QueueInput, description="Trainer-side queue reading settings")
     run_dir: Path = Field(
         default=Path("runs/train"), description="Where checkpoints, metrics.jsonl and TensorBoard events go"
@@ -188,8 +197,10 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.queue is None and not self.data:
-            raise ValueError("give training files (--data) or a rollout queue (--queue.url)")
+        if self.queue is None and not self.data and self.from_feedback is None:
+            raise ValueError("give training files (--data), a rollout queue (--queue.url) or --from-feedback")
+        if self.from_feedback is not None and self.objective not in ("dpo", "grpo"):
+            raise ValueError("--from-feedback feeds the dpo and grpo objectives only")
         if self.queue is not None and self.objective != "grpo":
             raise ValueError("the rollout queue feeds the grpo objective only")
         if self.micro_batch_tokens < self.max_seq_len:
