@@ -18,40 +18,32 @@ from flywheel.trainer.backend import build_policy
 from flywheel.trainer.checkpoint import latest_checkpoint
 from flywheel.trainer.config import TrainConfig
 from flywheel.trainer.train import train
-
-
-def sft_file(tmp_path):
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"count to {i + 3}"},
-                {"role": "assistant", "content": " ".join(str(j) for j in range(i + 3))},
-            ]
-        }
-        for i in range(8)
-    ]
-    path = tmp_path / "sft.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from tests.test_trainer import make_config, sft_rows, write_jsonl
 
 
 def config(tmp_path, tiny_model, **overrides) -> TrainConfig:
-    values = dict(
-        model=str(tiny_model),
-        data=[str(sft_file(tmp_path))],
-        run_dir=tmp_path / "run",
-        max_seq_len=64,
-        micro_batch_tokens=128,
-        batch_size=4,
-        lr=1e-2,
-        warmup_steps=0,
-        save_every=2,
-        max_steps=4,
-        seed=1,
-        lora_rank=4,
+    """tests/test_trainer.py's tiny SFT run, as a rank-4 LoRA run that checkpoints every 2 steps."""
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows())
+    return make_config(
+        tmp_path, tiny_model, **{"data": [str(data)], "lr": 1e-2, "save_every": 2, "lora_rank": 4, **overrides}
     )
-    values.update(overrides)
-    return TrainConfig(**values)
+
+
+def merge(adapter, tiny_model, out) -> subprocess.CompletedProcess:
+    argv = [
+        sys.executable,
+        "-m",
+        "flywheel.clients.cli",
+        "train",
+        "merge",
+        "--adapter",
+        str(adapter),
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(out),
+    ]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300)
 
 
 def greedy(model, ids, n=8):
@@ -109,47 +101,13 @@ def test_merge_cli_equals_base_plus_adapter(tmp_path, tiny_model):
     train(cfg)
     ckpt = latest_checkpoint(cfg.run_dir)
     out = tmp_path / "merged"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flywheel.clients.cli",
-            "train",
-            "merge",
-            "--adapter",
-            str(ckpt / "adapter"),
-            "--model",
-            str(tiny_model),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = merge(ckpt / "adapter", tiny_model, out)
     assert proc.returncode == 0, proc.stderr
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with_adapter = build_policy(cfg.policy_config(ckpt)).model
     ids = [8713, 1000, 1000, 1000]
     assert greedy(merged, ids) == greedy(with_adapter, ids)
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flywheel.clients.cli",
-            "train",
-            "merge",
-            "--adapter",
-            str(ckpt / "adapter"),
-            "--model",
-            str(tiny_model),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = merge(ckpt / "adapter", tiny_model, out)
     assert again.returncode == 2 and "exists" in again.stderr.strip().splitlines()[-1]
 
 

@@ -4,8 +4,6 @@ the previous one still serving; a second push replaces the adapter in place and 
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import openai
 import pytest
@@ -17,6 +15,7 @@ from flywheel.trainer.backend import build_policy
 from flywheel.trainer.checkpoint import latest_checkpoint
 from flywheel.trainer.config import TrainConfig
 from flywheel.trainer.train import train
+from tests.test_lora import config
 
 PROMPTS = ["The capital of France is", " Areatusatusatus", "1 2 3 4"]
 
@@ -52,29 +51,10 @@ def assert_serves(url: str, name: str, model, tol=2e-3):
 
 
 def lora_run(tmp_path, tiny_model, name: str, steps: int, lr: float) -> TrainConfig:
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"count to {i + 3}"},
-                {"role": "assistant", "content": " ".join(str(j) for j in range(i + 3))},
-            ]
-        }
-        for i in range(8)
-    ]
-    data = tmp_path / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = TrainConfig(
-        model=str(tiny_model),
-        data=[str(data)],
-        run_dir=tmp_path / name,
-        max_seq_len=64,
-        micro_batch_tokens=128,
-        batch_size=4,
-        lr=lr,
-        save_every=steps,
-        max_steps=steps,
-        lora_rank=4,
-    )
+    """tests/test_lora.py's LoRA SFT run in its own folder, trained `steps` steps with one checkpoint."""
+    folder = tmp_path / name
+    folder.mkdir()
+    cfg = config(folder, tiny_model, lr=lr, save_every=steps, max_steps=steps)
     train(cfg)
     return cfg
 

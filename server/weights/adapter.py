@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from flywheel.server.routes import error, policy_of
 from flywheel.server.weights.protocol import ADMIN_PREFIX, MAX_VERSION, PushError, read_header
+from flywheel.server.weights.routes import paused, served_manifest
 
 router = APIRouter()
 FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -108,8 +109,6 @@ def check_adapter(folder: Path, max_rank: int, manifest: dict) -> dict:
 @router.post(ADMIN_PREFIX + "/adapter")
 async def push_adapter(body: AdapterPushRequest, request: Request):
     """Validate, copy and load an adapter in place under the stable adapter name; all-or-nothing."""
-    from flywheel.server.weights.routes import served_manifest
-
     state = request.app.state
     config = state.flywheel_config
     if not config.max_lora_rank:
@@ -153,19 +152,15 @@ async def push_adapter(body: AdapterPushRequest, request: Request):
 async def _load(state, policy, name: str, folder: Path, pause_mode: str) -> dict:
     from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
-    engine = state.engine_client
     t0 = time.perf_counter()
-    await engine.pause_generation(mode=pause_mode)
-    t_paused = time.perf_counter()
-    try:
+    async with paused(state.engine_client, policy, pause_mode):
+        t_paused = time.perf_counter()
         models = state.openai_serving_models
         answer = await models.load_lora_adapter(
             LoadLoRAAdapterRequest(lora_name=name, lora_path=str(folder), load_inplace=name in models.lora_requests)
         )
         if not isinstance(answer, str):  # vLLM's ErrorResponse
             raise PushError(400, f"vLLM refused the adapter: {getattr(answer, 'error', answer)}")
-        await engine.reset_prefix_cache(reset_running_requests=False)
-    finally:
-        if not policy.admin_paused:
-            await engine.resume_generation()
+        # the in-place load keeps the LoRA id: blocks cached under the old adapter must not be reused
+        await state.engine_client.reset_prefix_cache(reset_running_requests=False)
     return {"pause": round(t_paused - t0, 4), "apply": round(time.perf_counter() - t_paused, 4)}
