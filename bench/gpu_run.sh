@@ -7,6 +7,8 @@
 #   run(carry=[".gpu/c03", ".gpu/SHA256SUMS", ".gpu/device-setup.sh", ".gpu/extra", ".gpu/redis"], command="bash bench/gpu_run.sh setup tests")
 #   run(command="bash bench/gpu_run.sh bench06")      # perf_overhead_gpu.json + weight_push_gpu.json (0.6B)
 #   run(command="bash bench/gpu_run.sh bench8b")      # weight_push_gpu.json gains the 8B rows
+#   run(command="bash bench/gpu_run.sh trainspeed")   # train_speed_gpu.json: both learners compiled, the loop's 0.6B
+#   run(command="bash bench/gpu_run.sh lora")         # tests/test_lora_serve.py on the CUDA vLLM (LoRA path)
 #   run(command="MODE=async TRANSPORT=ipc bash bench/gpu_run.sh loop")  # flywheel up on the GPU -> loop_gpu_async_ipc.json
 # .gpu/redis: Debian's redis-server with its libraries (the image has none), behind a wrapper that sets
 # LD_LIBRARY_PATH for it alone. The flywheel.* package is a folder of symlinks to the checkout's four
@@ -57,6 +59,21 @@ step_bench8b() {
     --results /tmp/fw-results 2>&1 | tee "$OUT/bench8b.log" | grep -v "^INFO\|^(APIServer\|^(EngineCore" | tail -40
   cp /tmp/fw-results/*.json "$OUT/" 2>/dev/null
   for s in flywheel bare; do tail -150 /tmp/gs8b/$s/server.log > "$OUT/gs8b_${s}_server.log" 2>/dev/null; done
+}
+
+step_trainspeed() {  # the loop's learner shape, transformers vs megatron-core, plain and compiled
+  . /tmp/fw-gpu/fw.sh
+  timeout 560 python3 bench/train_speed.py --sizes qwen3_0_6b --steps 10 --warmup 3 \
+    --variants transformers_sdpa transformers_sdpa_compiled megatron_fast megatron_compiled \
+    --out "$OUT/train_speed_gpu.json" 2>&1 | grep -v "Warning\|warn" | tail -30
+}
+
+step_lora() {  # vLLM's LoRA path on the CUDA build (not exercised by the kit's own measurements)
+  . /tmp/fw-gpu/fw.sh
+  timeout 400 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_lora_serve.py -x 2>&1 \
+    | tee "$OUT/pytest_lora_gpu.log" | tail -25
+  for f in $(ls -d /tmp/pytest-of-*/pytest-*/*/server.log 2>/dev/null | tail -2); do
+    tail -80 "$f" > "$OUT/lora_$(echo "$f" | tr '/' '_')"; done
 }
 
 step_loop() {  # MODE=async|sync TRANSPORT=ipc|shm STEPS=8: flywheel up, server + learner on this one GPU
