@@ -37,7 +37,7 @@ def served(url: str, model: str) -> list[tuple[list[int], list[int], list[float]
 
 
 def learner_logprobs(model, prompt_ids: list[int], ids: list[int]) -> list[float]:
-    full = torch.tensor([prompt_ids + ids])
+    full = torch.tensor([prompt_ids + ids], device=model.device)
     with torch.no_grad():
         logp = torch.log_softmax(model(full).logits[0].float(), -1)
     start = len(prompt_ids)

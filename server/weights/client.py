@@ -103,7 +103,7 @@ def write_safetensors(tensors: dict, path: Path) -> None:
         fh.write(struct.pack("<Q", len(raw)) + raw)
         for t in tensors.values():
             if t.numel():
-                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                fh.write(memoryview(t.detach().cpu().reshape(-1).view(torch.uint8).numpy()))  # GPU adapters too
 
 
 def _write_buckets(weights: dict | Path, folder: Path, bucket_bytes: int) -> list[Path]:
