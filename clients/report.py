@@ -1,7 +1,7 @@
 """`flywheel report RUN_DIR`: one self-contained HTML page of a `flywheel up` run (PNGs embedded).
 
 Reads only files the components already write:
-    train/metrics.jsonl   reward and loss per step, trainer tokens/s, staleness
+    train/metrics.jsonl   reward and loss per step, trainer tokens/s, staleness, learner/server mismatch
     eval/history.jsonl    held-out score per policy version
     up/status.jsonl       the live view's samples: rollouts produced, server tokens/s and busy-ness over time
     up/final.json         the queue accounting at the end
@@ -103,6 +103,12 @@ def loop_summary(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def lag_keys(rows: list[dict[str, Any]], prefix: str) -> list[str]:
+    """The per-lag metric keys (prefix + lag) that appear in any row, by lag."""
+    lags = {int(k[len(prefix) :]) for r in rows for k in r if k.startswith(prefix) and k[len(prefix) :].isdigit()}
+    return [f"{prefix}{lag}" for lag in sorted(lags)]
+
+
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -123,6 +129,9 @@ def _plots(run_dir: Path) -> list[tuple[str, str]]:
         ("Loss", ["loss"]),
         ("Trainer tokens/s", ["tokens_per_s"]),
         ("Staleness of trained rollouts (versions)", ["staleness_max", "staleness_mean"]),
+        ("Learner vs server |log p| mismatch", ["mismatch_abs_mean", "mismatch_abs_p99"]),
+        ("KL(server || learner) per token, by version lag", ["mismatch_kl", *lag_keys(steps, "mismatch_kl_lag")]),
+        ("Tokens truncated / masked by the correction", ["corrected_token_fraction", "masked_token_fraction"]),
     ):
         series = [(k, [(r["step"], r[k]) for r in steps if r.get(k) is not None]) for k in keys]
         series = [(k, pts) for k, pts in series if pts]

@@ -33,23 +33,34 @@ def is_stale(record: RolloutRecord, current_version: int, max_staleness: int) ->
     return current_version - record.policy_version > max_staleness
 
 
+def is_overlong(record: RolloutRecord, config: TrainConfig) -> bool:
+    """A completion cut at max_tokens that grpo.overlong='filter' leaves out."""
+    return config.grpo.overlong == "filter" and record.finish_reason == "length"
+
+
 def rollout_step(records: list[RolloutRecord], config: TrainConfig, state: TrainState) -> StepData:
-    """Drop stale records, set group-normalised advantages over this batch, build samples."""
+    """Drop stale (and, if filtered, overlong) records, set group-normalised advantages, build samples."""
     fresh = [r for r in records if not is_stale(r, state.pushed_version, config.max_staleness)]
     dropped = len(records) - len(fresh)
+    kept = [r for r in fresh if not is_overlong(r, config)]
+    overlong, fresh = len(fresh) - len(kept), kept
     if not fresh:
-        return StepData([], record_ids=[r.id for r in records], info={"dropped_stale": dropped})
+        info = {"dropped_stale": dropped, "dropped_overlong": overlong}
+        return StepData([], record_ids=[r.id for r in records], info=info)
     rewards = torch.tensor([r.reward for r in fresh])
     adv, zero = group_advantages(rewards, [r.group_id for r in fresh], scale_by_std=config.grpo.scale_by_std)
-    samples = [rollout_sample(r, float(a), config.max_seq_len) for r, a in zip(fresh, adv)]
     # how off-policy this step is: versions behind the last push, of the records actually trained
     staleness = [state.pushed_version - r.policy_version for r in fresh]
+    samples = [
+        rollout_sample(r, float(a), config.max_seq_len, lag) for r, a, lag in zip(fresh, adv, staleness, strict=True)
+    ]
     return StepData(
         samples,
         record_ids=[r.id for r in records],
         info={
             "reward_mean": float(rewards.mean()),
             "dropped_stale": dropped,
+            "dropped_overlong": overlong,
             "zero_variance_groups": zero,
             "completions": len(fresh),
             "staleness_max": max(staleness),
@@ -76,21 +87,38 @@ class FileSource:
         if not self.items:
             raise DataError(f"empty dataset: {', '.join(map(str, config.data))}")
         if config.objective == "grpo":
-            # a file holds whole groups: normalise each over all of its members once, then shuffle freely
-            rewards = torch.tensor([r.reward for r in self.items])
-            self.advantages, self.zero_variance_groups = group_advantages(
-                rewards, [r.group_id for r in self.items], scale_by_std=config.grpo.scale_by_std
-            )
+            # a file holds whole groups: normalise each over all of its trainable members once, then shuffle freely
+            self.overlong = [is_overlong(r, config) for r in self.items]
+            members = [i for i, r in enumerate(self.items) if not self.overlong[i]]
+            self.advantages = torch.zeros(len(self.items))
+            self.zero_variance_groups = 0
+            if members:
+                adv, self.zero_variance_groups = group_advantages(
+                    torch.tensor([self.items[i].reward for i in members]),
+                    [self.items[i].group_id for i in members],
+                    scale_by_std=config.grpo.scale_by_std,
+                )
+                self.advantages[members] = adv
 
     def next_step(self, step: int, state: TrainState) -> StepData:
         indices = take_step(len(self.items), step, self.config.batch_size, self.config.seed)
         chosen = [self.items[i] for i in indices]
         if self.config.objective == "grpo":
-            keep = [i for i in indices if not is_stale(self.items[i], state.pushed_version, self.config.max_staleness)]
-            samples = [rollout_sample(self.items[i], float(self.advantages[i]), self.config.max_seq_len) for i in keep]
+            fresh = [i for i in indices if not is_stale(self.items[i], state.pushed_version, self.config.max_staleness)]
+            keep = [i for i in fresh if not self.overlong[i]]
+            samples = [
+                rollout_sample(
+                    self.items[i],
+                    float(self.advantages[i]),
+                    self.config.max_seq_len,
+                    state.pushed_version - self.items[i].policy_version,
+                )
+                for i in keep
+            ]
             rewards = [self.items[i].reward for i in keep]
             info = {
-                "dropped_stale": len(indices) - len(keep),
+                "dropped_stale": len(indices) - len(fresh),
+                "dropped_overlong": len(fresh) - len(keep),
                 "completions": len(keep),
                 "zero_variance_groups": self.zero_variance_groups,
             }
