@@ -7,7 +7,8 @@ so the first history line is the model before training (version 0) and the last 
 policy. Writes bench/results/loop_learning.json with both scores, the reward curve's first and
 last quarter, and the command; the numbers are whatever they are.
 
-    python bench/loop_learning.py --steps 30 [--run-dir runs/smollm2-grpo] [--eval-size 50] [--out F] [flywheel up flags, e.g. --lr 1e-5]
+    python bench/loop_learning.py --steps 30 [--run-dir runs/smollm2-grpo] [--eval-size 50] [--out F] \
+        [flywheel up flags, e.g. --lr 1e-5]
 """
 
 from __future__ import annotations
@@ -81,7 +82,10 @@ def main() -> int:
         else []
     )
     history.sort(key=lambda h: h["version"])
-    score = lambda h: sum(h["scores"].values()) / len(h["scores"])
+
+    def score(h):
+        return sum(h["scores"].values()) / len(h["scores"])
+
     results = {
         "command": " ".join(["python", "bench/loop_learning.py", *sys.argv[1:]]),
         "machine": platform.node(),

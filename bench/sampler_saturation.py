@@ -125,7 +125,8 @@ def main() -> int:
                 plain.append(asyncio.run(plain_client(srv.base_url, srv.model, items, args)))
                 ours.append(sampler_run(srv.base_url, srv.model, redis_url, args))
                 print(
-                    f"rep {rep}: plain {plain[-1]['tokens_per_s']:.0f} tok/s, sampler {ours[-1]['tokens_per_s']:.0f} tok/s",
+                    f"rep {rep}: plain {plain[-1]['tokens_per_s']:.0f} tok/s, sampler {ours[-1]['tokens_per_s']:.0f} "
+                    "tok/s",
                     flush=True,
                 )
     finally:

@@ -18,7 +18,8 @@ reported as *_first_push_s.
 The served model is fp32 (CPU), so every variant moves and loads the same fp32 bytes.
 Writes bench/results/weight_push.json (flat keys; ratios are A_vs_B_ratio = seconds_A / seconds_B).
 
-    python bench/weight_push.py [--models tiny-qwen3 tiny-qwen3-moe smollm2-135m-instruct qwen3-0.6b-random] [--repeats 3]
+    python bench/weight_push.py [--models tiny-qwen3 tiny-qwen3-moe smollm2-135m-instruct qwen3-0.6b-random] \
+        [--repeats 3]
 """
 
 from __future__ import annotations

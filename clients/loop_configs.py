@@ -90,7 +90,10 @@ class LoopConfig(BaseModel):
     lr: float = Field(
         default=1e-5,
         gt=0,
-        description="Trainer peak learning rate (1e-5 taught SmolLM2-135M the task in 30 steps; 2e-6 did not in 20: bench/results/loop_learning*.json)",
+        description=(
+            "Trainer peak learning rate (1e-5 taught SmolLM2-135M the task in 30 steps; 2e-6 did not in 20: "
+            "bench/results/loop_learning*.json)"
+        ),
     )
     max_tokens: int = Field(default=96, gt=0, description="Maximum completion tokens per sample")
     temperature: float = Field(default=1.0, gt=0, description="Sampling temperature (the trainer uses the same)")
@@ -131,19 +134,31 @@ class LoopConfig(BaseModel):
     )
     serve: ServeConfig = Field(
         default_factory=ServeConfig,
-        description="`flywheel serve` settings (ServeConfig): the loop sets the model, its name, the port and data_dir unless given here",
+        description=(
+            "`flywheel serve` settings (ServeConfig): the loop sets the model, its name, the port and data_dir "
+            "unless given here"
+        ),
     )
     sample: GrpoSampleConfig = Field(
         default_factory=GrpoSampleConfig,
-        description="`flywheel sample grpo` settings (GrpoSampleConfig): the loop sets the endpoint, prompts, sampling, rewards and queue unless given here",
+        description=(
+            "`flywheel sample grpo` settings (GrpoSampleConfig): the loop sets the endpoint, prompts, sampling, "
+            "rewards and queue unless given here"
+        ),
     )
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(objective="grpo", queue=QueueConfig()),
-        description="`flywheel train` settings (TrainConfig): the loop sets objective, model, queue, steps, pushes and GRPO's group size and temperature unless given here",
+        description=(
+            "`flywheel train` settings (TrainConfig): the loop sets objective, model, queue, steps, pushes and "
+            "GRPO's group size and temperature unless given here"
+        ),
     )
     eval_settings: EvalConfig = Field(
         default_factory=EvalConfig,
-        description="`flywheel eval` settings (eval's Config): the loop sets the endpoint, the held-out set and --watch unless given here",
+        description=(
+            "`flywheel eval` settings (eval's Config): the loop sets the endpoint, the held-out set and --watch "
+            "unless given here"
+        ),
     )
 
     @model_validator(mode="before")

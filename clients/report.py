@@ -190,16 +190,22 @@ def write_report(run_dir: Path, output: Path | None = None) -> Path:
     )
     figures = (
         "".join(
-            f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption></figure>'
+            f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(t)}">'
+            f"<figcaption>{html.escape(t)}</figcaption></figure>"
             for t, b64 in _plots(run_dir)
         )
         or "<p>No metrics yet.</p>"
     )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>flywheel report: {html.escape(str(run_dir))}</title>
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<title>flywheel report: {html.escape(str(run_dir))}</title>
 <style>body{{font-family:sans-serif;max-width:1150px;margin:2em auto}}table{{border-collapse:collapse}}
 th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left}}figure{{display:inline-block;margin:8px}}</style></head>
 <body><h1>flywheel run {html.escape(str(run_dir))}</h1><h2>Summary</h2><table>{rows}</table>
-<p>Accounting (from up/final.json, written when the loop ends by itself): produced = acked + duplicates_skipped + pending + lag (queued, never delivered) + dead_lettered; stale rollouts are acked with the step that dropped them (dropped_stale). Groups whose rewards were all equal (no GRPO signal) are dropped by the sampler before the queue: rollouts scored = produced + dropped_uniform_rollouts.</p>
+<p>Accounting (from up/final.json, written when the loop ends by itself):
+produced = acked + duplicates_skipped + pending + lag (queued, never delivered) + dead_lettered;
+stale rollouts are acked with the step that dropped them (dropped_stale).
+Groups whose rewards were all equal (no GRPO signal) are dropped by the sampler before the queue:
+rollouts scored = produced + dropped_uniform_rollouts.</p>
 <h2>Curves</h2>{figures}</body></html>"""
     out = output or run_dir / "report.html"
     out.write_text(page)

@@ -177,7 +177,8 @@ class Loop:
         binary = shutil.which(self.config.redis_server)
         if binary is None:
             raise UserError(
-                f"{self.config.redis_server} not found on PATH: install it (apt-get install redis-server) or pass --redis-url"
+                f"{self.config.redis_server} not found on PATH: install it (apt-get install redis-server) or pass "
+                "--redis-url"
             )
         port = self.redis_url.rsplit(":", 1)[1].split("/")[0]
         argv = [
@@ -210,7 +211,8 @@ class Loop:
                 pass
             if self.children["redis"].poll() is not None or time.time() > deadline:
                 raise UserError(
-                    f"redis-server did not start; see {self.children['redis'].log_path}:\n{self.children['redis'].log_tail()}"
+                    "redis-server did not start; see "
+                    f"{self.children['redis'].log_path}:\n{self.children['redis'].log_tail()}"
                 )
             time.sleep(0.2)
         client.close()
@@ -303,7 +305,8 @@ class Loop:
                 else:
                     print(
                         f"[flywheel up] v={s.get('policy_version')} step={s.get('step')} produced={s.get('produced')} "
-                        f"acked={s.get('acked')} backlog={s.get('backlog')} uniform_dropped={s.get('dropped_uniform_groups')} "
+                        f"acked={s.get('acked')} backlog={s.get('backlog')} "
+                        f"uniform_dropped={s.get('dropped_uniform_groups')} "
                         f"reward={s.get('reward_mean')} "
                         f"loss={s.get('train_loss')} eval={s.get('eval_score')}",
                         flush=True,
@@ -322,7 +325,8 @@ class Loop:
                         break
                     if rc != 0 or name != until:
                         print(
-                            f"flywheel up: {name} exited with {rc}; stopping the loop. Last lines of {child.log_path}:\n"
+                            f"flywheel up: {name} exited with {rc}; stopping the loop. Last lines of "
+                            f"{child.log_path}:\n"
                             f"{child.log_tail()}",
                             file=sys.stderr,
                             flush=True,
@@ -357,7 +361,8 @@ class Loop:
         print(
             f"flywheel up: done: {final.get('step')} steps, policy version {final.get('policy_version')}, "
             f"produced {final.get('produced')}, acked {final.get('acked')}, pending {final.get('pending')}, "
-            f"dead-lettered {final.get('dead_lettered')}, groups dropped as uniform {final.get('dropped_uniform_groups')}",
+            f"dead-lettered {final.get('dead_lettered')}, groups dropped as uniform "
+            f"{final.get('dropped_uniform_groups')}",
             flush=True,
         )
         return 0
@@ -373,7 +378,8 @@ class Loop:
 def run(config: LoopConfig) -> int:
     if config.batch_size % config.group_size:
         raise UserError(
-            f"--batch-size {config.batch_size} must be a multiple of --group-size {config.group_size} (whole groups per step)"
+            f"--batch-size {config.batch_size} must be a multiple of --group-size {config.group_size} (whole groups "
+            "per step)"
         )
     loop = Loop(config)  # builds and validates every component's config first
     # orphans of our children (vLLM's engine and workers when their parent dies first) come to us, not

@@ -117,7 +117,8 @@ class Endpoint:
         entries = body["choices"][0].get("prompt_logprobs")
         if entries is None or len(entries) != len(ids):
             raise RuntimeError(
-                f"{self.config.base_url} returned no usable prompt_logprobs (got {None if entries is None else len(entries)} for {len(ids)} tokens)"
+                f"{self.config.base_url} returned no usable prompt_logprobs (got "
+                f"{None if entries is None else len(entries)} for {len(ids)} tokens)"
             )
         out = []
         for token, entry in zip(completion_token_ids, entries[len(prompt_token_ids) :]):

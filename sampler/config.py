@@ -95,7 +95,9 @@ class SampleConfig(BaseModel):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling parameters")
     rewards: list[RewardSpec] | None = Field(
         default=None,
-        description="Reward terms [{'name','weight','options'}] (default: reasoning_gym for gym prompts, math_verify otherwise)",
+        description=(
+            "Reward terms [{'name','weight','options'}] (default: reasoning_gym for gym prompts, math_verify otherwise)"
+        ),
     )
     queue: QueueConfig = Field(default_factory=QueueConfig, description="Redis queue the records go to")
     concurrency: int = Field(default=8, ge=1, description="Prompts in flight at once (each one request for n samples)")

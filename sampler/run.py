@@ -173,7 +173,8 @@ async def run_prompts(
 
 
 async def push(records: list, item: PromptItem, writer: JsonlWriter, queue: Any = None) -> None:
-    """Write a prompt's kept records to JSONL and the queue (blocking under backpressure), then ack its capture entry."""
+    """Write a prompt's kept records to JSONL and the queue (blocking under backpressure), then ack
+    its capture entry."""
     writer.write([r.to_json() if isinstance(r, RolloutRecord) else r.model_dump_json() for r in records])
     if queue is not None and records:
         await asyncio.to_thread(queue.put, records)

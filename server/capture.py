@@ -6,7 +6,14 @@ The format (owned here; sampler/ reads it with `CapturedRequest.from_bytes`):
     prompt (completions), sampling (every other request parameter: temperature, top_p,
     max_tokens, n, seed, stop, ...), stream, status, responses (text of each choice),
     finish_reasons, policy_version (serving when the request arrived) and policy_versions (every
-    version served while it ran), redacted. An unknown schema_version is refused on decode.
+    version served while it ran), redacted; for feedback (server/feedback.py) also completion_id
+    (the response's `id`, as the OpenAI SDK returns it), prompt_token_ids, and per choice
+    completion_token_ids and completion_logprobs (the server's processed logprobs), when the
+    response carried them. An unknown schema_version is refused on decode.
+
+The link: with `link_ttl_s` > 0 a 200 response with an id is also stored under
+`link_key(stream, completion_id)` (the same bytes, expiring after link_ttl_s), so feedback on a
+completion finds its capture; a request that was not captured (rate, redact) has no link.
 
 The middleware (`CaptureMiddleware`, pure ASGI, mounted by server/serve.py when
 `capture_redis_url` is set) never slows or breaks a response:
@@ -71,6 +78,17 @@ class CapturedRequest(BaseModel):
     policy_version: int | None = Field(default=None, description="Policy version serving when the request arrived")
     policy_versions: list[int] = Field(default_factory=list, description="Every policy version served while it ran")
     redacted: bool = Field(default=False, description="Set by a redaction hook that changed the capture")
+    completion_id: str | None = Field(default=None, description="The response's id, as the OpenAI SDK returned it")
+    prompt_token_ids: list[int] | None = Field(
+        default=None, description="Prompt token ids, when the response carried them (return_token_ids)"
+    )
+    completion_token_ids: list[list[int] | None] = Field(
+        default_factory=list, description="Token ids of each choice, by index (None where the response had none)"
+    )
+    completion_logprobs: list[list[float] | None] = Field(
+        default_factory=list,
+        description="The server's processed logprob of each choice's tokens, by index (None where not returned)",
+    )
 
     def to_bytes(self) -> bytes:
         return to_msgpack(self)
@@ -79,6 +97,11 @@ class CapturedRequest(BaseModel):
     def from_bytes(cls, data: bytes) -> CapturedRequest:
         obj = from_msgpack(data, CaptureFormatError)
         return validate_versioned(cls, obj, what="capture", schema_version=SCHEMA_VERSION, error=CaptureFormatError)
+
+
+def link_key(stream: str, completion_id: str) -> str:
+    """Redis key of the capture of one completion (see the module docstring)."""
+    return f"{stream}:completion:{completion_id}"
 
 
 def load_redact(path: str | None) -> Callable[[CapturedRequest], CapturedRequest | None] | None:
@@ -104,6 +127,10 @@ class _ResponseCopy:
         self.pending = b""
         self.texts: dict[int, list[str]] = {}
         self.finish: dict[int, str | None] = {}
+        self.token_ids: dict[int, list[int]] = {}
+        self.logprobs: dict[int, list[float]] = {}
+        self.completion_id: str | None = None
+        self.prompt_token_ids: list[int] | None = None
         self.overflow = False
 
     def start(self, message: Message) -> None:
@@ -129,8 +156,19 @@ class _ResponseCopy:
                     pass
 
     def _choices(self, obj: dict[str, Any]) -> None:
+        if isinstance(obj.get("id"), str):
+            self.completion_id = obj["id"]
+        if isinstance(obj.get("prompt_token_ids"), list):
+            self.prompt_token_ids = obj["prompt_token_ids"]
         for choice in obj.get("choices") or []:
             i = choice.get("index", 0)
+            if isinstance(choice.get("token_ids"), list):
+                self.token_ids.setdefault(i, []).extend(choice["token_ids"])
+            if self.prompt_token_ids is None and isinstance(choice.get("prompt_token_ids"), list):
+                self.prompt_token_ids = choice["prompt_token_ids"]  # completions: per choice
+            logprobs = _token_logprobs(choice.get("logprobs"))
+            if logprobs is not None:
+                self.logprobs.setdefault(i, []).extend(logprobs)
             delta = choice.get("delta")
             text = (delta or {}).get("content") if delta is not None else choice.get("text")
             if text is None and "message" in choice:
@@ -142,14 +180,33 @@ class _ResponseCopy:
             if choice.get("finish_reason") is not None or i not in self.finish:
                 self.finish[i] = choice.get("finish_reason")
 
-    def result(self) -> tuple[list[str], list[str | None]]:
+    def result(self) -> dict[str, Any]:
+        """The CapturedRequest fields read from the response."""
         if not self.sse and self.body:
             try:
                 self._choices(json.loads(b"".join(self.body)))
             except ValueError:
                 pass
         order = sorted(self.texts)
-        return ["".join(self.texts[i]) for i in order], [self.finish.get(i) for i in order]
+        return {
+            "responses": ["".join(self.texts[i]) for i in order],
+            "finish_reasons": [self.finish.get(i) for i in order],
+            "completion_id": self.completion_id,
+            "prompt_token_ids": self.prompt_token_ids,
+            "completion_token_ids": [self.token_ids.get(i) for i in order],
+            "completion_logprobs": [self.logprobs.get(i) for i in order],
+        }
+
+
+def _token_logprobs(logprobs: Any) -> list[float] | None:
+    """Per-token logprobs of a choice: chat's logprobs.content[].logprob, completions' logprobs.token_logprobs."""
+    if not isinstance(logprobs, dict):
+        return None
+    if isinstance(logprobs.get("content"), list):
+        return [float(t["logprob"]) for t in logprobs["content"]]
+    if isinstance(logprobs.get("token_logprobs"), list):
+        return [float(v) if v is not None else 0.0 for v in logprobs["token_logprobs"]]
+    return None
 
 
 class CaptureMiddleware:
@@ -167,6 +224,7 @@ class CaptureMiddleware:
         max_len: int = 100_000,
         max_in_flight: int = 256,
         timeout_s: float = 2.0,
+        link_ttl_s: int = 0,
     ):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"capture rate must be within [0, 1], got {rate}")
@@ -177,6 +235,7 @@ class CaptureMiddleware:
         self.stream, self.rate, self.policy = stream, rate, policy
         self.redact = redact if callable(redact) else load_redact(redact)
         self.max_bytes, self.max_len, self.max_in_flight = max_bytes, max_len, max_in_flight
+        self.link_ttl_s = link_ttl_s
         self.counters = {
             "captured": 0,
             "skipped": 0,
@@ -245,7 +304,6 @@ class CaptureMiddleware:
         request = json.loads(body) if body else {}
         if not isinstance(request, dict):
             raise ValueError("request body is not a JSON object")
-        texts, finish = response.result()
         versions = self.policy.versions_since(version) if version is not None and self.policy is not None else []
         return CapturedRequest(
             endpoint=endpoint,
@@ -255,10 +313,9 @@ class CaptureMiddleware:
             sampling={k: v for k, v in request.items() if k not in _NOT_SAMPLING},
             stream=bool(request.get("stream")),
             status=response.status,
-            responses=texts,
-            finish_reasons=finish,
             policy_version=version,
             policy_versions=versions,
+            **response.result(),
         )
 
     async def _write(self, endpoint: str, body: bytes, response: _ResponseCopy, version: int | None) -> None:
@@ -272,7 +329,12 @@ class CaptureMiddleware:
                     return
                 if record != before:
                     record.redacted = True
-            await self.redis.xadd(self.stream, {FIELD: record.to_bytes()}, maxlen=self.max_len, approximate=True)
+            data = record.to_bytes()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self.stream, {FIELD: data}, maxlen=self.max_len, approximate=True)
+                if self.link_ttl_s > 0 and record.completion_id and record.status == 200:
+                    pipe.set(link_key(self.stream, record.completion_id), data, ex=self.link_ttl_s)
+                await pipe.execute()
             self.counters["captured"] += 1
         except Exception as exc:
             self._failed(exc)

@@ -38,11 +38,16 @@ class ServeConfig(BaseModel):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",
-        description="Weights/activations dtype; auto = float32 on CPU (bf16 is ~5x slower there), the checkpoint's on GPU",
+        description=(
+            "Weights/activations dtype; auto = float32 on CPU (bf16 is ~5x slower there), the checkpoint's on GPU"
+        ),
     )
     enforce_eager: bool | None = Field(
         default=None,
-        description="Skip torch.compile and CUDA graphs. Default: on for CPU (starts in ~40 s instead of ~90 s), off on a GPU (eager decoding there measured ~0.15x of the compiled engine's throughput)",
+        description=(
+            "Skip torch.compile and CUDA graphs. Default: on for CPU (starts in ~40 s instead of ~90 s), off on a "
+            "GPU (eager decoding there measured ~0.15x of the compiled engine's throughput)"
+        ),
     )
     kv_cache_gib: int = Field(
         default=1, ge=1, description="KV cache size on CPU in whole GiB (VLLM_CPU_KVCACHE_SPACE takes integers)"
@@ -51,31 +56,58 @@ class ServeConfig(BaseModel):
         default=None,
         gt=0,
         le=1,
-        description="Fraction of the GPU's memory this server may take for weights, activations and KV cache (GPU only). Default: vLLM's own (0.9), for a server alone on its GPU; with a learner on the same GPU set it (e.g. 0.35) and the learner gets the rest",
+        description=(
+            "Fraction of the GPU's memory this server may take for weights, activations and KV cache (GPU only). "
+            "Default: vLLM's own (0.9), for a server alone on its GPU; with a learner on the same GPU set it (e.g. "
+            "0.35) and the learner gets the rest"
+        ),
     )
     max_model_len: int = Field(default=2048, gt=0, description="Maximum prompt + completion tokens per request")
     max_num_seqs: int | None = Field(
         default=None,
         gt=0,
-        description="Maximum concurrently scheduled sequences. Default: 64 on CPU; vLLM's own on a GPU (a 256-way load otherwise queues)",
+        description=(
+            "Maximum concurrently scheduled sequences. Default: 64 on CPU; vLLM's own on a GPU (a 256-way load "
+            "otherwise queues)"
+        ),
     )
     tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM tensor parallel degree (GPU)")
     seed: int = Field(default=0, description="Engine seed (per-request `seed` still gives reproducible samples)")
     logprobs_mode: Literal["processed_logprobs", "raw_logprobs"] = Field(
         default="processed_logprobs",
-        description="Logprobs returned to clients: processed = after temperature/top-p, what GRPO's importance ratio needs",
+        description=(
+            "Logprobs returned to clients: processed = after temperature/top-p, what GRPO's importance ratio needs"
+        ),
     )
     max_logprobs: int = Field(default=20, ge=0, description="Largest `top_logprobs` a request may ask for")
     enable_prefix_caching: bool = Field(
         default=True, description="Reuse KV of shared prompt prefixes (reset on every weight update)"
     )
+    max_lora_rank: Literal[0, 1, 8, 16, 32, 64, 128, 256] = Field(
+        default=0,
+        description="Serve LoRA adapters up to this rank (vLLM --enable-lora; 0: off). A trainer with --lora-rank "
+        "then pushes only its adapter (POST /flywheel/admin/adapter), served as --adapter-name beside the base model",
+    )
+    adapter_name: str = Field(
+        default="policy",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="The OpenAI `model` name of the pushed adapter (one stable name; its version advances per push)",
+    )
     weight_transports: list[Literal["shm", "http", "nccl", "ipc"]] | None = Field(
         default=None,
-        description="Weight-push transports this server accepts: shm/http buckets (any device), and at most one of vLLM's GPU engines, nccl (a learner on other GPUs) or ipc (a learner on the same GPU). Default: shm and http on CPU; shm, http and ipc on a GPU",
+        description=(
+            "Weight-push transports this server accepts: shm/http buckets (any device), and at most one of vLLM's "
+            "GPU engines, nccl (a learner on other GPUs) or ipc (a learner on the same GPU). Default: shm and http "
+            "on CPU; shm, http and ipc on a GPU"
+        ),
     )
     weight_apply: Literal["staged", "layerwise"] = Field(
         default="staged",
-        description="How a CPU server applies a push: staged = into staging tensors kept between pushes, one re-pack per layer (about 2x faster; costs one extra copy of the weights in RAM); layerwise = vLLM's in-place layerwise reload (one layer at a time). GPUs always use layerwise",
+        description=(
+            "How a CPU server applies a push: staged = into staging tensors kept between pushes, one re-pack per "
+            "layer (about 2x faster; costs one extra copy of the weights in RAM); layerwise = vLLM's in-place "
+            "layerwise reload (one layer at a time). GPUs always use layerwise"
+        ),
     )
     max_push_bytes: int = Field(default=64 * 2**30, gt=0, description="Largest total size of one weight push")
     max_bucket_bytes: int = Field(
@@ -84,12 +116,17 @@ class ServeConfig(BaseModel):
     push_lock_timeout_s: float = Field(
         default=300.0,
         gt=0,
-        description="A weight push waits at most this long for the one before it to finish (503 after; nothing applied)",
+        description=(
+            "A weight push waits at most this long for the one before it to finish (503 after; nothing applied)"
+        ),
     )
     max_request_bytes: int = Field(
         default=4 * 2**20,
         gt=0,
-        description="Largest request body on the OpenAI routes (413 above it): bounds what one request can make the tokenizer chew (a 20 MB /tokenize string took 30 s of CPU). Weight buckets have their own limit",
+        description=(
+            "Largest request body on the OpenAI routes (413 above it): bounds what one request can make the "
+            "tokenizer chew (a 20 MB /tokenize string took 30 s of CPU). Weight buckets have their own limit"
+        ),
     )
     capture_redis_url: str | None = Field(
         default=None, description="Capture production requests into this Redis (opt-in; off when unset)"
@@ -98,6 +135,17 @@ class ServeConfig(BaseModel):
     capture_rate: float = Field(default=1.0, ge=0, le=1, description="Fraction of production requests captured")
     capture_redact: str | None = Field(
         default=None, description="Dotted path of a function(record) -> record | None that redacts or drops a capture"
+    )
+    feedback_ttl_s: int = Field(
+        default=7 * 24 * 3600,
+        ge=0,
+        description=(
+            "Seconds a captured completion can be rated through POST /v1/feedback (0: no feedback; needs capture)"
+        ),
+    )
+    feedback_scores: tuple[float, float] = Field(
+        default=(1.0, 5.0),
+        description="The declared range (min, max) of numeric ratings on /v1/feedback; thumbs down/up are its ends",
     )
     dev_routes: bool = Field(
         default=False, description="Also expose vLLM's own dev/RL routes (collective_rpc, sleep, ...), admin-only"
@@ -108,6 +156,13 @@ class ServeConfig(BaseModel):
         default_factory=list,
         description="Extra raw vLLM engine/server flags, e.g. --vllm-args=--swap-space=0 (advanced)",
     )
+
+    @field_validator("feedback_scores")
+    @classmethod
+    def _score_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] < value[1]:
+            raise ValueError(f"feedback_scores needs min < max, got {value}")
+        return value
 
     @field_validator("weight_transports")
     @classmethod

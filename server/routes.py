@@ -12,6 +12,7 @@ from typing import Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
+from flywheel.server.errors import openai_error_body
 from flywheel.server.policy import PolicyState
 from flywheel.server.status import STATUS_PATH, ServerStatus
 
@@ -45,10 +46,9 @@ async def status(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json"))
 
 
-def error(status: int, message: str, type_: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": type_, "param": None, "code": status}}, status_code=status
-    )
+def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+    """The OpenAI error envelope (server/errors.py) as a route's answer."""
+    return JSONResponse(openai_error_body(status, message, type_, param=param), status_code=status)
 
 
 @router.post("/flywheel/admin/pause")

@@ -128,16 +128,26 @@ def vllm_argv(config: ServeConfig, model_path: Path, served_name: str, cpu: bool
         argv.append("--disable-uvicorn-access-log")
     if config.max_num_seqs is not None:
         argv += ["--max-num-seqs", str(config.max_num_seqs)]
+    if config.max_lora_rank:  # one adapter slot: the pushed adapter replaces itself in place
+        argv += ["--enable-lora", "--max-lora-rank", str(config.max_lora_rank), "--max-loras", "1"]
     if not cpu and config.gpu_memory_utilization is not None:
         argv += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
     return argv + list(config.vllm_args)
 
 
+def feedback_on(config: ServeConfig) -> bool:
+    """POST /v1/feedback rates captured completions: it needs capture and a link lifetime."""
+    return bool(config.capture_redis_url) and config.feedback_ttl_s > 0
+
+
 def install(app, config: ServeConfig, model_path: Path, served_name: str, admin_token: str) -> None:
     """Mount Flywheel's state, routes and middleware on vLLM's FastAPI app."""
+    from flywheel.server.feedback import FeedbackStore
+    from flywheel.server.feedback import router as feedback_router
     from flywheel.server.middleware import FlywheelMiddleware
     from flywheel.server.policy import PolicyState
     from flywheel.server.routes import router
+    from flywheel.server.weights.adapter import router as adapter_router
     from flywheel.server.weights.routes import router as weights_router
 
     policy = PolicyState(model=str(model_path), served_model_name=served_name)
@@ -149,6 +159,8 @@ def install(app, config: ServeConfig, model_path: Path, served_name: str, admin_
             "stream": config.capture_stream,
             "rate": config.capture_rate,
             "redact": config.capture_redact,
+            "feedback": feedback_on(config),
+            "feedback_scores": list(config.feedback_scores),
         },
         "weights": {
             "transports": list(config.weight_transports),
@@ -161,6 +173,13 @@ def install(app, config: ServeConfig, model_path: Path, served_name: str, admin_
     }
     app.include_router(router)
     app.include_router(weights_router)
+    app.include_router(adapter_router)
+    app.include_router(feedback_router)
+    app.state.flywheel_feedback = (
+        FeedbackStore(config.capture_redis_url, config.capture_stream, config.feedback_scores)
+        if feedback_on(config)
+        else None
+    )
     # vLLM's SageMaker bootstrap builds the middleware stack early; Starlette rebuilds it lazily
     # on the first request if we drop it, now including ours.
     app.middleware_stack = None
@@ -174,6 +193,7 @@ def install(app, config: ServeConfig, model_path: Path, served_name: str, admin_
             rate=config.capture_rate,
             redact=config.capture_redact,
             policy=policy,
+            link_ttl_s=config.feedback_ttl_s,
         )
     # added last = outermost: auth runs before anything else, stamping sees the final response
     app.add_middleware(

@@ -33,6 +33,8 @@ class CaptureStatus(BaseModel):
     stream: str | None = Field(default=None, description="Redis stream the captures go to")
     rate: float | None = Field(default=None, description="Fraction of requests captured")
     redact: str | None = Field(default=None, description="Dotted path of the redaction hook, if any")
+    feedback: bool = Field(default=False, description="Whether POST /v1/feedback rates captured completions")
+    feedback_scores: list[float] | None = Field(default=None, description="Declared range of numeric ratings")
 
 
 class WeightsStatus(BaseModel):

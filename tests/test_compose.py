@@ -76,7 +76,10 @@ def test_compose_has_the_loop_services_with_health_checks_and_restarts():
     assert "server" in gpu["networks"]["default"]["aliases"]  # the sampler and trainer find it by the same name
     # the pieces agree: one queue, one server, the trainer pushes where the sampler samples
     sampler, trainer = flywheel_argv(SERVICES["sampler"]), flywheel_argv(SERVICES["trainer"])
-    value = lambda argv, flag: argv[argv.index(flag) + 1]
+
+    def value(argv, flag):
+        return argv[argv.index(flag) + 1]
+
     assert value(sampler, "--queue.url") == value(trainer, "--queue.url") == "redis://redis:6379/0"
     assert value(sampler, "--endpoint.base-url") == value(trainer, "--push-url") + "/v1"
     assert value(sampler, "--sampling.n") == value(trainer, "--grpo.group-size")

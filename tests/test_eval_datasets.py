@@ -1,8 +1,8 @@
 """Benchmark loaders and the scorers eval grades them with (no server needed).
 
 Counts are the sizes of the data the packages ship: 281 distinct MMLU dev questions in lm-eval's
-task files (57 subjects x 5 = 285, less one listed twice, and one question has five choices (A-E)), 164 HumanEval problems, 294 IFBench
-prompts, 270 CHAMP problems, 3 reasoning-gym tasks x 100 fixed-seed problems.
+task files (57 subjects x 5 = 285, less one listed twice, and one question has five choices (A-E)),
+164 HumanEval problems, 294 IFBench prompts, 270 CHAMP problems, 3 reasoning-gym tasks x 100 fixed-seed problems.
 """
 
 from __future__ import annotations

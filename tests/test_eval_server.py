@@ -33,7 +33,7 @@ def hf_continuation_logprobs(model, tok, context: str, continuations: list[str])
         with torch.no_grad():
             logp = torch.log_softmax(model(ids).logits[0].float(), -1)
         total = 0.0
-        for i, (s, e) in enumerate(enc["offset_mapping"]):
+        for i, (_, e) in enumerate(enc["offset_mapping"]):
             if i > 0 and e > len(context):
                 total += logp[i - 1, enc["input_ids"][i]].item()
         out.append(total)

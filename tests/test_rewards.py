@@ -183,7 +183,8 @@ def test_code_exec_refuses_escapes(attack, tmp_path):
 def test_code_exec_allows_local_files_and_stdlib():
     program = (
         ADD
-        + "import json, re, math, collections, itertools\nopen('scratch.txt', 'w').write('1')\nassert open('scratch.txt').read() == '1'\n"
+        + "import json, re, math, collections, itertools\n"
+        + "open('scratch.txt', 'w').write('1')\nassert open('scratch.txt').read() == '1'\n"
     )
     assert get_scorer("code_exec")(program, "assert add(1, 2) == 3").details["result"] == "passed"
 

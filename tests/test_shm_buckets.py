@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -77,6 +78,6 @@ def test_push_weights_drops_the_files_when_the_push_fails(tmp_path):
     from flywheel.server.weights.client import push_weights
 
     with ShmBuckets(root=tmp_path) as buckets:
-        with pytest.raises(Exception):  # nothing listens on this port
+        with pytest.raises(httpx.ConnectError):  # nothing listens on this port
             push_weights("http://127.0.0.1:9", state(0), 1, "token", transport="shm", buckets=buckets, timeout=2)
         assert buckets.files == [] and list(buckets.folder.iterdir()) == []

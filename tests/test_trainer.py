@@ -1,4 +1,5 @@
-"""The training recipe on the real tiny Qwen3: packing, accumulation, SFT, DPO, checkpoints, resume, plots, CLI errors."""
+"""The training recipe on the real tiny Qwen3: packing, accumulation, SFT, DPO, checkpoints, resume,
+plots, CLI errors."""
 
 from __future__ import annotations
 

@@ -56,7 +56,10 @@ def test_sft_mask_covers_assistant_turns_only(tmp_path, tokenizer):
 def test_dpo_pairs_share_prompt_and_mask_the_reply(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "dpo.jsonl", [{"prompt": "Say yes", "chosen": "yes", "rejected": "no way"}])
     [pair] = load_dpo(path, tokenizer, max_len=256)
-    decode_masked = lambda s: tokenizer.decode([t for t, m in zip(s.tokens, s.loss_mask) if m])
+
+    def decode_masked(s):
+        return tokenizer.decode([t for t, m in zip(s.tokens, s.loss_mask) if m])
+
     assert decode_masked(pair.chosen) == "yes<|im_end|>\n"
     assert decode_masked(pair.rejected) == "no way<|im_end|>\n"
     n = pair.chosen.loss_mask.index(True)

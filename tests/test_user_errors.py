@@ -1,4 +1,5 @@
-"""One error path: library code raises UserError; only `flywheel`'s main turns it into one stderr line and exit code 2."""
+"""One error path: library code raises UserError; only `flywheel`'s main turns it into one stderr
+line and exit code 2."""
 
 from __future__ import annotations
 

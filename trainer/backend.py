@@ -33,6 +33,10 @@ def _transformers(config: PolicyConfig) -> Policy:
 
 
 def _megatron(config: PolicyConfig) -> Policy:
+    if config.lora is not None:
+        raise UserError(
+            "LoRA is not supported on the megatron backend yet; use --backend transformers with --lora-rank"
+        )
     if not megatron_available():
         raise UserError("backend 'megatron' is not available (trainer/megatron is missing)")
     from flywheel.trainer.megatron import build_policy as build_megatron_policy

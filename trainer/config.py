@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from flywheel.sampler.config import QueueConfig
-from flywheel.trainer.policy_interface import ParallelConfig, PolicyConfig
+from flywheel.trainer.policy_interface import LORA_TARGETS, LoraConfig, ParallelConfig, PolicyConfig
 
 
 class QueueInput(BaseModel):
@@ -144,6 +144,15 @@ class TrainConfig(BaseModel):
     queue: QueueConfig | None = Field(
         default=None, description="Rollout queue (grpo): set --queue.url to train from Redis instead of files"
     )
+    from_feedback: str | None = Field(
+        default=None,
+        description="Redis URL of a server's capture: train on its user feedback (POST /v1/feedback); "
+        "dpo on the preference pairs, grpo on the rated completions",
+    )
+    feedback_stream: str = Field(
+        default="prompts",
+        description="Capture stream whose feedback --from-feedback reads (the server's capture_stream)",
+    )
     queue_input: QueueInput = Field(default_factory=QueueInput, description="Trainer-side queue reading settings")
     run_dir: Path = Field(
         default=Path("runs/train"), description="Where checkpoints, metrics.jsonl and TensorBoard events go"
@@ -162,13 +171,18 @@ class TrainConfig(BaseModel):
     stop_after: int | None = Field(
         default=None,
         gt=0,
-        description="Checkpoint and stop after this many steps of this invocation (time-boxed jobs; continue with --resume)",
+        description=(
+            "Checkpoint and stop after this many steps of this invocation (time-boxed jobs; continue with --resume)"
+        ),
     )
     batch_size: int = Field(default=8, gt=0, description="Samples per optimizer step (DPO: pairs; GRPO: completions)")
     micro_batch_tokens: int = Field(
         default=4096,
         gt=0,
-        description="Token budget of one forward/backward; a step accumulates gradients over as many micro-batches as its samples need",
+        description=(
+            "Token budget of one forward/backward; a step accumulates gradients over as many micro-batches as its "
+            "samples need"
+        ),
     )
     max_seq_len: int = Field(default=1024, gt=1, description="Longer samples are truncated (CPT documents are chunked)")
     pack: bool = Field(
@@ -188,20 +202,44 @@ class TrainConfig(BaseModel):
     )
 
     save_every: int = Field(default=50, ge=0, description="Checkpoint every N steps (0: only at the end)")
+    lora_rank: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="Train a LoRA adapter of this rank instead of every weight (0: full fine-tune; transformers "
+        "backend only). Checkpoints hold the merged weights (they serve and restore like a full model) and adapter/",
+    )
+    lora_alpha: float | None = Field(
+        default=None, gt=0, description="LoRA scale numerator (update = alpha / rank * B @ A); default 2 x rank"
+    )
+    lora_targets: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS),
+        min_length=1,
+        description="Modules that get an adapter (attention and MLP projections by default)",
+    )
     keep_checkpoints: int = Field(default=2, ge=1, description="How many step checkpoints to keep in run_dir")
     log_every: int = Field(default=1, gt=0, description="Write metrics every N steps")
     push_every: int = Field(default=0, ge=0, description="Push weights to the server every K steps (0: never)")
     push_url: str | None = Field(
         default=None, description="Server base URL for weight pushes (None: pushing is a no-op)"
     )
-    push_transport: Literal["auto", "shm", "http", "ipc"] = Field(
+    push_transport: Literal["auto", "shm", "http", "ipc", "adapter"] = Field(
         default="auto",
-        description="How pushed weights travel: ipc hands the server CUDA-IPC handles of the learner's own GPU tensors (no copy through the host; the learner and the server share the GPU); shm writes safetensors buckets to /dev/shm (a server on this host); http streams them. auto: ipc when the weights are on a GPU and the server (on this host) offers it, else shm on this host, else http",
+        description=(
+            "How pushed weights travel: ipc hands the server CUDA-IPC handles of the learner's own GPU tensors (no "
+            "copy through the host; the learner and the server share the GPU); shm writes safetensors buckets to "
+            "/dev/shm (a server on this host); http streams them. auto: ipc when the weights are on a GPU and the "
+            "server (on this host) offers it, else shm on this host, else http. adapter (a --lora-rank run and a "
+            "server on this host started with --max-lora-rank): only the LoRA adapter, served as its --adapter-name"
+        ),
     )
     push_retries: int = Field(
         default=5,
         ge=0,
-        description="A push that fails on the way (server restarting, 5xx, timeout) is retried this many times with exponential backoff, then skipped (the run goes on)",
+        description=(
+            "A push that fails on the way (server restarting, 5xx, timeout) is retried this many times with "
+            "exponential backoff, then skipped (the run goes on)"
+        ),
     )
     push_backoff_s: float = Field(
         default=1.0, gt=0, description="First retry delay of a failed push, doubled each retry (at most 30 s)"
@@ -218,8 +256,10 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.queue is None and not self.data:
-            raise ValueError("give training files (--data) or a rollout queue (--queue.url)")
+        if self.queue is None and not self.data and self.from_feedback is None:
+            raise ValueError("give training files (--data), a rollout queue (--queue.url) or --from-feedback")
+        if self.from_feedback is not None and self.objective not in ("dpo", "grpo"):
+            raise ValueError("--from-feedback feeds the dpo and grpo objectives only")
         if self.queue is not None and self.objective != "grpo":
             raise ValueError("the rollout queue feeds the grpo objective only")
         if self.micro_batch_tokens < self.max_seq_len:
@@ -229,7 +269,18 @@ class TrainConfig(BaseModel):
         return self
 
     def policy_config(self, model: str | Path | None = None) -> PolicyConfig:
+        """The policy to build: from `model` (a checkpoint to resume) or the starting model. A LoRA run
+        always builds on the starting model and resumes the checkpoint's adapter/ on top of it (the
+        checkpoint's own weights are the merged ones: building on them would apply the adapter twice)."""
+        lora = None
+        adapter = None
+        if self.lora_rank:
+            lora = LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets)
+            adapter = str(Path(model) / "adapter") if model is not None else None
+            model = None
         return PolicyConfig(
+            lora=lora,
+            adapter=adapter,
             backend=self.backend,
             model=str(model or self.model),
             bf16=self.bf16,

@@ -86,7 +86,10 @@ def chat_sample(tokenizer, messages: list[dict], where: str, train_on: str = "al
     rendering the conversation up to it (with the generation prompt) and up to its end, and tokens
     are mapped to spans through the tokenizer's offsets, so templating never re-splits tokens.
     """
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
     full = render(messages, False)
     spans = []
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -175,23 +178,25 @@ def _as_message(value: Any, where: str, name: str) -> dict:
 
 
 def load_dpo(path: Path, tokenizer, max_len: int) -> list[PreferencePair]:
-    out = []
-    for where, obj in read_jsonl(path):
-        if not isinstance(obj, dict) or "chosen" not in obj or "rejected" not in obj:
-            raise DataError(f"{where}: expected an object with 'chosen' and 'rejected' (DPO), got {str(obj)[:80]}")
-        if isinstance(obj.get("messages"), list):
-            prompt = _check_messages(obj["messages"], where)
-        elif isinstance(obj.get("prompt"), str):
-            prompt = [{"role": "user", "content": obj["prompt"]}]
-        else:
-            raise DataError(f"{where}: a DPO pair needs 'prompt' (string) or 'messages' (list)")
-        sides = [
-            chat_sample(tokenizer, prompt + [_as_message(obj[k], where, k)], where, train_on="last")
-            for k in ("chosen", "rejected")
-        ]
-        chosen, rejected = (_require_tokens(_truncate(s, max_len), where) for s in sides)
-        out.append(PreferencePair(chosen, rejected, key=where))
-    return out
+    return [dpo_pair(obj, tokenizer, max_len, where) for where, obj in read_jsonl(path)]
+
+
+def dpo_pair(obj: Any, tokenizer, max_len: int, where: str) -> PreferencePair:
+    """One object of the dpo shape (a file line, or a pair built from user feedback) as a PreferencePair."""
+    if not isinstance(obj, dict) or "chosen" not in obj or "rejected" not in obj:
+        raise DataError(f"{where}: expected an object with 'chosen' and 'rejected' (DPO), got {str(obj)[:80]}")
+    if isinstance(obj.get("messages"), list):
+        prompt = _check_messages(obj["messages"], where)
+    elif isinstance(obj.get("prompt"), str):
+        prompt = [{"role": "user", "content": obj["prompt"]}]
+    else:
+        raise DataError(f"{where}: a DPO pair needs 'prompt' (string) or 'messages' (list)")
+    sides = [
+        chat_sample(tokenizer, prompt + [_as_message(obj[k], where, k)], where, train_on="last")
+        for k in ("chosen", "rejected")
+    ]
+    chosen, rejected = (_require_tokens(_truncate(s, max_len), where) for s in sides)
+    return PreferencePair(chosen, rejected, key=where)
 
 
 def load_rollouts(path: Path) -> list[RolloutRecord]:

@@ -100,7 +100,8 @@ def group_advantages(
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of KL(pi || ref) (Schulman 2020): exp(q - p) - (q - p) - 1, q = log ref, p = log pi. >= 0."""
+    """Per-token k3 estimator of KL(pi || ref) (Schulman 2020): exp(q - p) - (q - p) - 1,
+    q = log ref, p = log pi. >= 0."""
     d = ref_logprobs - logprobs
     return torch.exp(d) - d - 1.0
 

@@ -46,12 +46,17 @@ class ParallelConfig(BaseModel):
     tensor: int = Field(
         default=1,
         ge=1,
-        description="Tensor-parallel degree: attention heads, FFN columns and the vocabulary split over ranks (megatron only)",
+        description=(
+            "Tensor-parallel degree: attention heads, FFN columns and the vocabulary split over ranks (megatron only)"
+        ),
     )
     pipeline: int = Field(
         default=1,
         ge=1,
-        description="Pipeline-parallel degree: layers split into consecutive stages, trained with megatron's 1F1B schedule (megatron only)",
+        description=(
+            "Pipeline-parallel degree: layers split into consecutive stages, trained with megatron's 1F1B schedule "
+            "(megatron only)"
+        ),
     )
     expert: int = Field(
         default=1, ge=1, description="Expert-parallel degree for MoE models: experts split over ranks (megatron only)"
@@ -75,6 +80,27 @@ class ParallelConfig(BaseModel):
         return self.tensor * self.pipeline * self.expert > 1
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraConfig(BaseModel):
+    """A LoRA adapter: W + (alpha / rank) * B @ A on each target projection; only A and B train."""
+
+    rank: int = Field(gt=0, le=256, description="Adapter rank r (A is r x in, B is out x r)")
+    alpha: float | None = Field(
+        default=None, gt=0, description="Scale numerator: the update is (alpha / rank) * B @ A; default 2 x rank"
+    )
+    targets: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS),
+        min_length=1,
+        description="Module names that get an adapter: attention and MLP projections by default (what vLLM serves)",
+    )
+
+    @property
+    def scale_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+
 class PolicyConfig(BaseModel):
     """What a backend needs to build a trainable policy."""
 
@@ -90,6 +116,12 @@ class PolicyConfig(BaseModel):
     )
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Model-parallel degrees (megatron)")
     seed: int = Field(default=0, description="Seed of torch's and megatron's model-parallel RNGs at build time")
+    lora: LoraConfig | None = Field(
+        default=None, description="Train a LoRA adapter instead of every weight (None: full)"
+    )
+    adapter: str | None = Field(
+        default=None, description="LoRA adapter folder to resume from (a checkpoint's adapter/); None: a fresh adapter"
+    )
 
 
 @runtime_checkable

@@ -79,10 +79,16 @@ class WeightPusher:
         checkpoint, so a restarted server gets it again, and the next push supersedes it.
         """
         try:
-            from flywheel.server.weights.client import PushFailed, push_weights
+            from flywheel.server.weights.client import push_adapter, push_weights
             from flywheel.server.weights.shm_buckets import ShmBuckets
         except ImportError:
             raise UserError("--push-url is set but server/weights/client.py is not available") from None
+        source = f"trainer step {step}"
+        if self.requested_transport == "adapter":  # a LoRA run: only the adapter travels
+            tensors, adapter_config = policy.adapter_state()  # UserError unless the policy has an adapter
+            return self._with_retries(
+                version, lambda: push_adapter(self.url, tensors, adapter_config, version, self.token, source=source)
+            )
         weights = policy.state_dict_hf()
         if self.transport is None:
             self.transport = self.resolve_transport(weights)
@@ -90,18 +96,26 @@ class WeightPusher:
         if self.buckets is None and self.transport == "shm":
             # the same layout every push: overwrite last push's files instead of writing new ones
             self.buckets = ShmBuckets()
+        return self._with_retries(
+            version,
+            lambda: push_weights(
+                self.url,
+                weights,
+                version=version,
+                admin_token=self.token,
+                transport=self.transport,
+                source=source,
+                buckets=self.buckets,
+            ),
+        )
+
+    def _with_retries(self, version: int, send) -> dict:
+        from flywheel.server.weights.client import PushFailed
+
         start, failures, error = time.perf_counter(), 0, None
         for attempt in range(self.retries + 1):
             try:
-                push_weights(
-                    self.url,
-                    weights,
-                    version=version,
-                    admin_token=self.token,
-                    transport=self.transport,
-                    source=f"trainer step {step}",
-                    buckets=self.buckets,
-                )
+                send()
                 break
             except PushFailed as exc:
                 served = self.served_version()

@@ -13,9 +13,19 @@ from dataclasses import dataclass, field
 import torch
 
 from flywheel.sampler.record import RolloutRecord
+from flywheel.server.errors import UserError
 from flywheel.trainer.checkpoint import TrainState
 from flywheel.trainer.config import TrainConfig
-from flywheel.trainer.data import DataError, load_dpo, load_rollouts, load_sft, load_text, rollout_sample, take_step
+from flywheel.trainer.data import (
+    DataError,
+    dpo_pair,
+    load_dpo,
+    load_rollouts,
+    load_sft,
+    load_text,
+    rollout_sample,
+    take_step,
+)
 from flywheel.trainer.losses import group_advantages
 
 
@@ -69,6 +79,31 @@ def rollout_step(records: list[RolloutRecord], config: TrainConfig, state: Train
     )
 
 
+def feedback_items(config: TrainConfig, tokenizer) -> list:
+    """The user feedback in config.from_feedback's Redis: DPO pairs (dpo) or rewarded rollouts (grpo)."""
+    from flywheel.sampler.feedback import feedback_pairs, feedback_rollouts, rated
+
+    try:
+        items = rated(config.from_feedback, config.feedback_stream)
+    except Exception as exc:  # redis raises several unrelated types (connection, auth, wrong type)
+        raise UserError(f"cannot read feedback from {config.from_feedback}: {type(exc).__name__}: {exc}") from None
+    if config.objective == "dpo":
+        pairs = [dpo_pair(p, tokenizer, config.max_seq_len, f"feedback {p['id']}") for p in feedback_pairs(items)]
+        if not pairs:
+            raise DataError(
+                f"{len(items)} rating(s) in {config.from_feedback} make no preference pair "
+                "(two answers of one prompt rated differently, or a preferred answer)"
+            )
+        return pairs
+    built = feedback_rollouts(items)
+    if not built.records:
+        raise DataError(
+            f"{len(items)} rating(s) in {config.from_feedback} give no trainable rollout"
+            + (f"; first skipped: {built.skipped[0]}" if built.skipped else "")
+        )
+    return built.records
+
+
 class FileSource:
     """A fixed dataset from files, batch_size items per step, reshuffled every epoch."""
 
@@ -84,8 +119,10 @@ class FileSource:
                 self.items += load_dpo(path, tokenizer, config.max_seq_len)
             else:
                 self.items += load_rollouts(path)
+        if config.from_feedback is not None:
+            self.items += feedback_items(config, tokenizer)
         if not self.items:
-            raise DataError(f"empty dataset: {', '.join(map(str, config.data))}")
+            raise DataError(f"empty dataset: {', '.join(map(str, config.data)) or 'no feedback'}")
         if config.objective == "grpo":
             # a file holds whole groups: normalise each over all of its trainable members once, then shuffle freely
             self.overlong = [is_overlong(r, config) for r in self.items]

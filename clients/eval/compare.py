@@ -17,6 +17,10 @@ from typing import Any
 from flywheel.clients.eval.report import read_samples
 
 
+def delta_color(delta: float) -> str:
+    return "green" if delta > 0 else "red" if delta < 0 else "white"
+
+
 def paired_bootstrap(diffs: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
     if not diffs:
         return 0.0, 0.0
@@ -83,7 +87,7 @@ def print_comparison(result: dict[str, Any], show_flips: int = 5) -> None:
             str(v["n"]),
             f"{v['score_a']:.4f}",
             f"{v['score_b']:.4f}",
-            f"[{'bold ' if significant else ''}{'green' if v['delta'] > 0 else 'red' if v['delta'] < 0 else 'white'}]{v['delta']:+.4f}[/]",
+            f"[{'bold ' if significant else ''}{delta_color(v['delta'])}]{v['delta']:+.4f}[/]",
             f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]",
             str(v["improved"]),
             str(v["regressed"]),
@@ -92,7 +96,8 @@ def print_comparison(result: dict[str, Any], show_flips: int = 5) -> None:
     for bench, v in result["benchmarks"].items():
         for f in v["flips"][:show_flips]:
             console.print(
-                f"  {bench} {f['id']}: {f['a']:.2f} -> {f['b']:.2f}  A: {str(f['reply_a'])[:70]!r}  B: {str(f['reply_b'])[:70]!r}",
+                f"  {bench} {f['id']}: {f['a']:.2f} -> {f['b']:.2f}  A: {str(f['reply_a'])[:70]!r}  B: "
+                f"{str(f['reply_b'])[:70]!r}",
                 markup=False,
                 highlight=False,
             )

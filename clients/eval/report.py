@@ -111,7 +111,8 @@ def bar_chart_png(summary: dict[str, Any], title: str = "") -> bytes:
 def _html(summary: dict[str, Any], png: bytes, samples_by_benchmark: dict[str, list[Sample]]) -> str:
     s = summary["settings"]
     rows = "".join(
-        f"<tr><td>{html.escape(b)}</td><td>{html.escape(v['metric'])}</td><td>{v['score']:.4f}</td><td>±{1.96 * v['stderr']:.4f}</td>"
+        f"<tr><td>{html.escape(b)}</td><td>{html.escape(v['metric'])}</td><td>{v['score']:.4f}</td>"
+        f"<td>±{1.96 * v['stderr']:.4f}</td>"
         f"<td>{v['n']}</td><td>{v['errors']}</td></tr>"
         for b, v in summary["benchmarks"].items()
     )
@@ -124,12 +125,15 @@ def _html(summary: dict[str, Any], png: bytes, samples_by_benchmark: dict[str, l
                 f"<tr><td>{html.escape(b)}</td><td>{html.escape(x.item.id)}</td><td><pre>{html.escape(x.item.prompt[:600])}</pre></td>"
                 f"<td><pre>{html.escape(str(reply)[:600])}</pre></td><td>{html.escape(str(x.item.answer)[:200])}</td></tr>"
             )
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Flywheel eval: {html.escape(str(s.get("model")))}</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}
+    return f"""<!doctype html><html><head><meta charset="utf-8">
+<title>Flywheel eval: {html.escape(str(s.get("model")))}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}
 pre{{white-space:pre-wrap;max-width:40em;margin:0}}</style></head><body>
 <h1>Flywheel eval</h1>
-<p>model <b>{html.escape(str(s.get("model")))}</b> at {html.escape(str(s.get("base_url")))}; policy versions {summary["policy_versions"] or "n/a"};
-format {html.escape(str(s.get("prompt_format")))}, {s.get("num_fewshot")}-shot, temperature {s.get("temperature")}, seed {s.get("seed")}</p>
+<p>model <b>{html.escape(str(s.get("model")))}</b> at {html.escape(str(s.get("base_url")))};
+policy versions {summary["policy_versions"] or "n/a"}; format {html.escape(str(s.get("prompt_format")))},
+{s.get("num_fewshot")}-shot, temperature {s.get("temperature")}, seed {s.get("seed")}</p>
 <table><tr><th>benchmark</th><th>metric</th><th>score</th><th>95% CI</th><th>n</th><th>errors</th></tr>{rows}</table>
 <p><img alt="scores" src="data:image/png;base64,{base64.b64encode(png).decode()}"></p>
 <h2>Some failed samples</h2>

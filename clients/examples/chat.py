@@ -34,8 +34,10 @@ def main() -> None:
     reply = raw.parse()
     print(reply.choices[0].message.content)
     print(
-        f"[model {reply.model}, {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens, "
-        f"finish {reply.choices[0].finish_reason}, policy version {raw.headers.get('x-flywheel-policy-version', 'n/a')}]"
+        f"[model {reply.model}, {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion "
+        "tokens, "
+        f"finish {reply.choices[0].finish_reason}, policy version "
+        f"{raw.headers.get('x-flywheel-policy-version', 'n/a')}]"
     )
 
 

@@ -114,7 +114,8 @@ def run_all(config: Config, target: LoadTarget) -> tuple[list[dict], dict[str, l
             by_label[label] = results
             print(
                 f"[flywheel perf] {label}: {metrics['output_throughput']:.1f} output tok/s, "
-                f"TTFT p50 {metrics['ttft_ms_p50']:.1f} ms, {metrics['errors']} errors, client CPU {100 * metrics['client_cpu_fraction']:.1f}%",
+                f"TTFT p50 {metrics['ttft_ms_p50']:.1f} ms, {metrics['errors']} errors, client CPU "
+                f"{100 * metrics['client_cpu_fraction']:.1f}%",
                 file=sys.stderr,
                 flush=True,
             )

@@ -32,7 +32,7 @@ def throughput_vs_concurrency(runs: list[dict], out: Path) -> Path:
     ax2.plot(xs, [r["ttft_ms_p50"] for r in runs], color="gray", linestyle="--", marker="^", label="TTFT p50 (ms)")
     ax2.set_ylabel("TTFT p50 (ms)")
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(lines, [l.get_label() for l in lines], fontsize=8, loc="upper left")
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper left")
     ax.set_title("throughput vs concurrency")
     ax.grid(alpha=0.3)
     fig.tight_layout()

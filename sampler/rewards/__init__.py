@@ -17,11 +17,14 @@ Registered scorers (options in brackets)
     regex            pattern matches / a group equals the answer          [pattern, group=None, flags='']
     multiple_choice  picked letter equals the answer (letter or index)    [choices='ABCD']
     code_exec        HumanEval tests pass in a sandboxed subprocess       [timeout_s=5.0, memory_mb=1024]
-    format_think     '<think>...</think>' then an answer                  [answer_pattern=None, think_opened_in_prompt=False]
+    format_think     '<think>...</think>' then an answer                  [answer_pattern=None,
+                                                                           think_opened_in_prompt=False]
     format_regex     whole completion matches a pattern                   [pattern]
-    length_penalty   0 to -1 between target and limit length              [target=256, limit=1024, unit='tokens', truncated_penalty=1.0]
+    length_penalty   0 to -1 between target and limit length              [target=256, limit=1024, unit='tokens',
+                                                                           truncated_penalty=1.0]
     reasoning_gym    the reasoning-gym task's own score_answer             [task=None, answer_format='auto']
-    http             remote reward server / LLM judge (JSON protocol)     [url, timeout_s=30, retries=3, backoff_s=0.5, headers, fallback, name]
+    http             remote reward server / LLM judge (JSON protocol)     [url, timeout_s=30, retries=3, backoff_s=0.5,
+                                                                           headers, fallback, name]
     weighted         weighted sum of other scorers                        [scorers=[{'name', 'weight', 'options'}]]
     python           user function by dotted path                         [path, **extra context]
 A name with ':' or '.' that is not registered is loaded as a user function 'package.module:function';

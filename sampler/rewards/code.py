@@ -98,7 +98,9 @@ def build_program(completion: str, answer: Any) -> str:
     entry = answer.get("entry_point")
     problem_prompt = answer.get("prompt", "")
     if entry and re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE):
-        problem_prompt = "".join(l + "\n" for l in problem_prompt.splitlines() if l.startswith(("import ", "from ")))
+        problem_prompt = "".join(
+            line + "\n" for line in problem_prompt.splitlines() if line.startswith(("import ", "from "))
+        )
     program = f"{problem_prompt}{code}\n\n{answer.get('test', '')}\n"
     return program + (f"\ncheck({entry})\n" if entry else "")
 

@@ -233,3 +233,36 @@ def push_weights(
     }
     result["transport"] = transport
     return result
+
+
+def push_adapter(
+    url: str,
+    tensors: dict[str, torch.Tensor],
+    adapter_config: dict,
+    version: int,
+    admin_token: str,
+    *,
+    pause_mode: Literal["keep", "wait", "abort"] = "keep",
+    source: str = "",
+    timeout: float = 300.0,
+) -> dict:
+    """Push only a LoRA adapter (PEFT names and config) to a server on this host started with
+    --max-lora-rank: the files go to a fresh folder under /dev/shm (the server copies them), then
+    POST /flywheel/admin/weights/adapter; the folder is removed whatever the answer. Raises PushFailed."""
+    if not is_loopback(url):
+        raise ValueError("adapter pushes pass a folder on the server's host: the server must be on loopback")
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    folder = Path(tempfile.mkdtemp(prefix="flywheel-adapter-", dir=base))
+    try:
+        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in adapter_config.items()}
+        (folder / "adapter_config.json").write_text(json.dumps(config, default=str))
+        write_safetensors(
+            {k: v.detach().contiguous() for k, v in tensors.items()}, folder / "adapter_model.safetensors"
+        )
+        body = {"version": version, "path": str(folder), "pause_mode": pause_mode, "source": source}
+        url = url.rstrip("/").removesuffix("/v1")
+        with httpx.Client(timeout=timeout, headers={"authorization": f"Bearer {admin_token}"}) as http:
+            resp = http.post(url + ADMIN_PREFIX + "/adapter", json=body)
+        return push_answer(resp)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -100,7 +100,10 @@ class PushRequest(BaseModel):
     version: int = Field(
         ge=1,
         le=MAX_VERSION,
-        description="The version this push creates; must be newer than the served one (at most 2**53 - 1, what JSON clients read exactly)",
+        description=(
+            "The version this push creates; must be newer than the served one (at most 2**53 - 1, what JSON clients "
+            "read exactly)"
+        ),
     )
     transport: Transport = Field(description="How the tensors travel: shm/http buckets, or vLLM's nccl/ipc engines")
     buckets: list[BucketRef] = Field(default_factory=list, description="shm/http: all buckets of the push")
@@ -220,7 +223,8 @@ def validate_tensors(entries: Iterable[Entry], manifest: dict[str, TensorMeta], 
     if missing:
         raise PushError(
             400,
-            f"push is missing {len(missing)} of {len(manifest)} tensors (first: {missing[0]!r}); pushes must be complete",
+            f"push is missing {len(missing)} of {len(manifest)} tensors (first: {missing[0]!r}); pushes must be "
+            "complete",
         )
     return {"tensors": len(seen), "bytes": total}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -99,7 +100,8 @@ async def stage_bucket(push_id: str, index: int, request: Request) -> JSONRespon
         if digest.hexdigest() != expected:
             raise PushError(
                 400,
-                f"bucket {index}: checksum mismatch ({size} bytes received, sha256 {digest.hexdigest()[:12]}... != {expected[:12]}...)",
+                f"bucket {index}: checksum mismatch ({size} bytes received, sha256 {digest.hexdigest()[:12]}... != "
+                f"{expected[:12]}...)",
             )
     except ClientDisconnect:
         _drop_refused_upload(part)
@@ -239,11 +241,22 @@ async def _commit(request: Request, body: PushRequest, info: dict, summary: dict
     }
 
 
+@contextlib.asynccontextmanager
+async def paused(engine, policy, mode: str):
+    """Generation paused in `mode` for the block; resumed after it unless an admin had paused it
+    (an admin's pause outlives any push: only the admin resumes)."""
+    await engine.pause_generation(mode=mode)
+    try:
+        yield
+    finally:
+        if not policy.admin_paused:
+            await engine.resume_generation()
+
+
 async def _apply(engine, policy, body: PushRequest, info: dict) -> dict:
     t0 = time.perf_counter()
-    await engine.pause_generation(mode=body.pause_mode)
-    t_paused = time.perf_counter()
-    try:
+    async with paused(engine, policy, body.pause_mode):
+        t_paused = time.perf_counter()
         try:
             await engine.start_weight_update()
             await engine.update_weights(WeightTransferUpdateRequest(update_info=info))
@@ -257,9 +270,6 @@ async def _apply(engine, policy, body: PushRequest, info: dict) -> dict:
             # The reload had started: the weights may be half old, half new. Refuse to serve them.
             policy.broken = f"weight update to version {body.version} failed while applying: {exc}"
             raise PushError(500, policy.broken) from None
-    finally:
-        if not policy.admin_paused:  # an admin's pause outlives the push; only the admin resumes
-            await engine.resume_generation()
     t_done = time.perf_counter()
     return {"pause": round(t_paused - t0, 4), "apply": round(t_done - t_paused, 4)}
 

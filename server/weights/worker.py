@@ -14,8 +14,8 @@ list of safetensors files that the API process already validated. The engine
      pushes, then one re-pack per layer; a failure while loading leaves the old weights whole),
      elsewhere, or with FLYWHEEL_WEIGHT_APPLY=layerwise, through vLLM's layerwise reload in
      place (model.load_weights on the checkpoint-format names, then the per-layer post-processing);
-  3. re-ties a tied lm_head to the new embeddings, and on CPU re-packs fused-MoE expert weights, which the in-place reload leaves unpacked
-     (outputs silently diverge otherwise: see shared/FIELD-NOTES.md).
+  3. re-ties a tied lm_head to the new embeddings, and on CPU re-packs fused-MoE expert weights, which
+     the in-place reload leaves unpacked (outputs silently diverge otherwise: see shared/FIELD-NOTES.md).
 """
 
 from __future__ import annotations

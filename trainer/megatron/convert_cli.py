@@ -40,7 +40,9 @@ class Config(BaseModel):
     """Convert weights between an HF folder and a sharded megatron checkpoint folder."""
 
     src: str = Field(
-        description="Source: an HF folder / bundled model name (--to megatron) or a megatron checkpoint folder (--to hf)"
+        description=(
+            "Source: an HF folder / bundled model name (--to megatron) or a megatron checkpoint folder (--to hf)"
+        )
     )
     dst: Path = Field(description="Destination folder (created; must not exist unless --overwrite)")
     to: Literal["megatron", "hf"] = Field(default="megatron", description="Direction of the conversion")
