@@ -182,12 +182,15 @@ def test_mismatch_metrics_show_a_temperature_mismatch(tmp_path, tiny_model):
         {"loss": "cispo"},
         {"tis_cap": None, "seq_is_cap": 2.0, "geo_mask_k": 1.5},
         {"overlong": "filter"},
+        {"overlong": "penalty", "overlong_buffer": 4},
     ],
-    ids=["gspo", "cispo", "seq-is-geo-mask", "overlong-filter"],
+    ids=["gspo", "cispo", "seq-is-geo-mask", "overlong-filter", "overlong-penalty"],
 )
 def test_grpo_recipe_runs_each_loss_and_correction(tmp_path, tiny_model, grpo):
     policy = build_policy(PolicyConfig(model=str(tiny_model)))
     records = sample_records(policy, groups=2, group_size=4)
+    for r in records:
+        r.sampling = {"max_tokens": NEW_TOKENS + 2}  # every completion is NEW_TOKENS long: 2 into a 4-token buffer
     for r in records[::4]:
         r.finish_reason = "length"  # one cut completion per group
     path = tmp_path / "rollouts.jsonl"
@@ -201,5 +204,33 @@ def test_grpo_recipe_runs_each_loss_and_correction(tmp_path, tiny_model, grpo):
     if grpo.get("overlong") == "filter":
         assert all(r["dropped_overlong"] == 2 and r["completions"] == 6 for r in rows)
         assert rows[0]["tokens"] == 6 * NEW_TOKENS
+    elif grpo.get("overlong") == "penalty":
+        # 6 completions 2 tokens into the buffer (-2/4) and 2 cut ones (-1): every one penalised
+        assert all(r["overlong_penalised"] == 8 and r["dropped_overlong"] == 0 for r in rows)
+        assert rows[0]["overlong_penalty_mean"] == pytest.approx((6 * -0.5 + 2 * -1.0) / 8)
+        assert rows[0]["tokens"] == 8 * NEW_TOKENS
     else:
         assert all(r["dropped_overlong"] == 0 and r["tokens"] == 8 * NEW_TOKENS for r in rows)
+
+
+def test_dynamic_sampling_takes_groups_without_signal_out_of_the_files_pool(tmp_path, tiny_model):
+    policy = build_policy(PolicyConfig(model=str(tiny_model)))
+    records = sample_records(policy, groups=3, group_size=4)
+    for r in records[4:8]:
+        r.reward = 0.5  # group 1: all equal, no signal
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text("".join(r.to_json() + "\n" for r in records))
+    rows = {}
+    for on in (False, True):
+        config = grpo_config(
+            tmp_path / str(on), tiny_model, data=[str(path)], batch_size=8, max_steps=2, grpo={"dynamic_sampling": on}
+        )
+        train(config)
+        rows[on] = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    # off: the uniform group takes batch slots with zero advantage; on: it left the pool, every slot has signal
+    assert all(r["zero_variance_groups"] == 1 and "dynamic_dropped_groups" not in r for r in rows[False])
+    assert all(r["zero_variance_groups"] == 0 for r in rows[True])
+    assert all(r["dynamic_dropped_groups"] == 1 and r["dynamic_dropped_rollouts"] == 4 for r in rows[True])
+    assert all(r["completions"] == 8 for r in rows[True])
+    pool = [r.reward for r in records[:4] + records[8:]]
+    assert all(r["reward_mean"] == pytest.approx(sum(pool) / 8) for r in rows[True])  # a step: the 8 left
