@@ -96,6 +96,10 @@ def loop_summary(run_dir: Path) -> dict[str, Any]:
             final["acked"] + final["duplicates_skipped"] + final["pending"] + final["lag"] + final["dead_lettered"]
         )
     out["dropped_stale"] = sum(r.get("dropped_stale", 0) for r in steps)
+    # the learner's own selection (trainer/rollout_selection.py), where configured
+    for key in ("dropped_overlong", "overlong_penalised", "dynamic_dropped_groups", "dynamic_dropped_rollouts"):
+        if any(key in r for r in steps):
+            out[key] = sum(r.get(key, 0) for r in steps)
     history = sorted(read_jsonl(run_dir / "eval" / "history.jsonl"), key=lambda h: h.get("version", 0))
     if history:
         out["eval_first"] = {"version": history[0]["version"], "scores": history[0]["scores"]}
@@ -203,7 +207,9 @@ th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left}}figure{{display:in
 <body><h1>flywheel run {html.escape(str(run_dir))}</h1><h2>Summary</h2><table>{rows}</table>
 <p>Accounting (from up/final.json, written when the loop ends by itself):
 produced = acked + duplicates_skipped + pending + lag (queued, never delivered) + dead_lettered;
-stale rollouts are acked with the step that dropped them (dropped_stale).
+stale rollouts are acked with the step that dropped them (dropped_stale), and so are those the learner
+leaves out as overlong (dropped_overlong) or, with grpo.dynamic_sampling, as groups without reward spread
+(dynamic_dropped_rollouts).
 Groups whose rewards were all equal (no GRPO signal) are dropped by the sampler before the queue:
 rollouts scored = produced + dropped_uniform_rollouts.</p>
 <h2>Curves</h2>{figures}</body></html>"""
