@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from flywheel.sampler.record import RolloutRecord
+from flywheel.trainer.checkpoint import TrainState
 from flywheel.trainer.config import TrainConfig
 from flywheel.trainer.rollout_selection import overlong_penalty, select_rollouts
+from flywheel.trainer.sources import FileSource
 
 
 def record(group: str, reward: float, n: int = 4, finish: str = "stop", max_tokens: int | None = 10, version=5):
@@ -93,3 +95,19 @@ def test_dynamic_sampling_drops_groups_without_signal_after_the_other_rules():
 def test_dynamic_sampling_with_the_queue_needs_whole_groups():
     with pytest.raises(ValueError, match="group_size"):
         TrainConfig(objective="grpo", queue={"url": "redis://x"}, grpo={"dynamic_sampling": True})
+
+
+def test_files_pool_keeps_groups_with_signal_and_drops_their_cut_members_per_step(tmp_path):
+    recs = [record("mixed", 1.0), record("mixed", 0.0), record("mixed", 1.0, 10, "length")]
+    recs += [record("uniform", 1.0), record("uniform", 1.0)]
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text("".join(r.to_json() + "\n" for r in recs))
+    cfg = TrainConfig(
+        objective="grpo", data=[str(path)], batch_size=3, grpo={"overlong": "filter", "dynamic_sampling": True}
+    )
+    source = FileSource(cfg, tokenizer=None)
+    assert [r.group_id for r in source.items] == ["mixed"] * 3  # the uniform group left the pool
+    data = source.next_step(0, TrainState())
+    assert data.info["dropped_overlong"] == 1 and data.info["completions"] == 2
+    assert data.info["dynamic_dropped_groups"] == 1 and data.info["dynamic_dropped_rollouts"] == 2
+    assert sorted(s.advantage for s in data.items) == pytest.approx([-0.7071, 0.7071], abs=1e-3)

@@ -120,7 +120,8 @@ class FileSource:
             if config.grpo.dynamic_sampling:
                 if not sel.records:
                     raise DataError("dynamic sampling left no group with unequal rewards in the training files")
-                self.items = sel.records
+                signal = {r.group_id for r in sel.records}  # their overlong members stay: dropped per step
+                self.items = [r for r in self.items if r.group_id in signal]
             self.advantages = torch.zeros(len(self.items))
             self.penalties = torch.zeros(len(self.items))  # the overlong penalty in each item's reward
             self.zero_variance_groups = 0
