@@ -168,7 +168,14 @@ def test_corrections_change_the_update_as_documented():
     """Masked tokens get no gradient; a weight scales a token's gradient by exactly that weight."""
     adv, mask, seq = t([[1.0, 1.0, 1.0, 1.0]]), t([[1, 1, 1, 1]]), torch.tensor(SEQ)
     grads = {}
-    for name, kw in {"none": {}, "tis": {"tis_cap": 2.0}, "mask": {"token_mask_k": 2.0}}.items():
+    kinds = {
+        "none": {},
+        "tis": {"tis_cap": 2.0},
+        "mask": {"token_mask_k": 2.0},
+        "seq_is": {"seq_is_cap": 2.0},
+        "geo": {"geo_mask_k": 3.0},
+    }
+    for name, kw in kinds.items():
         lp = t(LEARNER).requires_grad_()
         c = _corr(**kw)
         loss, _ = grpo_loss(lp, t(SERVER), adv, mask, seq, proximal_logprobs=t(LEARNER), weight=c.weight, keep=c.keep)
@@ -177,6 +184,9 @@ def test_corrections_change_the_update_as_documented():
     assert grads["none"] == pytest.approx([-0.25] * 4)  # ratio 1 everywhere: d(-r A)/dp / 4
     assert grads["tis"] == pytest.approx([-0.5, -math.exp(0.5) / 4, -math.exp(-3.0) / 4, -math.exp(0.2) / 4], rel=1e-5)
     assert grads["mask"] == pytest.approx([0.0, -0.25, 0.0, -0.25])
+    # sequence IS: every token of a sequence scaled by its truncated product (seq 0: e^1.5 -> 2, seq 1: e^-2.8)
+    assert grads["seq_is"] == pytest.approx([-0.5, -0.5, -math.exp(-2.8) / 4, -math.exp(-2.8) / 4], rel=1e-5)
+    assert grads["geo"] == pytest.approx([-0.25, -0.25, 0.0, 0.0])  # seq 1's mean -1.4 is outside log 3
 
 
 def test_gspo_uses_one_length_normalised_ratio_per_sequence():
