@@ -3,7 +3,8 @@
     Redis            RolloutQueue.stats(): produced / acked / pending / lag / dead-lettered, and the
                      sampler's groups dropped as uniform (all rewards equal: no GRPO signal, never queued)
     the server       GET /flywheel/status (policy_version) and GET /metrics (vLLM's token counter, running requests)
-    the trainer      run_dir/train/metrics.jsonl (step, loss, reward_mean, staleness, tokens/s, pushed version)
+    the trainer      run_dir/train/metrics.jsonl (step, loss, reward_mean, staleness, tokens/s, pushed version,
+                     learner/server mismatch and the fractions its correction truncated or masked)
     eval             run_dir/eval/history.jsonl (score per policy version)
 
 `LoopStatus.sample()` returns one flat dict; `flywheel up` draws it as a rich table, appends it to
@@ -142,6 +143,11 @@ class LoopStatus:
             "tokens_per_s",
             "pushed_version",
             "step_s",
+            "mismatch_abs_mean",
+            "mismatch_abs_p99",
+            "mismatch_kl",
+            "corrected_token_fraction",
+            "masked_token_fraction",
         )
         return {("train_" + k if k not in ("step", "reward_mean") else k): row[k] for k in keys if k in row}
 
@@ -209,6 +215,15 @@ def status_table(s: dict[str, Any], title: str, children: dict[str, str]) -> Tab
         (
             "staleness max / mean (versions)",
             f"{_fmt(s.get('train_staleness_max'))} / {_fmt(s.get('train_staleness_mean'))}",
+        ),
+        (
+            "learner/server |dlogp| mean / p99, KL",
+            f"{_fmt(s.get('train_mismatch_abs_mean'))} / {_fmt(s.get('train_mismatch_abs_p99'))}, "
+            f"{_fmt(s.get('train_mismatch_kl'))}",
+        ),
+        (
+            "tokens truncated / masked (correction)",
+            f"{_fmt(s.get('train_corrected_token_fraction'))} / {_fmt(s.get('train_masked_token_fraction'))}",
         ),
         ("reward mean (last step)", _fmt(s.get("reward_mean"))),
         ("loss (last step)", _fmt(s.get("train_loss"))),

@@ -1,7 +1,7 @@
 """`flywheel report RUN_DIR`: one self-contained HTML page of a `flywheel up` run (PNGs embedded).
 
 Reads only files the components already write:
-    train/metrics.jsonl   reward and loss per step, trainer tokens/s, staleness
+    train/metrics.jsonl   reward and loss per step, trainer tokens/s, staleness, learner/server mismatch
     eval/history.jsonl    held-out score per policy version
     up/status.jsonl       the live view's samples: rollouts produced, server tokens/s and busy-ness over time
     up/final.json         the queue accounting at the end
@@ -96,11 +96,21 @@ def loop_summary(run_dir: Path) -> dict[str, Any]:
             final["acked"] + final["duplicates_skipped"] + final["pending"] + final["lag"] + final["dead_lettered"]
         )
     out["dropped_stale"] = sum(r.get("dropped_stale", 0) for r in steps)
+    # the learner's own selection (trainer/rollout_selection.py), where configured
+    for key in ("dropped_overlong", "overlong_penalised", "dynamic_dropped_groups", "dynamic_dropped_rollouts"):
+        if any(key in r for r in steps):
+            out[key] = sum(r.get(key, 0) for r in steps)
     history = sorted(read_jsonl(run_dir / "eval" / "history.jsonl"), key=lambda h: h.get("version", 0))
     if history:
         out["eval_first"] = {"version": history[0]["version"], "scores": history[0]["scores"]}
         out["eval_last"] = {"version": history[-1]["version"], "scores": history[-1]["scores"]}
     return out
+
+
+def lag_keys(rows: list[dict[str, Any]], prefix: str) -> list[str]:
+    """The per-lag metric keys (prefix + lag) that appear in any row, by lag."""
+    lags = {int(k[len(prefix) :]) for r in rows for k in r if k.startswith(prefix) and k[len(prefix) :].isdigit()}
+    return [f"{prefix}{lag}" for lag in sorted(lags)]
 
 
 def _png(fig) -> str:
@@ -123,6 +133,9 @@ def _plots(run_dir: Path) -> list[tuple[str, str]]:
         ("Loss", ["loss"]),
         ("Trainer tokens/s", ["tokens_per_s"]),
         ("Staleness of trained rollouts (versions)", ["staleness_max", "staleness_mean"]),
+        ("Learner vs server |log p| mismatch", ["mismatch_abs_mean", "mismatch_abs_p99"]),
+        ("KL(server || learner) per token, by version lag", ["mismatch_kl", *lag_keys(steps, "mismatch_kl_lag")]),
+        ("Tokens truncated / masked by the correction", ["corrected_token_fraction", "masked_token_fraction"]),
     ):
         series = [(k, [(r["step"], r[k]) for r in steps if r.get(k) is not None]) for k in keys]
         series = [(k, pts) for k, pts in series if pts]
@@ -194,7 +207,9 @@ th,td{{border:1px solid #ccc;padding:3px 8px;text-align:left}}figure{{display:in
 <body><h1>flywheel run {html.escape(str(run_dir))}</h1><h2>Summary</h2><table>{rows}</table>
 <p>Accounting (from up/final.json, written when the loop ends by itself):
 produced = acked + duplicates_skipped + pending + lag (queued, never delivered) + dead_lettered;
-stale rollouts are acked with the step that dropped them (dropped_stale).
+stale rollouts are acked with the step that dropped them (dropped_stale), and so are those the learner
+leaves out as overlong (dropped_overlong) or, with grpo.dynamic_sampling, as groups without reward spread
+(dynamic_dropped_rollouts).
 Groups whose rewards were all equal (no GRPO signal) are dropped by the sampler before the queue:
 rollouts scored = produced + dropped_uniform_rollouts.</p>
 <h2>Curves</h2>{figures}</body></html>"""

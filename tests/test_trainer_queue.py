@@ -197,3 +197,26 @@ def test_trained_records_are_not_acked_before_their_checkpoint_even_after_a_long
     time.sleep(0.6)
     again = QueueSource(config).next_step(0, TrainState())  # the restarted trainer, from the last checkpoint
     assert sorted(d.record.id for d in again.acks) == trained
+
+
+def test_dynamic_sampling_reads_on_past_groups_without_signal_and_acks_them(
+    tmp_path, tiny_model, redis_client, redis_url
+):
+    queue = RolloutQueue(QueueConfig(url=redis_url))
+    recs = records(4)
+    for r in recs[:8]:
+        r.reward = 1.0  # the first two groups arrive uniform: no signal
+    queue.put(recs)
+    config = queue_config(
+        tmp_path, tiny_model, redis_url, max_steps=1, grpo={"group_size": 4, "dynamic_sampling": True}
+    )
+    state = train(config)
+    [row] = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # the step read past the 8 uniform records until it held 8 with signal, and trained exactly those
+    assert row["completions"] == 8 and row["zero_variance_groups"] == 0
+    assert row["dynamic_dropped_groups"] == 2 and row["dynamic_dropped_rollouts"] == 8
+    assert row["tokens"] == sum(len(r.completion_token_ids) for r in recs[8:])
+    # nothing lost: the dropped records are in the checkpoint's ids and acked with the step
+    assert state.step == 1 and sorted(trained_ids(tmp_path / "run")) == sorted(r.id for r in recs)
+    stats = queue.stats()
+    assert stats["pending"] == 0 and stats["lag"] == 0

@@ -44,12 +44,115 @@ class GrpoLossConfig(BaseModel):
     kl_coef: float = Field(
         default=0.0, ge=0, description="Weight of the k3 KL to the frozen reference (0: no reference model)"
     )
+    loss: Literal["grpo", "gspo", "cispo"] = Field(
+        default="grpo",
+        description=(
+            "Policy loss: grpo (token-level PPO clip on each token's ratio), gspo (GSPO: one length-normalised "
+            "ratio per sequence, clipped with gspo_clip_low/high), cispo (CISPO: the IS weight is clipped at "
+            "1 + cispo_clip_high and detached, so every token keeps its gradient). grpo by default: the loss "
+            "flywheel has always trained with, and the one its loop tests measured"
+        ),
+    )
+    gspo_clip_low: float = Field(
+        default=3e-4,
+        ge=0,
+        description=(
+            "GSPO lower clip: sequence ratio >= 1 - gspo_clip_low. 3e-4 is the GSPO paper's value: a "
+            "length-normalised ratio moves ~100x less than a token's, so PPO's 0.2 would never clip"
+        ),
+    )
+    gspo_clip_high: float = Field(
+        default=4e-4, ge=0, description="GSPO upper clip: sequence ratio <= 1 + gspo_clip_high (4e-4, the GSPO paper's)"
+    )
+    cispo_clip_high: float = Field(
+        default=4.0,
+        gt=0,
+        description=(
+            "CISPO weight cap: w = min(ratio, 1 + cispo_clip_high), no lower bound (as in MiniMax-M1). 4.0 lets "
+            "the rare tokens that PPO's 0.28 would zero keep a gradient while one token's weight stays bounded by 5"
+        ),
+    )
     tis_cap: float | None = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "Token-level truncated IS: weight each token by min(p_learner/p_server, tis_cap) and anchor the ratio "
+            "at the learner's own pre-step logprobs. 2.0 (on by default; Yao et al. 2025's C=2, as `flywheel up` "
+            "used): bounds the variance that the server/learner mismatch and stale rollouts add at the cost of a "
+            "small bias, and never fires on-policy (weights ~1). None: ratio against the server's logprobs, no "
+            "correction"
+        ),
+    )
+    seq_is_cap: float | None = Field(
         default=None,
         gt=0,
         description=(
-            "Truncated importance sampling cap; set to run a proximal pass and weight tokens by "
-            "min(pi_old/pi_behaviour, cap)"
+            "Sequence-level truncated IS (MIS): weight every token of a completion by "
+            "min(prod_t p_learner/p_server, seq_is_cap); unbiased at the sequence level, which token TIS is not. "
+            "Off by default: the product's variance grows with length, so at 100+ tokens a few sequences carry "
+            "the batch; an alternative to tis_cap (set one)"
+        ),
+    )
+    token_mask_k: float | None = Field(
+        default=8.0,
+        gt=1,
+        description=(
+            "IcePop-style token masking: drop tokens whose p_learner/p_server is outside [1/k, k] from the loss. "
+            "8 (prime-rl's token_mask_low/high 0.125/8): only tokens whose two probabilities disagree 8x, i.e. "
+            "kernel or precision failures, not sampling noise; TIS alone would still train on them with weight "
+            "up to tis_cap. None: off"
+        ),
+    )
+    geo_mask_k: float | None = Field(
+        default=None,
+        gt=1,
+        description=(
+            "Geometric-mean sequence masking: drop a whole completion when exp(mean_t log(p_learner/p_server)) is "
+            "outside [1/k, k] (length-normalised, so long completions are not masked for length alone). Off by "
+            "default: it throws away whole rollouts; turn it on (e.g. 1.5) when mismatch_kl per lag shows a few "
+            "far-off sequences"
+        ),
+    )
+    overlong: Literal["keep", "filter", "penalty"] = Field(
+        default="keep",
+        description=(
+            "Completions cut at max_tokens (finish_reason 'length'): keep trains them like any other; filter "
+            "leaves them out of the step and of their group's advantages (DAPO's overlong filtering), counted as "
+            "dropped_overlong; penalty adds DAPO's soft overlong punishment to every completion's reward before "
+            "the advantages: 0 up to max_tokens - overlong_buffer, then linear to -overlong_penalty at max_tokens "
+            "(trainer/rollout_selection.py; counted as overlong_penalised). Keep by default: filtering hides a "
+            "policy that rambles and a short max_tokens filters most of a batch, and a penalty changes the task's "
+            "reward, which is the user's call"
+        ),
+    )
+    overlong_buffer: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "overlong=penalty: the last tokens before the record's max_tokens over which the penalty ramps up. "
+            "None: a fifth of max_tokens (DAPO's 4096 of 20480), wide enough that the penalty is a slope the "
+            "policy can follow rather than a cliff at the limit; 0: the whole penalty at max_tokens only"
+        ),
+    )
+    overlong_penalty: float = Field(
+        default=1.0,
+        ge=0,
+        description=(
+            "overlong=penalty: the punishment at max_tokens (subtracted from the reward). 1.0 as in DAPO, whose "
+            "rewards are +-1: as large as the gap between a right and a wrong answer, so rambling cannot pay"
+        ),
+    )
+    dynamic_sampling: bool = Field(
+        default=False,
+        description=(
+            "DAPO's dynamic sampling at the learner: after the stale and overlong rules, drop every group whose "
+            "rewards are all equal (or with one member left: zero advantage, no signal) and read on from the "
+            "queue until batch_size trainable completions are in hand (files: such groups leave the pool); counted "
+            "per step as dynamic_dropped_groups/_rollouts and acked with the step. Off by default because the "
+            "sampler already drops groups that are uniform as sampled (drop_uniform_groups, before they use queue "
+            "space), and a sync round's exact record count would leave the learner waiting for records that never "
+            "come; turn it on with overlong=filter/penalty or a tight max_staleness, which make groups uniform only "
+            "at the learner. Needs group_size with the queue"
         ),
     )
     temperature: float = Field(
@@ -62,6 +165,27 @@ class GrpoLossConfig(BaseModel):
         ge=0,
         description="Completions per prompt; with the queue, a step waits for whole groups (0: take what arrives)",
     )
+
+    @model_validator(mode="after")
+    def _one_importance_weight(self) -> GrpoLossConfig:
+        if self.tis_cap is not None and self.seq_is_cap is not None:
+            raise ValueError(
+                "tis_cap (token-level TIS) and seq_is_cap (sequence-level IS) are alternatives: set one to null"
+            )
+        return self
+
+    @property
+    def corrects(self) -> bool:
+        """Whether any off-policy correction is on (then the ratio anchors at the learner's pre-step logprobs)."""
+        return any(v is not None for v in (self.tis_cap, self.seq_is_cap, self.token_mask_k, self.geo_mask_k))
+
+    def clip_range(self) -> tuple[float, float]:
+        """(clip_low, clip_high) of the chosen loss."""
+        if self.loss == "gspo":
+            return self.gspo_clip_low, self.gspo_clip_high
+        if self.loss == "cispo":
+            return 0.0, self.cispo_clip_high
+        return self.clip_low, self.clip_high
 
 
 class DPOConfig(BaseModel):
@@ -203,6 +327,8 @@ class TrainConfig(BaseModel):
             raise ValueError("--from-feedback feeds the dpo and grpo objectives only")
         if self.queue is not None and self.objective != "grpo":
             raise ValueError("the rollout queue feeds the grpo objective only")
+        if self.queue is not None and self.grpo.dynamic_sampling and self.grpo.group_size == 0:
+            raise ValueError("grpo.dynamic_sampling with the queue judges whole groups: set grpo.group_size")
         if self.micro_batch_tokens < self.max_seq_len:
             raise ValueError(
                 f"micro_batch_tokens ({self.micro_batch_tokens}) must be >= max_seq_len ({self.max_seq_len})"

@@ -41,6 +41,7 @@ class Sample:
     logprobs: list[float] | None = None  # token-aligned behaviour logprobs (0.0 where not a completion token)
     advantage: float = 0.0
     key: str = ""  # idempotency/debug key: record id or "file:line"
+    lag: int = 0  # RL: policy versions the rollout is behind the learner's last push (mismatch metrics per lag)
 
 
 @dataclass
@@ -114,7 +115,9 @@ def _truncate(sample: Sample, max_len: int) -> Sample:
     if len(sample.tokens) <= max_len:
         return sample
     logprobs = sample.logprobs[:max_len] if sample.logprobs is not None else None
-    return Sample(sample.tokens[:max_len], sample.loss_mask[:max_len], logprobs, sample.advantage, sample.key)
+    return Sample(
+        sample.tokens[:max_len], sample.loss_mask[:max_len], logprobs, sample.advantage, sample.key, sample.lag
+    )
 
 
 def _require_tokens(sample: Sample, where: str) -> Sample:
@@ -206,7 +209,7 @@ def load_rollouts(path: Path) -> list[RolloutRecord]:
     return out
 
 
-def rollout_sample(record: RolloutRecord, advantage: float, max_len: int) -> Sample:
+def rollout_sample(record: RolloutRecord, advantage: float, max_len: int, lag: int = 0) -> Sample:
     """Prompt + completion ids exactly as the server saw/produced them; loss on completion tokens."""
     if not record.completion_token_ids:
         raise DataError(f"record {record.id}: empty completion")
@@ -219,6 +222,7 @@ def rollout_sample(record: RolloutRecord, advantage: float, max_len: int) -> Sam
         logprobs=[0.0] * p + list(record.behavior_logprobs),
         advantage=advantage,
         key=record.id,
+        lag=lag,
     )
     return _truncate(sample, max_len)
 
@@ -269,6 +273,7 @@ class Batch:
     seq_index: torch.Tensor  # index of the sample each target belongs to (into `keys`), -1 elsewhere
     behavior_logprobs: torch.Tensor
     advantages: torch.Tensor
+    lag: torch.Tensor  # long: the sample's Sample.lag on its targets, 0 elsewhere
     keys: list[str] = field(default_factory=list)
 
     @property
@@ -278,7 +283,16 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         moved = {
             k: getattr(self, k).to(device)
-            for k in ("input_ids", "position_ids", "targets", "mask", "seq_index", "behavior_logprobs", "advantages")
+            for k in (
+                "input_ids",
+                "position_ids",
+                "targets",
+                "mask",
+                "seq_index",
+                "behavior_logprobs",
+                "advantages",
+                "lag",
+            )
         }
         return Batch(**moved, keys=self.keys)
 
@@ -297,6 +311,7 @@ def collate(samples: list[Sample], pad_id: int, pack: bool = True, first_index: 
     seq = torch.full(shape, -1, dtype=torch.long)
     behavior = torch.zeros(shape)
     adv = torch.zeros(shape)
+    lag = torch.zeros(shape, dtype=torch.long)
     index = first_index
     for r, row in enumerate(rows):
         col = 0
@@ -311,9 +326,10 @@ def collate(samples: list[Sample], pad_id: int, pack: bool = True, first_index: 
             if s.logprobs is not None:
                 behavior[r, col : col + n - 1] = torch.tensor(s.logprobs[1:])
             adv[r, col : col + n - 1] = s.advantage
+            lag[r, col : col + n - 1] = s.lag
             col += n
             index += 1
         pos[r, col:] = torch.arange(width - col)  # padding: a document of its own, never a target
     return Batch(
-        ids, pos, targets, (targets != IGNORE).float(), seq, behavior, adv, [s.key for row in rows for s in row]
+        ids, pos, targets, (targets != IGNORE).float(), seq, behavior, adv, lag, [s.key for row in rows for s in row]
     )

@@ -140,6 +140,9 @@ def aggregate(
     raise ValueError(f"unknown aggregation {mode!r} (token-mean, seq-mean, dr-grpo)")
 
 
+PolicyLoss = Literal["grpo", "gspo", "cispo"]
+
+
 def grpo_loss(
     logprobs: torch.Tensor,
     behavior_logprobs: torch.Tensor,
@@ -147,48 +150,68 @@ def grpo_loss(
     mask: torch.Tensor,
     seq_index: torch.Tensor,
     *,
+    loss_type: PolicyLoss = "grpo",
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     proximal_logprobs: torch.Tensor | None = None,
-    tis_cap: float | None = None,
+    weight: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     aggregation: Aggregation = "token-mean",
     **normalisers,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-level clipped policy-gradient loss with optional KL and truncated importance sampling.
+    """Clipped policy-gradient loss (GRPO, GSPO or CISPO) with an off-policy correction and optional KL.
 
     Per token, with p = logprobs (with grad), b = behaviour logprobs from the rollout record,
-    A = advantages broadcast to the completion's tokens:
-        anchor = proximal_logprobs if given, else b
-        rho    = exp(p - anchor)
-        w      = min(exp(anchor - b), tis_cap)   if proximal_logprobs and tis_cap are given, else 1
-        l      = -w * min(rho * A, clip(rho, 1 - clip_low, 1 + clip_high) * A)  +  kl_coef * k3(p, ref)
+    A = advantages broadcast to the completion's tokens, anchor = proximal_logprobs if given else b,
+    r = exp(p - anchor), and w, m the correction's weight and keep-mask (trainer/off_policy.py; 1 if None):
+        grpo  (token-level PPO):   l_t = -min(r_t A, clip(r_t, 1 - clip_low, 1 + clip_high) A)
+        gspo  (Zheng et al. 2025): s = exp(mean_{t in seq} (p_t - anchor_t)), one ratio per sequence;
+                                   l_t = -min(s A, clip(s, 1 - clip_low, 1 + clip_high) A) on every token of it
+        cispo (MiniMax-M1 2025):   l_t = -sg(min(r_t, 1 + clip_high)) A p_t: the IS weight is clipped and
+                                   detached, so every token keeps a gradient (none is zeroed by clipping)
+        loss  = aggregate( m_t * w_t * l_t  +  kl_coef * k3(p, ref) )
 
     Without a proximal pass the ratio is taken directly against the behaviour policy (the sampler's
-    processed logprobs). With one (the trainer's own no-grad logprobs before this step) the ratio
-    stays near 1 and the staleness/sampler mismatch moves into the truncated weight w (TIS), which
-    bounds the variance that stale rollouts would otherwise add. clip_high > clip_low is DAPO's clip-higher.
-    Returns (loss, metrics) where metrics holds clip_fraction, ratio_mean, kl, tis_weight_mean.
+    processed logprobs). With one (the learner's own logprobs before this step) the ratio stays near 1
+    and the server/learner mismatch moves into w and m, which bound (truncate) or drop (mask) what
+    stale or mismatched rollouts would otherwise add. clip_high > clip_low is DAPO's clip-higher.
+    Returns (loss, metrics): clip_fraction (tokens whose clip is active), ratio_mean, kl, tis_weight_mean.
     """
     anchor = behavior_logprobs if proximal_logprobs is None else proximal_logprobs
-    ratio = torch.exp(logprobs - anchor)
-    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    surrogate = torch.minimum(ratio * advantages, clipped * advantages)
-    weight = torch.ones_like(ratio)
-    if proximal_logprobs is not None and tis_cap is not None:
-        weight = torch.exp(proximal_logprobs - behavior_logprobs).clamp(max=tis_cap).detach()
-    per_token = -weight * surrogate
+    log_ratio = logprobs - anchor
+    m = mask > 0
+    if loss_type == "gspo":
+        n_seq = int(seq_index[m].max()) + 1 if bool(m.any()) else 1
+        lengths = sequence_sums(torch.ones_like(log_ratio), mask, seq_index, n_seq).clamp(min=1)
+        seq_ratio = torch.exp(sequence_sums(log_ratio, mask, seq_index, n_seq) / lengths)
+        ratio = seq_ratio[seq_index.clamp(min=0)]
+    else:
+        ratio = torch.exp(log_ratio)
+    if loss_type == "cispo":
+        capped = ratio.clamp(max=1.0 + clip_high).detach()
+        per_token = -capped * advantages * logprobs
+        clipped_tokens = ratio.detach() > 1.0 + clip_high
+    elif loss_type in ("grpo", "gspo"):
+        bounded = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+        surrogate = torch.minimum(ratio * advantages, bounded * advantages)
+        per_token = -surrogate
+        clipped_tokens = surrogate != ratio * advantages  # the clipped branch was chosen
+    else:
+        raise ValueError(f"unknown policy loss {loss_type!r} (grpo, gspo, cispo)")
+    weight = torch.ones_like(per_token) if weight is None else weight.detach()
+    keep = torch.ones_like(per_token) if keep is None else keep.detach()
+    per_token = keep * weight * per_token
     kl = torch.zeros_like(per_token)
     if ref_logprobs is not None:
         kl = k3_kl(logprobs, ref_logprobs)
         per_token = per_token + kl_coef * kl
     loss = aggregate(per_token, mask, seq_index, aggregation, **normalisers)
-    m = mask > 0
     n = max(int(m.sum()), 1)
     with torch.no_grad():
         metrics = {
-            "clip_fraction": float(((surrogate != ratio * advantages) & m).sum()) / n,  # clipped branch chosen
+            "clip_fraction": float((clipped_tokens & m).sum()) / n,
             "ratio_mean": float(ratio[m].sum()) / n,
             "kl": float(kl[m].sum()) / n,
             "tis_weight_mean": float(weight[m].sum()) / n,

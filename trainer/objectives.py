@@ -13,6 +13,7 @@ import torch
 from flywheel.trainer.config import TrainConfig
 from flywheel.trainer.data import PreferencePair, Sample, collate, micro_batches
 from flywheel.trainer.losses import dpo_loss, grpo_loss, nll_loss, sequence_sums
+from flywheel.trainer.off_policy import MismatchStats, correction
 
 
 def _device(policy) -> torch.device:
@@ -102,37 +103,57 @@ def dpo_backward(
 
 
 def grpo_backward(policy, samples: list[Sample], config: TrainConfig, pad_id: int, reference=None) -> dict:
-    """GRPO: clipped token-level policy gradient on rollouts whose advantages are already set."""
+    """GRPO / GSPO / CISPO on rollouts whose advantages are already set, with the configured off-policy correction.
+
+    The learner's pre-step logprobs are this step's own forward, detached: the weights do not change
+    between the micro-batches of one optimizer step, so no separate no-grad pass is needed. They are
+    the correction's anchor and, against the records' behaviour logprobs, the mismatch metrics.
+    """
     g = config.grpo
     lengths = torch.tensor([float(counted_tokens(s)) for s in samples], device=_device(policy))
     norm = dict(
         num_tokens=float(lengths.sum()), num_seqs=len(samples), seq_lengths=lengths, constant=float(g.dr_grpo_constant)
     )
+    clip_low, clip_high = g.clip_range()
     loss_sum, sums = 0.0, {"clip_fraction": 0.0, "ratio_mean": 0.0, "kl": 0.0, "tis_weight_mean": 0.0}
+    mismatch = MismatchStats()
     groups, first = [], 0
     for group in micro_batches(samples, config.micro_batch_tokens):
         groups.append((first, group))  # first: the group's index into the step (seq_lengths)
         first += len(group)
     for first, group in my_share(policy, groups):
         batch = collate(group, pad_id, pack=config.pack, first_index=first).to(_device(policy))
-        proximal = ref = None
-        if g.tis_cap is not None:
-            with torch.no_grad():
-                proximal = _logprobs(policy, batch, g.temperature)
+        ref = None
         if reference is not None and g.kl_coef > 0:
             with torch.no_grad():
                 ref = _logprobs(reference, batch, g.temperature)
         logprobs = _logprobs(policy, batch, g.temperature)
+        learner = logprobs.detach()
+        corr = None
+        if g.corrects:
+            corr = correction(
+                learner,
+                batch.behavior_logprobs,
+                batch.mask,
+                batch.seq_index,
+                tis_cap=g.tis_cap,
+                seq_is_cap=g.seq_is_cap,
+                token_mask_k=g.token_mask_k,
+                geo_mask_k=g.geo_mask_k,
+            )
+        mismatch.add(learner, batch.behavior_logprobs, batch.mask, batch.seq_index, batch.lag, corr)
         loss, metrics = grpo_loss(
             logprobs,
             batch.behavior_logprobs,
             batch.advantages,
             batch.mask,
             batch.seq_index,
-            clip_low=g.clip_low,
-            clip_high=g.clip_high,
-            proximal_logprobs=proximal,
-            tis_cap=g.tis_cap,
+            loss_type=g.loss,
+            clip_low=clip_low,
+            clip_high=clip_high,
+            proximal_logprobs=learner if corr is not None else None,
+            weight=None if corr is None else corr.weight,
+            keep=None if corr is None else corr.keep,
             ref_logprobs=ref,
             kl_coef=g.kl_coef,
             aggregation=g.aggregation,
@@ -143,4 +164,9 @@ def grpo_backward(policy, samples: list[Sample], config: TrainConfig, pad_id: in
         share = batch.num_tokens / max(norm["num_tokens"], 1.0)  # token-weighted average of the metrics
         for k in sums:
             sums[k] += metrics[k] * share
-    return {**summed_over_shards(policy, {"loss": loss_sum, **sums}), "tokens": int(norm["num_tokens"])}
+    # mismatch metrics are this rank's (their keys depend on the lags present, so they are not all-reduced)
+    return {
+        **summed_over_shards(policy, {"loss": loss_sum, **sums}),
+        **mismatch.metrics(),
+        "tokens": int(norm["num_tokens"]),
+    }

@@ -1,7 +1,9 @@
 """Rollouts from the Redis queue (sampler/queue.py), trained at most once, acked only when durable.
 
 - Each step reads until it has `batch_size` records (whole groups when grpo.group_size is set;
-  records of incomplete groups wait in a buffer for their siblings).
+  records of incomplete groups wait in a buffer for their siblings). With grpo.dynamic_sampling only
+  records of groups with signal count towards batch_size: the groups without are taken into the step
+  (acked with it, never trained) and the step reads on (trainer/rollout_selection.py).
 - `seen` holds the ids of records in a durable checkpoint (from the checkpoint's trained ids, and
   each `ack_durable` after one is written): the queue acks-and-skips their redeliveries.
 - Records handed to a step but not yet in a checkpoint are `in_flight`: never acked, never trained
@@ -22,6 +24,7 @@ from flywheel.sampler.queue import RolloutQueue, SeenIds
 from flywheel.server.errors import UserError
 from flywheel.trainer.checkpoint import TrainState
 from flywheel.trainer.config import TrainConfig
+from flywheel.trainer.rollout_selection import select_rollouts
 from flywheel.trainer.sources import StepData, rollout_step
 
 
@@ -34,20 +37,30 @@ class QueueSource:
         self.in_flight: dict[str, object] = {}  # record id -> Delivery: trained, not yet in a durable checkpoint
         self.items: list = []  # no file dataset behind this source
 
-    def _ready(self) -> list:
-        """Deliveries that can be trained now: everything, or only complete groups (in arrival order)."""
+    def _ready(self, state: TrainState) -> tuple[list, int]:
+        """Deliveries that can be trained now (everything, or only complete groups, in arrival order) and how
+        many of them count towards batch_size: all, or with dynamic sampling only those of groups with signal
+        (trainer/rollout_selection.py), so the step reads on until it has batch_size of those."""
         size = self.config.grpo.group_size
         deliveries = list(self.buffer.values())
         if size <= 0:
-            return deliveries[: self.config.batch_size]
+            out = deliveries[: self.config.batch_size]
+            return out, len(out)
         groups: dict[str, list] = {}
         for d in deliveries:
             groups.setdefault(d.record.group_id, []).append(d)
         out: list = []
+        trainable = 0
         for members in groups.values():
-            if len(members) >= size and len(out) < self.config.batch_size:
+            if len(members) >= size and trainable < self.config.batch_size:
                 out += members
-        return out
+                if self.config.grpo.dynamic_sampling:
+                    trainable += len(
+                        select_rollouts([d.record for d in members], self.config, state.pushed_version).records
+                    )
+                else:
+                    trainable += len(members)
+        return out, trainable
 
     def next_step(self, step: int, state: TrainState) -> StepData:
         if self.seen is None:
@@ -55,7 +68,10 @@ class QueueSource:
         wait = self.config.queue_input
         deadline = time.monotonic() + wait.max_wait_s
         extra_acks = []
-        while len(ready := self._ready()) < self.config.batch_size:
+        while True:
+            ready, trainable = self._ready(state)
+            if trainable >= self.config.batch_size:
+                break
             if time.monotonic() > deadline:
                 if ready:
                     break  # train on what there is rather than stall forever

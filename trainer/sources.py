@@ -27,6 +27,7 @@ from flywheel.trainer.data import (
     take_step,
 )
 from flywheel.trainer.losses import group_advantages
+from flywheel.trainer.rollout_selection import is_overlong, is_stale, select_rollouts
 
 
 @dataclass
@@ -38,30 +39,29 @@ class StepData:
     info: dict = field(default_factory=dict)  # per-step metrics of the data (reward_mean, dropped_stale, ...)
 
 
-def is_stale(record: RolloutRecord, current_version: int, max_staleness: int) -> bool:
-    """A rollout is stale when its oldest contributing version is more than max_staleness behind the policy."""
-    return current_version - record.policy_version > max_staleness
-
-
 def rollout_step(records: list[RolloutRecord], config: TrainConfig, state: TrainState) -> StepData:
-    """Drop stale records, set group-normalised advantages over this batch, build samples."""
-    fresh = [r for r in records if not is_stale(r, state.pushed_version, config.max_staleness)]
-    dropped = len(records) - len(fresh)
-    if not fresh:
-        return StepData([], record_ids=[r.id for r in records], info={"dropped_stale": dropped})
-    rewards = torch.tensor([r.reward for r in fresh])
-    adv, zero = group_advantages(rewards, [r.group_id for r in fresh], scale_by_std=config.grpo.scale_by_std)
-    samples = [rollout_sample(r, float(a), config.max_seq_len) for r, a in zip(fresh, adv)]
+    """Select the trainable records (trainer/rollout_selection.py), set group-normalised advantages, build samples."""
+    sel = select_rollouts(records, config, state.pushed_version)
+    info: dict = dict(sel.counts)
+    if not sel.records:
+        return StepData([], record_ids=[r.id for r in records], info=info)
+    adv, zero = group_advantages(
+        torch.tensor(sel.rewards), [r.group_id for r in sel.records], scale_by_std=config.grpo.scale_by_std
+    )
     # how off-policy this step is: versions behind the last push, of the records actually trained
-    staleness = [state.pushed_version - r.policy_version for r in fresh]
+    staleness = [state.pushed_version - r.policy_version for r in sel.records]
+    samples = [
+        rollout_sample(r, float(a), config.max_seq_len, lag)
+        for r, a, lag in zip(sel.records, adv, staleness, strict=True)
+    ]
     return StepData(
         samples,
         record_ids=[r.id for r in records],
         info={
-            "reward_mean": float(rewards.mean()),
-            "dropped_stale": dropped,
+            "reward_mean": sum(r.reward for r in sel.records) / len(sel.records),
+            **info,
             "zero_variance_groups": zero,
-            "completions": len(fresh),
+            "completions": len(sel.records),
             "staleness_max": max(staleness),
             "staleness_mean": sum(staleness) / len(staleness),
         },
@@ -113,24 +113,56 @@ class FileSource:
         if not self.items:
             raise DataError(f"empty dataset: {', '.join(map(str, config.data)) or 'no feedback'}")
         if config.objective == "grpo":
-            # a file holds whole groups: normalise each over all of its members once, then shuffle freely
-            rewards = torch.tensor([r.reward for r in self.items])
-            self.advantages, self.zero_variance_groups = group_advantages(
-                rewards, [r.group_id for r in self.items], scale_by_std=config.grpo.scale_by_std
-            )
+            # a file holds whole groups: select and normalise each over all of its members once, then shuffle
+            # freely. Dynamic sampling takes the groups without signal out of the pool, so every step is full.
+            sel = select_rollouts(self.items, config, current_version=None)
+            self.file_counts = {k: v for k, v in sel.counts.items() if k.startswith("dynamic_")}
+            if config.grpo.dynamic_sampling:
+                if not sel.records:
+                    raise DataError("dynamic sampling left no group with unequal rewards in the training files")
+                signal = {r.group_id for r in sel.records}  # their overlong members stay: dropped per step
+                self.items = [r for r in self.items if r.group_id in signal]
+            self.advantages = torch.zeros(len(self.items))
+            self.penalties = torch.zeros(len(self.items))  # the overlong penalty in each item's reward
+            self.zero_variance_groups = 0
+            if sel.records:
+                adv, self.zero_variance_groups = group_advantages(
+                    torch.tensor(sel.rewards),
+                    [r.group_id for r in sel.records],
+                    scale_by_std=config.grpo.scale_by_std,
+                )
+                position = {id(r): i for i, r in enumerate(self.items)}
+                at = [position[id(r)] for r in sel.records]
+                self.advantages[at] = adv
+                self.penalties[at] = torch.tensor([s - r.reward for r, s in zip(sel.records, sel.rewards, strict=True)])
+            self.overlong = [is_overlong(r, config) for r in self.items]
 
     def next_step(self, step: int, state: TrainState) -> StepData:
         indices = take_step(len(self.items), step, self.config.batch_size, self.config.seed)
         chosen = [self.items[i] for i in indices]
         if self.config.objective == "grpo":
-            keep = [i for i in indices if not is_stale(self.items[i], state.pushed_version, self.config.max_staleness)]
-            samples = [rollout_sample(self.items[i], float(self.advantages[i]), self.config.max_seq_len) for i in keep]
+            fresh = [i for i in indices if not is_stale(self.items[i], state.pushed_version, self.config.max_staleness)]
+            keep = [i for i in fresh if not self.overlong[i]]
+            samples = [
+                rollout_sample(
+                    self.items[i],
+                    float(self.advantages[i]),
+                    self.config.max_seq_len,
+                    state.pushed_version - self.items[i].policy_version,
+                )
+                for i in keep
+            ]
             rewards = [self.items[i].reward for i in keep]
             info = {
-                "dropped_stale": len(indices) - len(keep),
+                "dropped_stale": len(indices) - len(fresh),
+                "dropped_overlong": len(fresh) - len(keep),
                 "completions": len(keep),
                 "zero_variance_groups": self.zero_variance_groups,
+                **self.file_counts,  # over the whole file: the groups dynamic sampling took out of the pool
             }
+            if self.config.grpo.overlong == "penalty" and keep:
+                info["overlong_penalised"] = int((self.penalties[keep] < 0).sum())
+                info["overlong_penalty_mean"] = float(self.penalties[keep].mean())
             if rewards:
                 info["reward_mean"] = sum(rewards) / len(rewards)
             return StepData(samples, indices=keep, info=info)
