@@ -20,6 +20,14 @@ Writes bench/results/weight_push.json (flat keys; ratios are A_vs_B_ratio = seco
 
     python bench/weight_push.py [--models tiny-qwen3 tiny-qwen3-moe smollm2-135m-instruct qwen3-0.6b-random] \
         [--repeats 3]
+
+--adapter-ranks R ... (issue 20): on one server started with --max-lora-rank max(R), in the same run,
+  full       : the fp32 full push over shm (reused buckets), as the trainer pushes without LoRA;
+  adapter_rR : push_adapter of a rank-R adapter on the default targets (attention and MLP projections;
+               B drawn small and non-zero so it changes the answers), versioned like a full push;
+  throughput : output tok/s of --concurrency streams of --gen-tokens tokens, base model name vs the
+               adapter's name, alternated --repeats times (medians), after the last adapter push.
+With --merge the keys are added to the existing --out file instead of replacing it.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flywheel.clients.servers import start_server  # noqa: E402
 from flywheel.server.models import resolve_model  # noqa: E402
-from flywheel.server.weights.client import push_weights  # noqa: E402
+from flywheel.server.weights.client import push_adapter, push_weights  # noqa: E402
 from flywheel.server.weights.shm_buckets import ShmBuckets  # noqa: E402
 
 
@@ -153,6 +161,94 @@ def bench_model(name: str, repeats: int, workdir: Path) -> dict:
     return out
 
 
+def random_adapter(model_dir: Path, rank: int, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """A rank-`rank` PEFT adapter on the default LoRA targets with small random A and B (B = 0 would
+    serve exactly the base), in the names and config a trained policy's adapter_state() returns."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from flywheel.trainer.policy_interface import LoraConfig
+
+    lora = LoraConfig(rank=rank)
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = PeftLoraConfig(r=rank, lora_alpha=lora.scale_alpha, target_modules=lora.targets, lora_dropout=0.0)
+    model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02 / rank)
+    tensors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return tensors, model.peft_config["default"].to_dict()
+
+
+def output_tokens_per_s(base_url: str, model: str, concurrency: int, tokens: int) -> float:
+    """`concurrency` greedy completions of exactly `tokens` tokens at once; output tokens / wall second."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"model": model, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+
+    def one(i):
+        r = httpx.post(base_url + "/completions", json={**body, "prompt": f"Story number {i}:"}, timeout=600)
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        produced = sum(pool.map(one, range(concurrency)))
+    return produced / (time.perf_counter() - t0)
+
+
+def bench_adapter(name: str, ranks: list[int], repeats: int, workdir: Path, concurrency: int, gen_tokens: int):
+    """Adapter-only pushes vs the full push, and serving with the adapter vs the base, on one server."""
+    model_dir = model_folder(name, workdir)
+    sd = fp32_state_dict(model_dir)
+    out = {f"{name}_bytes": sum(t.numel() * t.element_size() for t in sd.values())}
+    adapters = {r: random_adapter(model_dir, r, seed=r) for r in ranks}
+    version = [0]
+
+    def bump():
+        version[0] += 1
+        return version[0]
+
+    with start_server(model_dir, workdir / f"{name}-lora", served_model_name="m", max_lora_rank=max(ranks)) as srv:
+        with ShmBuckets() as buckets:
+            full = lambda: push_weights(srv.url, sd, bump(), srv.admin_token, transport="shm", buckets=buckets)  # noqa: E731
+            full()  # warm-up: builds the staging tensors
+            out[f"{name}_full_push_s"] = round(median_seconds(full, repeats), 4)
+        for rank, (tensors, config) in adapters.items():
+            push = lambda: push_adapter(srv.url, tensors, config, bump(), srv.admin_token, source="bench")  # noqa: E731, B023
+            t0 = time.perf_counter()
+            answer = push()  # the first load of an adapter of this rank
+            out[f"{name}_adapter_r{rank}_first_push_s"] = round(time.perf_counter() - t0, 4)
+            out[f"{name}_adapter_r{rank}_push_s"] = round(median_seconds(push, repeats), 4)
+            out[f"{name}_adapter_r{rank}_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
+            out[f"{name}_adapter_r{rank}_apply_s"] = answer.get("seconds", {}).get("apply")
+            out[f"{name}_adapter_r{rank}_vs_full_push_ratio"] = round(
+                out[f"{name}_adapter_r{rank}_push_s"] / out[f"{name}_full_push_s"], 4
+            )
+        served = {m["id"] for m in httpx.get(srv.base_url + "/models", timeout=30).json()["data"]}
+        out[f"{name}_models_listed"] = sorted(served)
+        output_tokens_per_s(srv.base_url, "m", 2, 4)  # warm-up of both paths
+        output_tokens_per_s(srv.base_url, "policy", 2, 4)
+        rates = {"m": [], "policy": []}
+        for _ in range(repeats):
+            for model in ("m", "policy"):
+                rates[model].append(output_tokens_per_s(srv.base_url, model, concurrency, gen_tokens))
+        base_rate, lora_rate = statistics.median(rates["m"]), statistics.median(rates["policy"])
+        out[f"{name}_base_output_tok_s"] = round(base_rate, 2)
+        out[f"{name}_lora_r{max(ranks)}_output_tok_s"] = round(lora_rate, 2)
+        out[f"{name}_throughput_concurrency"] = concurrency
+        out[f"{name}_throughput_gen_tokens"] = gen_tokens
+    first = min(ranks)
+    out["adapter_vs_full_push_ratio"] = out[f"{name}_adapter_r{first}_vs_full_push_ratio"]
+    out["adapter_vs_full_push_ratio_rank"] = first
+    out["lora_vs_base_throughput_ratio"] = round(lora_rate / base_rate, 4)
+    out["lora_vs_base_throughput_ratio_rank"] = max(ranks)
+    return out
+
+
 def reload_baselines(srv, name: str, model_dir: Path, fp32_dir: Path, repeats: int, out: dict) -> None:
     """vLLM's own reload_weights (dev route) from the fp32 folder, and from the bundled bf16 one."""
 
@@ -177,6 +273,10 @@ def main() -> int:
     )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "weight_push.json")
+    ap.add_argument("--adapter-ranks", type=int, nargs="+", help="the LoRA rows instead of the full-push rows")
+    ap.add_argument("--concurrency", type=int, default=8, help="LoRA rows: concurrent streams for throughput")
+    ap.add_argument("--gen-tokens", type=int, default=64, help="LoRA rows: tokens per stream for throughput")
+    ap.add_argument("--merge", action="store_true", help="add the keys to the existing --out file")
     args = ap.parse_args()
     import vllm
 
@@ -191,9 +291,31 @@ def main() -> int:
     }
     with tempfile.TemporaryDirectory(prefix="fwbench-") as tmp:
         for name in args.models:
-            results.update(bench_model(name, args.repeats, Path(tmp)))
-            print(json.dumps({k: v for k, v in results.items() if k.startswith(name)}, indent=1), flush=True)
+            if args.adapter_ranks:
+                rows = bench_adapter(
+                    name, args.adapter_ranks, args.repeats, Path(tmp), args.concurrency, args.gen_tokens
+                )
+            else:
+                rows = bench_model(name, args.repeats, Path(tmp))
+            results.update(rows)
+            print(json.dumps(rows, indent=1), flush=True)
     results["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    if args.merge and args.out.exists():  # the earlier rows stay; this run's keys say how they were made
+        tag = "lora_" if args.adapter_ranks else ""
+        meta = (
+            "command",
+            "machine",
+            "python",
+            "torch",
+            "vllm",
+            "repeats",
+            "load_average_at_start",
+            "load_average_at_end",
+        )
+        results = {
+            **json.loads(args.out.read_text()),
+            **{(tag + k if k in meta else k): v for k, v in results.items()},
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")
