@@ -22,6 +22,34 @@ from flywheel.trainer.train import train
 PROMPT = "Once upon a time"
 
 
+def sample_with_logprobs(server, prompt: str) -> tuple[list[int], torch.Tensor]:
+    """8 seeded temperature-1 tokens from the server: their ids and the server's logprobs of them."""
+    reply = httpx.post(
+        server.base_url + "/completions",
+        timeout=60,
+        json={
+            "model": server.model,
+            "prompt": prompt,
+            "max_tokens": 8,
+            "temperature": 1.0,
+            "seed": 0,
+            "logprobs": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        },
+    ).json()
+    choice = reply["choices"][0]
+    return choice["token_ids"], torch.tensor(choice["logprobs"]["token_logprobs"])
+
+
+def hf_logprobs(path, prompt_ids: list[int], ids: list[int]) -> torch.Tensor:
+    """HF log-probabilities of `ids` after `prompt_ids` under the model folder at `path`."""
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1].log_softmax(-1)
+    return logp.gather(-1, torch.tensor(ids)[:, None])[:, 0]
+
+
 @pytest.mark.slow  # starts its own vLLM server (~1 min, plus waiting for the one-server lock)
 def test_push_every_k_steps_serves_the_trained_weights(tmp_path, tiny_model):
     data = tmp_path / "sft.jsonl"
@@ -61,33 +89,13 @@ def test_push_every_k_steps_serves_the_trained_weights(tmp_path, tiny_model):
         ckpt = config.run_dir / "checkpoints" / "step_000004"
         assert json.loads((ckpt / "trainer_state" / "state.json").read_text())["pushed_version"] == 2
 
-        reply = httpx.post(
-            server.base_url + "/completions",
-            timeout=60,
-            json={
-                "model": server.model,
-                "prompt": PROMPT,
-                "max_tokens": 8,
-                "temperature": 1.0,
-                "seed": 0,
-                "logprobs": 0,
-                "ignore_eos": True,
-                "return_token_ids": True,
-            },
-        ).json()
-        choice = reply["choices"][0]
-        served_ids, served_logprobs = choice["token_ids"], torch.tensor(choice["logprobs"]["token_logprobs"])
+        served_ids, served_logprobs = sample_with_logprobs(server, PROMPT)
     shutil.rmtree(serve_dir, ignore_errors=True)
 
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    prompt_ids = AutoTokenizer.from_pretrained(ckpt)(PROMPT)["input_ids"]
 
-    def logprobs_of(path):  # HF log-probabilities of the tokens the server sampled
-        model = AutoModelForCausalLM.from_pretrained(path)
-        ids = torch.tensor([prompt_ids + served_ids])
-        with torch.no_grad():
-            logp = model(ids).logits[0, len(prompt_ids) - 1 : -1].log_softmax(-1)
-        return logp.gather(-1, torch.tensor(served_ids)[:, None])[:, 0]
+    def logprobs_of(path):
+        return hf_logprobs(path, prompt_ids, served_ids)
 
     # the server runs the weights of the last push (= the final checkpoint), not the ones it started with
     torch.testing.assert_close(served_logprobs, logprobs_of(ckpt), atol=0.01, rtol=0)
