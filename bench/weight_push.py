@@ -184,20 +184,20 @@ def random_adapter(model_dir: Path, rank: int, seed: int) -> tuple[dict[str, tor
 
 
 def output_tokens_per_s(base_url: str, model: str, concurrency: int, tokens: int) -> float:
-    """`concurrency` greedy completions of exactly `tokens` tokens at once; output tokens / wall second."""
-    from concurrent.futures import ThreadPoolExecutor
+    """`concurrency` greedy completions of exactly `tokens` tokens at once, through flywheel perf's
+    closed-loop load generator; output tokens / wall second."""
+    import asyncio
 
-    body = {"model": model, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    from flywheel.clients.perf.load import LoadTarget, closed_loop
+    from flywheel.clients.perf.metrics import summarize
+    from flywheel.clients.perf.prompts import Prompt
 
-    def one(i):
-        r = httpx.post(base_url + "/completions", json={**body, "prompt": f"Story number {i}:"}, timeout=600)
-        r.raise_for_status()
-        return r.json()["usage"]["completion_tokens"]
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        produced = sum(pool.map(one, range(concurrency)))
-    return produced / (time.perf_counter() - t0)
+    prompts = [Prompt(text=f"Story number {i}:", input_len=4, output_len=tokens) for i in range(concurrency)]
+    results, duration, _ = asyncio.run(closed_loop(LoadTarget(base_url=base_url, model=model), prompts, concurrency))
+    summary = summarize(results, duration)
+    if summary["errors"]:
+        raise RuntimeError(f"throughput run on {model}: {summary['first_error']}")
+    return summary["output_throughput"]
 
 
 def bench_adapter(name: str, ranks: list[int], repeats: int, workdir: Path, concurrency: int, gen_tokens: int):
