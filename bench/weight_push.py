@@ -33,6 +33,7 @@ With --merge the keys are added to the existing --out file instead of replacing 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -109,7 +110,7 @@ def model_folder(name: str, workdir: Path) -> Path:
 def bench_model(name: str, repeats: int, workdir: Path) -> dict:
     model_dir = model_folder(name, workdir)
     sd = fp32_state_dict(model_dir)
-    nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+    nbytes = tensor_bytes(sd)
     memcpy = median_seconds(lambda: [t.clone() for t in sd.values()], repeats)
     fp32_dir = workdir / f"{name}-fp32"
     fp32_dir.mkdir(parents=True)
@@ -161,6 +162,10 @@ def bench_model(name: str, repeats: int, workdir: Path) -> dict:
     return out
 
 
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def random_adapter(model_dir: Path, rank: int, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
     """A rank-`rank` PEFT adapter on the default LoRA targets with small random A and B (B = 0 would
     serve exactly the base), in the names and config a trained policy's adapter_state() returns."""
@@ -204,26 +209,21 @@ def bench_adapter(name: str, ranks: list[int], repeats: int, workdir: Path, conc
     """Adapter-only pushes vs the full push, and serving with the adapter vs the base, on one server."""
     model_dir = model_folder(name, workdir)
     sd = fp32_state_dict(model_dir)
-    out = {f"{name}_bytes": sum(t.numel() * t.element_size() for t in sd.values())}
+    out = {f"{name}_bytes": tensor_bytes(sd)}
     adapters = {r: random_adapter(model_dir, r, seed=r) for r in ranks}
-    version = [0]
-
-    def bump():
-        version[0] += 1
-        return version[0]
-
+    versions = itertools.count(1)  # every push, full or adapter, is the next version
     with start_server(model_dir, workdir / f"{name}-lora", served_model_name="m", max_lora_rank=max(ranks)) as srv:
         with ShmBuckets() as buckets:
-            full = lambda: push_weights(srv.url, sd, bump(), srv.admin_token, transport="shm", buckets=buckets)  # noqa: E731
+            full = lambda: push_weights(srv.url, sd, next(versions), srv.admin_token, transport="shm", buckets=buckets)  # noqa: E731
             full()  # warm-up: builds the staging tensors
             out[f"{name}_full_push_s"] = round(median_seconds(full, repeats), 4)
         for rank, (tensors, config) in adapters.items():
-            push = lambda: push_adapter(srv.url, tensors, config, bump(), srv.admin_token, source="bench")  # noqa: E731, B023
+            push = lambda: push_adapter(srv.url, tensors, config, next(versions), srv.admin_token, source="bench")  # noqa: E731, B023
             t0 = time.perf_counter()
             answer = push()  # the first load of an adapter of this rank
             out[f"{name}_adapter_r{rank}_first_push_s"] = round(time.perf_counter() - t0, 4)
             out[f"{name}_adapter_r{rank}_push_s"] = round(median_seconds(push, repeats), 4)
-            out[f"{name}_adapter_r{rank}_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
+            out[f"{name}_adapter_r{rank}_bytes"] = tensor_bytes(tensors)
             out[f"{name}_adapter_r{rank}_apply_s"] = answer.get("seconds", {}).get("apply")
             out[f"{name}_adapter_r{rank}_vs_full_push_ratio"] = round(
                 out[f"{name}_adapter_r{rank}_push_s"] / out[f"{name}_full_push_s"], 4
