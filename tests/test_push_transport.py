@@ -3,12 +3,11 @@ and a server on this host that offers it; shm on this host otherwise; http for a
 
 from __future__ import annotations
 
-import types
-
 import httpx
 import torch
 
 import flywheel.trainer.push as push
+from flywheel.server.status import ServerStatus
 from flywheel.trainer.config import TrainConfig
 
 
@@ -29,7 +28,17 @@ def offering(monkeypatch, transports):
         seen.append(url)
         if transports is None:
             raise httpx.ConnectError("down")
-        return types.SimpleNamespace(transports=transports)
+        # the real status body's shape (a SimpleNamespace here once hid that push.py read a missing field)
+        return ServerStatus.model_validate(
+            {
+                "model": "m",
+                "served_model_name": "m",
+                "policy_version": 0,
+                "started_at": 0.0,
+                "uptime_s": 0.0,
+                "weights": {"transports": transports},
+            }
+        )
 
     monkeypatch.setattr(push, "fetch_status", fake_status)
     return seen

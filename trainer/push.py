@@ -49,7 +49,7 @@ class WeightPusher:
         on_gpu = any(getattr(t, "is_cuda", False) for t in weights.values())
         if on_gpu and is_loopback(self.url):
             try:
-                offered = fetch_status(self.url, self.token).transports
+                offered = fetch_status(self.url, self.token).weights.transports
             except (httpx.HTTPError, ValueError):
                 offered = []
             if "ipc" in offered:
