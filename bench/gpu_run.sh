@@ -108,22 +108,22 @@ step_lora() {  # vLLM's LoRA path on the CUDA build (not exercised by the kit's 
     tail -80 "$f" > "$OUT/lora_$(echo "$f" | tr '/' '_')"; done
 }
 
-step_loop() {  # MODE=async|sync TRANSPORT=ipc|shm STEPS=8: flywheel up, server + learner on this one GPU
+step_loop() {  # MODE=async|sync TRANSPORT=ipc|shm BACKEND=transformers|megatron STEPS=8: flywheel up, one GPU
   . /tmp/fw-gpu/fw.sh
-  local mode=${MODE:-async} transport=${TRANSPORT:-ipc}
+  local mode=${MODE:-async} transport=${TRANSPORT:-ipc} backend=${BACKEND:-transformers}
   [ -d /tmp/m06/qwen3-0.6b-random ] || python3 -c "
 import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from gpu_serving import build_model
 build_model('qwen3-0.6b', Path('/tmp/m06/qwen3-0.6b-random'), 'cpu', 0)" 2>&1 | tail -2
   timeout 570 python3 bench/loop_throughput.py --model /tmp/m06/qwen3-0.6b-random \
     --scorer flywheel.clients.tiny_reward:low_id_fraction --max-tokens 128 --steps ${STEPS:-8} --push-every 1 \
-    --batch-size 64 --group-size 8 --modes "$mode" --workdir /tmp/loop-$mode-$transport \
+    --batch-size 64 --group-size 8 --modes "$mode" --workdir /tmp/loop-$mode-$transport-$backend \
     --set lr=1e-6 --set serve.gpu_memory_utilization=0.4 --set serve.max_num_seqs=256 \
     --set train.bf16=true --set train.micro_batch_tokens=16384 --set train.push_transport=$transport \
-    --set sampler_concurrency=16 \
-    --out "$OUT/loop_gpu_${mode}_${transport}.json" 2>&1 | tail -30
-  for f in /tmp/loop-$mode-$transport/*.log; do tail -60 "$f" > "$OUT/loop_${mode}_${transport}_$(basename "$f")"; done
-  for f in $(find /tmp/loop-$mode-$transport -name "*.log" | grep -v "^/tmp/loop-$mode-$transport/[^/]*.log" | head -8); do
-    tail -40 "$f" > "$OUT/loopchild_${mode}_${transport}_$(basename "$f")"; done
+    --set sampler_concurrency=16 --set backend=$backend \
+    --out "$OUT/loop_gpu_${mode}_${transport}_${backend}.json" 2>&1 | tail -30
+  for f in /tmp/loop-$mode-$transport-$backend/*.log; do tail -60 "$f" > "$OUT/loop_${mode}_${transport}_${backend}_$(basename "$f")"; done
+  for f in $(find /tmp/loop-$mode-$transport-$backend -name "*.log" | grep -v "^/tmp/loop-$mode-$transport-$backend/[^/]*.log" | head -8); do
+    tail -40 "$f" > "$OUT/loopchild_${mode}_${transport}_${backend}_$(basename "$f")"; done
   nvidia-smi --query-gpu=memory.used --format=csv
 }
 

@@ -44,10 +44,26 @@ def learner_logprobs(model, prompt_ids: list[int], ids: list[int]) -> list[float
     return [float(logp[start + i - 1, t]) for i, t in enumerate(ids)]
 
 
-def assert_serves(url: str, name: str, model, tol=2e-3):
+# The CPU server computes LoRA in fp32: it matches the fp32 learner to 2e-3. vLLM's CUDA LoRA kernels
+# (punica, Triton) multiply fp32 inputs in TF32 (tl.dot's default, ~10 mantissa bits): on the H200 the
+# served adapter was 0.030 nats from the fp32 learner while the base model (cuBLAS, no TF32) matched, so
+# on a GPU the bound is looser, and every check also asks that the served answers be far from the
+# other weights (see test below), which a wrong or missing adapter would not be.
+TOL = 5e-2 if torch.cuda.is_available() else 2e-3
+
+
+def logprob_gap(url: str, name: str, model) -> float:
+    """Largest |served - learner| logprob over the prompts' greedy tokens."""
+    gaps = []
     for prompt_ids, ids, lps in served(url, name):
         mine = learner_logprobs(model, prompt_ids, ids)
-        assert max(abs(a - b) for a, b in zip(mine, lps)) <= tol, (name, mine, lps)
+        gaps.append(max(abs(a - b) for a, b in zip(mine, lps)))
+    print(f"{name}: served vs learner logprob gap {max(gaps):.2e}")
+    return max(gaps)
+
+
+def assert_serves(url: str, name: str, model, tol=TOL):
+    assert logprob_gap(url, name, model) <= tol, name
 
 
 def lora_run(tmp_path, tiny_model, name: str, steps: int, lr: float) -> TrainConfig:
@@ -72,6 +88,7 @@ def test_adapter_push_serves_base_and_adapter_side_by_side(tmp_path, tiny_model)
         assert_serves(srv.url, "policy", policy_a.model.eval())
         assert_serves(srv.url, srv.model, base)
         assert served(srv.url, "policy") != served(srv.url, srv.model)  # the adapter does change the answers
+        assert logprob_gap(srv.url, "policy", base) > 10 * TOL  # and by far more than the bound
 
         # bad adapters: refused, version 1 keeps serving exactly as before
         bad = {k: v.clone() for k, v in tensors_a.items()}
