@@ -198,3 +198,18 @@ def test_restart_appends_committed_records_the_file_lacks(endpoint, redis_client
     assert Counter(r.group_id.split("#")[0] for r in records) == Counter(
         {f"chain_sum:0:{i}": N for i in range(PROMPTS)}
     )
+
+
+def test_up_relaunch_gives_the_sampler_the_same_prompt_sequence(tmp_path):
+    """`flywheel up` run again on a run_dir gives its sampler the prompt source it had (so the sampler's
+    cursor resumes it), not a new seed range that skipped the rest of the old one."""
+    from flywheel.clients.loop_configs import LoopConfig
+    from flywheel.clients.up import Loop
+    from flywheel.sampler.prompts import source_name
+
+    config = LoopConfig(run_dir=tmp_path / "run", eval=False, redis_url="redis://127.0.0.1:1/0")
+    first, second = Loop(config), Loop(config)
+    assert (first.state["launches"], second.state["launches"]) == (1, 2)
+    a, b = first.configs["sample"], second.configs["sample"]
+    assert a.resume and b.resume and a.prompts == b.prompts
+    assert source_name(a.prompts) == source_name(b.prompts)
