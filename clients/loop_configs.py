@@ -5,7 +5,7 @@ holds each component's config as a typed field: `serve: ServeConfig`, `sample: G
 `train: TrainConfig`, `eval_settings:` eval's Config. Its validator sets every shared fact on the
 components that need it (the sampler's n and the trainer's group size are the same group_size),
 unless the component's own section sets that field (pydantic's model_fields_set tells). What only
-a launch knows (ports, Redis URL, run-directory paths, the launch's prompt seed, resume) is set by
+a launch knows (ports, Redis URL, run-directory paths, resume) is set by
 `component_configs`, by attribute too; then every component config is validated again by its own
 class before anything starts, so a typo fails in a second, not after the server has loaded.
 
@@ -29,8 +29,6 @@ from flywheel.server.config import ServeConfig
 from flywheel.server.errors import UserError
 from flywheel.trainer.checkpoint import latest_train_state
 from flywheel.trainer.config import TrainConfig
-
-SEED_STRIDE = 100_000  # prompts one launch may draw before the next launch's seed range starts
 
 DEFAULT_REWARDS = [
     # correctness of the last number in the reply: SmolLM2 rarely writes 'Answer:', so a strict format has no signal
@@ -253,9 +251,7 @@ def checked(key: str, config: BaseModel) -> BaseModel:
         raise UserError(f"invalid {key} setting {where}: {first['msg']} (got {first.get('input')!r})") from None
 
 
-def component_configs(
-    config: LoopConfig, run_dir: Path, redis_url: str, server_port: int, launch: int
-) -> dict[str, BaseModel]:
+def component_configs(config: LoopConfig, run_dir: Path, redis_url: str, server_port: int) -> dict[str, BaseModel]:
     """serve / sample / train / eval configs of one launch (validated), keyed by child name."""
     server_url = f"http://127.0.0.1:{server_port}"
     serve = config.serve.model_copy(deep=True)
@@ -265,7 +261,10 @@ def component_configs(
 
     sample = config.sample.model_copy(deep=True)
     given(sample.endpoint, base_url=server_url + "/v1", model=name)
-    given(sample.prompts, seed=config.seed + launch * SEED_STRIDE)
+    # One prompt sequence for every launch of the run: a relaunched sampler resumes it from its
+    # durable cursor in Redis (sampler/cursor.py), after the prompts done and redoing those in flight.
+    # (A new seed per launch skipped the rest of the old range and mixed in the new one.)
+    given(sample.prompts, seed=config.seed)
     given(sample.queue, url=redis_url)
     given(sample, output=run_dir / "sampler" / "rollouts.jsonl", summary_path=run_dir / "sampler" / "summary.json")
 

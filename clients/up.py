@@ -13,7 +13,8 @@ and a bad setting fails before anything starts). Redis keeps the queue in an AOF
 run_dir/redis, the trainer checkpoints under run_dir/train: Ctrl-C or SIGTERM stops every child
 (SIGTERM to its group, then SIGKILL) and keeps that state; running `flywheel up` on the same
 run_dir again resumes (trainer --resume; the last checkpoint is pushed to the fresh server as the
-version it had, so rollouts and the trainer agree on version numbers).
+version it had, so rollouts and the trainer agree on version numbers; the sampler goes on with the
+same prompt sequence from its cursor in Redis: no prompt lost, repeated or skipped).
 
 Async (default): the sampler generates with version v while the trainer trains on what is queued;
 the queue's backlog bound and the trainer's max_staleness bound how off-policy a step can be.
@@ -145,7 +146,7 @@ class Loop:
             config.serve.port if "port" in config.serve.model_fields_set and config.serve.port else free_port()
         )
         self.server_url = f"http://127.0.0.1:{self.server_port}"
-        self.configs = component_configs(config, self.run_dir, self.redis_url, self.server_port, self.state["launches"])
+        self.configs = component_configs(config, self.run_dir, self.redis_url, self.server_port)
         self.files = {name: self._write_config(name, values) for name, values in self.configs.items()}
         self.children: dict[str, Child] = {}
         self.secret_env = {

@@ -116,6 +116,14 @@ class GrpoSampleConfig(SampleConfig):
     drop_uniform_groups: bool = Field(
         default=True, description="Drop groups whose rewards are all equal (no learning signal)"
     )
+    resume: bool = Field(
+        default=True,
+        description=(
+            "Keep a durable cursor of the prompts done and in flight in Redis (with --to-queue): a restart on the "
+            "same queue and prompt source resumes after the done prompts and redoes the in-flight ones; off: every "
+            "run starts the source from its beginning"
+        ),
+    )
 
 
 class RejectionConfig(SampleConfig):

@@ -14,9 +14,18 @@ import uuid
 
 from flywheel.sampler.client import Endpoint
 from flywheel.sampler.config import GrpoSampleConfig
+from flywheel.sampler.cursor import PromptCursor
 from flywheel.sampler.prompts import PromptItem
 from flywheel.sampler.queue import RolloutQueue
-from flywheel.sampler.run import JsonlWriter, RunStats, build_scorer, finish, push, run_prompts, score_group
+from flywheel.sampler.run import (
+    GroupCommitter,
+    JsonlWriter,
+    RunStats,
+    build_scorer,
+    finish,
+    run_prompts,
+    score_group,
+)
 from flywheel.server.errors import UserError
 
 
@@ -26,10 +35,17 @@ async def sample_grpo(config: GrpoSampleConfig) -> dict:
     scorer = build_scorer(config)
     endpoint = Endpoint(config.endpoint, max_connections=config.concurrency)
     queue = RolloutQueue(config.queue) if config.to_queue else None
-    writer = JsonlWriter(config.output)
+    cursor = PromptCursor(queue, config.prompts) if queue is not None and config.resume else None
     stats = RunStats("grpo")
+    if cursor is not None:
+        stats.extra.update(cursor.resume())
+        # before the file is opened for appending: committed records a killed run did not write
+        stats.extra["reconciled_records"] = await asyncio.to_thread(cursor.reconcile, config.output)
+    writer = JsonlWriter(config.output)
+    committer = GroupCommitter(writer, queue, cursor)
 
     async def handle(item: PromptItem) -> None:
+        await committer.start(item)
         records = await score_group(scorer, await endpoint.sample(item, config.sampling), item)
         # One id per sampled group, not per prompt: the same prompt sampled again (a sync round, a
         # resumed launch, a prompt file read twice) must not merge with an earlier group when both
@@ -38,15 +54,16 @@ async def sample_grpo(config: GrpoSampleConfig) -> dict:
         for r in records:
             r.group_id = group_id
         stats.add(records)
+        counters = {}
         if config.drop_uniform_groups and len({r.reward for r in records}) <= 1:
             stats.skipped += len(records)
-            if queue is not None:
-                await asyncio.to_thread(queue.count, dropped_uniform_groups=1, dropped_uniform_rollouts=len(records))
+            counters = {"dropped_uniform_groups": 1, "dropped_uniform_rollouts": len(records)}
             records = []
         stats.accepted += len(records)
-        await push(records, item, writer, queue)
+        # records, counters and the prompt's done mark in one transaction; then the JSONL file
+        await committer.commit(item, records, counters)
 
-    await run_prompts(config, stats, handle, closing=[writer, endpoint])
+    await run_prompts(config, stats, handle, closing=[writer, endpoint], skip=cursor.skip if cursor else None)
     if queue is not None:
         stats.extra["queue_backlog"] = queue.backlog()
     return finish(stats, config)

@@ -6,10 +6,17 @@ resumed distill run uses to skip prompts already done):
     jsonl:   the line's "id" field, else '<file name>:<line number>'
     capture: the capture's id
 JSONL lines hold "messages" (chat) or "prompt" (text), plus optional "answer", "task", "id".
+
+Every item also has a `key`, its place in its source (gym: the index; jsonl: the line number;
+capture: the stream entry id), and `source_name` names the sequence itself (what defines it, hashed):
+the sampler's durable cursor (sampler/cursor.py) records prompts by (source_name, key), and a
+restart passes `skip` so the done ones are not even built again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +33,7 @@ class PromptItem:
 
     id: str
     messages: list[dict[str, Any]] | None
+    key: str = ""  # place in the source (index / line number / capture entry id): the cursor's key
     prompt: str | None = None
     answer: Any = None
     task: str = ""
@@ -38,7 +46,29 @@ def _with_system(messages: list[dict[str, Any]], system: str | None) -> list[dic
     return messages
 
 
-def gym_prompts(config: PromptSourceConfig) -> Iterator[PromptItem]:
+def source_name(config: PromptSourceConfig) -> str:
+    """Names the prompt sequence: the same name on a restart means the same prompts at the same keys.
+
+    Only what decides the prompts counts (num_prompts does not: a longer run of the same source
+    resumes it)."""
+    if config.kind == "gym":
+        what = [config.task, config.seed, config.task_options, config.instruction, config.system]
+        label = f"gym:{config.task}:{config.seed}"
+    elif config.kind == "jsonl":
+        what = [str(config.path.resolve()) if config.path else None, config.system]
+        label = f"jsonl:{config.path.name if config.path else ''}"
+    else:
+        what = [config.capture_stream, config.capture_group]
+        label = f"capture:{config.capture_stream}"
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{label}:{digest}"
+
+
+def _never(key: str) -> bool:
+    return False
+
+
+def gym_prompts(config: PromptSourceConfig, skip: Callable[[str], bool] = _never) -> Iterator[PromptItem]:
     import reasoning_gym
 
     size = config.num_prompts or 100_000
@@ -47,11 +77,14 @@ def gym_prompts(config: PromptSourceConfig) -> Iterator[PromptItem]:
     except Exception as exc:
         raise UserError(f"reasoning-gym task {config.task!r} with {config.task_options}: {exc}") from None
     for index in range(size):
+        if skip(str(index)):
+            continue
         entry = data[index]
         messages = [{"role": "user", "content": entry["question"] + config.instruction}]
         yield PromptItem(
             id=f"{config.task}:{config.seed}:{index}",
             messages=_with_system(messages, config.system),
+            key=str(index),
             answer=entry,
             task=config.task,
         )
@@ -64,21 +97,23 @@ def check_jsonl(config: PromptSourceConfig) -> None:
         raise UserError(f"prompts file not found: {config.path}")
 
 
-def jsonl_prompts(config: PromptSourceConfig) -> Iterator[PromptItem]:
+def jsonl_prompts(config: PromptSourceConfig, skip: Callable[[str], bool] = _never) -> Iterator[PromptItem]:
     count = 0
     try:
         for number, row in json_lines(config.path):
             if not isinstance(row, dict) or not ("messages" in row or "prompt" in row):
                 raise UserError(f"{config.path}:{number}: needs a 'messages' or 'prompt' field")
-            messages = _with_system(row["messages"], config.system) if "messages" in row else None
-            yield PromptItem(
-                id=str(row.get("id", f"{config.path.name}:{number}")),
-                messages=messages,
-                prompt=row.get("prompt"),
-                answer=row.get("answer"),
-                task=row.get("task", config.path.stem),
-            )
-            count += 1
+            count += 1  # a skipped (done) line counts: num_prompts is the first N lines, resumed or not
+            if not skip(str(number)):
+                messages = _with_system(row["messages"], config.system) if "messages" in row else None
+                yield PromptItem(
+                    id=str(row.get("id", f"{config.path.name}:{number}")),
+                    messages=messages,
+                    prompt=row.get("prompt"),
+                    answer=row.get("answer"),
+                    task=row.get("task", config.path.stem),
+                    key=str(number),
+                )
             if config.num_prompts and count >= config.num_prompts:
                 return
     except JSONLineError as exc:
@@ -101,15 +136,20 @@ def capture_prompts(config: PromptSourceConfig, queue: QueueConfig) -> Iterator[
                 prompt=c.prompt if c.messages is None else None,
                 answer=None,
                 task="production",
+                key=d.entry_id,
                 done=lambda d=d: stream.ack([d]),
             )
             count += 1
 
 
-def iter_prompts(config: PromptSourceConfig, queue: QueueConfig) -> Iterator[PromptItem]:
+def iter_prompts(
+    config: PromptSourceConfig, queue: QueueConfig, skip: Callable[[str], bool] = _never
+) -> Iterator[PromptItem]:
+    """The source's prompts, without those whose key `skip` says is done (a capture entry, once done,
+    is acked and never delivered again, so capture needs no skip)."""
     if config.kind == "gym":
-        return gym_prompts(config)
+        return gym_prompts(config, skip)
     if config.kind == "jsonl":
         check_jsonl(config)  # now, not at the first prompt
-        return jsonl_prompts(config)
+        return jsonl_prompts(config, skip)
     return capture_prompts(config, queue)

@@ -1,9 +1,14 @@
 """The rollout queue: Redis Streams with consumer groups, at-least-once delivery.
 
 Producer (the sampler)                     Consumer (the trainer)
-    queue.put(records)                         for d in queue.get(count=8): ... use d.record ...
+    queue.put(records, mark=...)               for d in queue.get(count=8): ... use d.record ...
       waits while backlog >= max_backlog       queue.ack(batch)   <- only after the optimizer step
-      XADD <stream> * r <msgpack>              (crash before ack: the entry stays pending)
+      MULTI; XADD <stream> * r <msgpack> ...;  (crash before ack: the entry stays pending)
+      HINCRBY stats ...; <done mark>; EXEC
+
+- A put is one MULTI/EXEC: a prompt's whole group, its counters and its done mark in the
+  sampler's prompt cursor (sampler/cursor.py) land together or not at all, so a killed sampler
+  leaves either the committed prompt (records + mark) or nothing of it, never half a group.
 
 - Backlog = entries produced but not yet acked by the group (pending + never delivered). The
   producer blocks while it is at `max_backlog`, so the stream's unacked part stays bounded.
@@ -39,7 +44,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
@@ -109,6 +114,16 @@ def _id_key(entry_id: str) -> tuple[int, int]:
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class DoneMark(Protocol):
+    """What a prompt cursor adds to a rollout commit (sampler/cursor.py): the prompt's done mark."""
+
+    def add(self, pipe: Any) -> None:
+        """Queue the mark's commands on the commit's MULTI."""
+
+    def applied(self) -> bool:
+        """Whether the mark is already in Redis (so an earlier attempt of this commit landed)."""
 
 
 class StreamQueue:
@@ -185,17 +200,40 @@ class StreamQueue:
             pipe.hincrby(self.stats_key, key, n)
 
     # ------------------------------------------------------------ producer
-    def put(self, items: Any | Iterable[Any], timeout_s: float | None = None) -> list[str]:
-        """Append items (one or a list); blocks while the backlog is at max_backlog. Returns entry ids."""
+    def put(
+        self,
+        items: Any | Iterable[Any],
+        timeout_s: float | None = None,
+        *,
+        counters: dict[str, int | float] | None = None,
+        mark: DoneMark | None = None,
+    ) -> list[str]:
+        """Append items (one or a list) in one MULTI/EXEC, with `counters` added to the stats and
+        `mark`'s commands (a prompt cursor's done mark): all of it lands or none. Blocks while the
+        backlog is at max_backlog. Returns entry ids ([] when `mark` says an earlier attempt landed)."""
         batch = list(items) if isinstance(items, list | tuple) else [items]
         payloads = [self.encode(item) for item in batch]  # encode first: a bad record fails here, not half-sent
-        self.wait_for_room(len(payloads), timeout_s)
+        if payloads:
+            self.wait_for_room(len(payloads), timeout_s)
+
+        attempts = 0
 
         def send() -> list[str]:
-            pipe = self.redis.pipeline(transaction=False)
+            nonlocal attempts
+            attempts += 1
+            # A retry after an outage may follow an EXEC that ran but whose reply was lost: the mark
+            # is part of the transaction, so finding it applied means the whole commit landed.
+            if attempts > 1 and mark is not None and mark.applied():
+                return []
+            pipe = self.redis.pipeline(transaction=True)
             for data in payloads:
                 pipe.xadd(self.config.stream, {FIELD: data})
-            self._count(pipe, "produced", len(payloads))
+            if payloads:
+                self._count(pipe, "produced", len(payloads))
+            for key, n in (counters or {}).items():
+                self._count(pipe, key, n)
+            if mark is not None:
+                mark.add(pipe)
             return [_s(i) for i in pipe.execute()[: len(payloads)]]
 
         ids = self._call("put", send)
@@ -203,6 +241,10 @@ class StreamQueue:
         if self._puts % self.config.trim_every == 0:
             self.trim()
         return ids
+
+    def call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run `fn` (Redis commands on self.redis) with this queue's retries through outages."""
+        return self._call(what, fn)
 
     def wait_for_room(self, n: int = 1, timeout_s: float | None = None) -> None:
         """Backpressure: sleep until `n` more entries fit under max_backlog (a lone oversize batch waits for empty)."""
@@ -340,12 +382,26 @@ class StreamQueue:
 
         def send() -> int:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.xack(self.config.stream, self.config.group, *ids)
-            pipe.hdel(self.failures_key, *ids)
-            self._count(pipe, counter, len(ids))
+            self.ack_into(pipe, ids, counter)
             return int(pipe.execute()[0])
 
         return self._call("ack", send)
+
+    def ack_into(self, pipe: Any, ids: list[str], counter: str = "acked") -> None:
+        """Queue the commands of an ack on `pipe` (to ack inside another transaction, e.g. a rollout commit)."""
+        pipe.xack(self.config.stream, self.config.group, *ids)
+        pipe.hdel(self.failures_key, *ids)
+        self._count(pipe, counter, len(ids))
+
+    def is_pending(self, entry_id: str) -> bool:
+        """Whether the group still holds this entry unacked."""
+        rows = self._call(
+            "xpending",
+            lambda: self.redis.xpending_range(
+                self.config.stream, self.config.group, min=entry_id, max=entry_id, count=1
+            ),
+        )
+        return bool(rows)
 
     def nack(self, delivery: Delivery, reason: str) -> None:
         """The consumer failed on this entry: dead-letter it on its last delivery, else make it reclaimable now."""

@@ -21,6 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from flywheel.sampler.config import SampleConfig
+from flywheel.sampler.cursor import PromptCursor
 from flywheel.sampler.prompts import PromptItem, iter_prompts
 from flywheel.sampler.record import RolloutRecord
 from flywheel.sampler.rewards import RewardSpec, WeightedScorer
@@ -157,13 +158,17 @@ async def for_each_prompt(
 
 
 async def run_prompts(
-    config: SampleConfig, stats: RunStats, handle: Callable[[PromptItem], Awaitable[None]], closing: list[Any]
+    config: SampleConfig,
+    stats: RunStats,
+    handle: Callable[[PromptItem], Awaitable[None]],
+    closing: list[Any],
+    skip: Callable[[str], bool] | None = None,
 ) -> None:
-    """Every prompt of the configured source through `handle`; then close writers and endpoints."""
+    """Every prompt of the configured source (but those whose key `skip` says are done) through
+    `handle`; then close writers and endpoints."""
+    items = iter_prompts(config.prompts, config.queue, skip) if skip else iter_prompts(config.prompts, config.queue)
     try:
-        await for_each_prompt(
-            iter_prompts(config.prompts, config.queue), handle, config, stats, config.prompts.num_prompts
-        )
+        await for_each_prompt(items, handle, config, stats, config.prompts.num_prompts)
     finally:
         for thing in closing:
             if thing is not None:
@@ -180,6 +185,38 @@ async def push(records: list, item: PromptItem, writer: JsonlWriter, queue: Any 
         await asyncio.to_thread(queue.put, records)
     if item.done is not None:
         await asyncio.to_thread(item.done)
+
+
+class GroupCommitter:
+    """A prompt's outcome committed once, then written: the queue transaction (records, counters and
+    the cursor's done mark) first, then the JSONL lines from what was committed (sampler/cursor.py)."""
+
+    def __init__(self, writer: JsonlWriter, queue: Any, cursor: PromptCursor | None):
+        self.writer, self.queue, self.cursor = writer, queue, cursor
+        # one group's write + its `unwritten` clear at a time: a kill leaves at most one group
+        # written but not cleared, at the file's end, where reconcile looks for it
+        self._writing = asyncio.Lock()
+
+    async def start(self, item: PromptItem) -> None:
+        if self.cursor is not None:
+            await asyncio.to_thread(self.cursor.start, item)
+
+    async def commit(self, item: PromptItem, records: list[RolloutRecord], counters: dict[str, int]) -> None:
+        lines = [r.to_json() for r in records]
+        if self.queue is None:
+            self.writer.write(lines)
+            if item.done is not None:
+                await asyncio.to_thread(item.done)
+            return
+        file_lines = lines if self.writer.path is not None else []
+        mark = self.cursor.mark(item, file_lines) if self.cursor is not None else None
+        await asyncio.to_thread(self.queue.put, records, counters=counters, mark=mark)
+        async with self._writing:
+            self.writer.write(lines)
+            if self.cursor is not None and file_lines:
+                await asyncio.to_thread(self.cursor.written, item)
+        if self.cursor is None and item.done is not None:  # with a cursor, the capture ack was in the commit
+            await asyncio.to_thread(item.done)
 
 
 def finish(stats: RunStats, config: SampleConfig) -> dict[str, Any]:

@@ -82,6 +82,7 @@ def test_grpo_pushes_scored_groups_with_tokens_and_versions(server, redis_client
         prompts=PromptSourceConfig(num_prompts=4),
         sampling=SamplingConfig(n=4, max_tokens=12, seed=1),
         drop_uniform_groups=False,
+        resume=False,  # the same prompts again on purpose (with the cursor on, they are done already)
     )
     asyncio.run(sample_grpo(again))
     second = {d.record.group_id for d in RolloutQueue(url=redis_url, stream="rollouts").get(count=100, block_s=0.2)}
