@@ -18,8 +18,13 @@ SmolLM2-135M in one worker thread: 0.75 s, of which the re-pack is 0.33 s.
   3. each layer that was loaded is post-processed (on CPU: its GEMM handle is re-packed from the
      staging weight) and its results are copied into the live tensors, which go back in place.
      A tied lm_head shares the embedding's new handle instead of packing the same matrix again.
-Anything this module does not recognise (a GPU, a quantized layer, an attention layer with
-weights to load) is left to vLLM's layerwise reload: `supported(model)` says which.
+On a CUDA GPU the same path holds: the known methods' post-processing is a no-op there for
+unquantized layers, so a push is one loader run into the staging tensors plus one device copy per
+tensor into the live ones (whose addresses CUDA graphs captured: they stay where they are). The cost is
+one extra copy of the weights in GPU memory, outside vLLM's `gpu_memory_utilization` budget, allocated
+at the first push; `weight_apply: layerwise` (FLYWHEEL_WEIGHT_APPLY) goes back to vLLM's reload.
+Anything this module does not recognise (a quantized layer, an attention layer with weights to load,
+parameters on several devices) is left to vLLM's layerwise reload: `supported(model)` says which.
 """
 
 from __future__ import annotations
@@ -80,6 +85,11 @@ class StagedApply:
         self.staged: dict[torch.nn.Module, Staged] = {}
         self.tied: list[torch.nn.Module] = []  # layers whose parameters all belong to an earlier layer
         seen: set[int] = set()
+        # vLLM's meta tensors materialize on the current device: the model's own
+        with torch.device(next(model.parameters()).device):
+            self._stage(model, seen)
+
+    def _stage(self, model: torch.nn.Module, seen: set[int]) -> None:
         for layer in model.modules():
             own = list(layer._parameters.values())
             if own and all(id(p) in seen for p in own):
@@ -95,11 +105,14 @@ class StagedApply:
     @staticmethod
     def supported(model: torch.nn.Module) -> str | None:
         """None when this path applies to `model`, else why not (then use vLLM's reload)."""
-        known = KNOWN_METHODS + _moe_methods()
+        devices = {p.device for p in model.parameters()}
+        if len(devices) != 1 or next(iter(devices)).type not in ("cpu", "cuda"):
+            return f"parameters on {sorted(map(str, devices))}"
+        # fused-MoE post-processing on CUDA (kernel-specific layouts) was never measured through this
+        # path: MoE models on a GPU keep vLLM's layerwise reload
+        known = KNOWN_METHODS + (_moe_methods() if next(iter(devices)).type == "cpu" else ())
         for name, layer in model.named_modules():
             own = [p for n, p in layer.named_parameters(recurse=False) if n not in SKIP_TENSORS]
-            if any(p.device.type != "cpu" for p in own):
-                return f"{name} is not on the CPU"
             method = getattr(layer, "quant_method", None)
             if isinstance(method, QuantizeMethodBase) and not isinstance(method, known):
                 return f"{name} is post-processed by {type(method).__name__}"

@@ -10,9 +10,10 @@ list of safetensors files that the API process already validated. The engine
   1. opens every file and gets every tensor first: a file that cannot be read fails here, while
      the old weights are still untouched. safetensors maps the file, so this copies nothing
      (measured: 14 ms for the 538 MB of SmolLM2 in fp32);
-  2. then loads them: on CPU through `StagedApply` (apply.py: into staging tensors kept between
-     pushes, then one re-pack per layer; a failure while loading leaves the old weights whole),
-     elsewhere, or with FLYWHEEL_WEIGHT_APPLY=layerwise, through vLLM's layerwise reload in
+  2. then loads them: on CPU and CUDA through `StagedApply` (apply.py: into staging tensors kept
+     between pushes, then one re-pack (CPU) or copy (GPU) per layer; a failure while loading leaves
+     the old weights whole), for what it does not know (quantized layers...), or with
+     FLYWHEEL_WEIGHT_APPLY=layerwise, through vLLM's layerwise reload in
      place (model.load_weights on the checkpoint-format names, then the per-layer post-processing);
   3. re-ties a tied lm_head to the new embeddings, and on CPU re-packs fused-MoE expert weights, which
      the in-place reload leaves unpacked (outputs silently diverge otherwise: see shared/FIELD-NOTES.md).

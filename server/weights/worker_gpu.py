@@ -9,7 +9,8 @@ names nccl or ipc). Each is vLLM's engine (init handshake, NCCL receive, packed 
     the fix-ups vLLM's reload leaves undone (tied lm_head, CPU MoE packing: worker.after_reload);
   - ipc: the handles arrive as Flywheel's JSON form (gpu.py, never pickle) and every tensor is
     mapped and checked for NaN/Inf *before* the reload starts, so a bad handle or bad values fail
-    while the old weights still serve.
+    while the old weights still serve; then they load through apply.py's staged path (staging
+    tensors, then a device copy into the live ones) where it applies, else vLLM's layerwise reload.
 Cannot run without CUDA; the argument handling around it is tested in tests/test_weight_transports.py.
 """
 
@@ -20,7 +21,7 @@ from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
 from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
 
 from flywheel.server.weights.gpu import decode_ipc_args
-from flywheel.server.weights.worker import after_reload, receive_files, refuse_non_finite
+from flywheel.server.weights.worker import after_reload, receive_files, refuse_non_finite, staged_apply
 
 
 class _FlywheelSession:
@@ -81,6 +82,10 @@ class FlywheelIPCEngine(_FlywheelSession, IPCWeightTransferEngine):
             args[6] = device_index  # as vLLM's engine does: the receiver's own index of that GPU
             weights.append((name, rebuild_cuda_tensor(*args)))
         refuse_non_finite(weights)  # 2. values a server must never serve (NaN/Inf give empty answers)
-        self.begin_native()  # 3. only now take the model apart
+        staged = staged_apply(self)
         with disable_mtp_completeness_check():
-            self.model.load_weights(weights)
+            if staged is not None:  # 3. into staging tensors, then one copy each into the live ones (apply.py)
+                staged.apply(weights)
+            else:  # 3. or vLLM's layerwise reload: only now take the model apart
+                self.begin_native()
+                self.model.load_weights(weights)
