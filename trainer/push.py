@@ -1,4 +1,9 @@
-"""Weight push every K optimizer steps: version = last pushed + 1, through server/weights/client.py."""
+"""Weight push every K optimizer steps: version = last pushed + 1, through server/weights/client.py.
+
+Multi-rank runs (torchrun): every rank calls `next_version` and `push` at the same steps. Rank 0
+alone asks the server for its version and broadcasts it (trainer/ranks.py); every rank takes part
+in gathering the full HF weights (TP/EP/PP gathers are collectives); rank 0 alone pushes.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,34 @@ import httpx
 from flywheel.server.errors import UserError
 from flywheel.server.status import fetch_status
 from flywheel.trainer.config import TrainConfig
+from flywheel.trainer.ranks import from_main_rank, is_main_rank
+
+
+def checkpoint_layout(weights: dict) -> dict:
+    """transformers' in-memory tensor names -> the names of its safetensors checkpoints, which a push
+    must use (the server checks every push against the served checkpoint's manifest).
+
+    transformers 5 stacks an MoE layer's experts in memory, `mlp.experts.gate_up_proj` [E, 2F, H]
+    (gate rows, then up rows) and `mlp.experts.down_proj` [E, H, F]; its checkpoints keep one tensor
+    per expert, `mlp.experts.{e}.gate_proj.weight` [F, H], `up_proj.weight` [F, H], `down_proj.weight`
+    [H, F] (a stacked push is refused with 400). Everything else passes unchanged; the split tensors
+    are views, nothing is copied.
+    """
+    out = {}
+    for name, t in weights.items():
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            prefix = name.removesuffix("gate_up_proj")
+            gate, up = t.chunk(2, dim=1)
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.gate_proj.weight"] = gate[e]
+                out[f"{prefix}{e}.up_proj.weight"] = up[e]
+        elif name.endswith(".mlp.experts.down_proj"):
+            prefix = name.removesuffix("down_proj")
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = t[e]
+        else:
+            out[name] = t
+    return out
 
 
 class WeightPusher:
@@ -65,13 +98,16 @@ class WeightPusher:
         """
         if not self.checked_server:
             self.checked_server = True
-            served = self.served_version()
+            # rank 0 asks; every rank must continue from the same number (a collective: all ranks call this)
+            served = from_main_rank(self.served_version() if is_main_rank() else None)
             if served is not None and served > last_version:
                 last_version = served
         return last_version + 1
 
     def push(self, policy, version: int, step: int) -> dict:
-        """Push the policy as `version` (already in a durable checkpoint); returns metrics.
+        """Push the policy as `version` (already in a durable checkpoint); returns metrics (rank 0's; {} elsewhere).
+
+        Every rank calls it: gathering the weights is a collective; only rank 0 sends them.
 
         A server that restarts or stalls mid-push (connection reset, 5xx, timeout) is retried with
         backoff, `retries` times; a refused push (4xx: the weights do not fit the served model) is
@@ -89,7 +125,10 @@ class WeightPusher:
             return self._with_retries(
                 version, lambda: push_adapter(self.url, tensors, adapter_config, version, self.token, source=source)
             )
-        weights = policy.state_dict_hf()
+        weights = policy.state_dict_hf()  # every rank: the TP/EP/PP gathers are collectives
+        if not is_main_rank():
+            return {}
+        weights = checkpoint_layout(weights)
         if self.transport is None:
             self.transport = self.resolve_transport(weights)
             print(f"flywheel train: pushing weights to {self.url} over {self.transport}", file=sys.stderr, flush=True)

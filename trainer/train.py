@@ -35,12 +35,8 @@ from flywheel.trainer.objectives import dpo_backward, grpo_backward, nll_backwar
 from flywheel.trainer.optim import build_optimizer
 from flywheel.trainer.policy_interface import resolve_model_path
 from flywheel.trainer.push import WeightPusher
+from flywheel.trainer.ranks import is_main_rank
 from flywheel.trainer.sources import FileSource
-
-
-def is_main_rank() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def make_source(config: TrainConfig, tokenizer):
