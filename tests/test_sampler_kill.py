@@ -28,9 +28,10 @@ from flywheel.sampler.config import EndpointConfig, GrpoSampleConfig, PromptSour
 from flywheel.sampler.cursor import PromptCursor
 from flywheel.sampler.grpo import sample_grpo
 from flywheel.sampler.prompts import iter_prompts
-from flywheel.sampler.queue import RolloutQueue
+from flywheel.sampler.queue import PromptQueue, RolloutQueue
 from flywheel.sampler.record import RolloutRecord
 from flywheel.sampler.rewards import RewardSpec
+from flywheel.server.capture import CapturedRequest
 
 PROMPTS, N = 36, 3  # prompts of the range, samples per prompt
 STREAM = "rollouts"
@@ -122,53 +123,85 @@ def check_agree(client, path: Path) -> list[RolloutRecord]:
     return in_stream
 
 
-def test_sigkilled_sampler_restarts_lose_repeat_and_skip_nothing(endpoint, redis_client, redis_url, tmp_path):
-    config = sampler_config(endpoint, redis_url, tmp_path)
-    config_file = tmp_path / "sample.yaml"
-    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True)))
-    argv = [sys.executable, "-m", "flywheel.clients.cli", "sample", "grpo", "--config", str(config_file)]
+def run_with_kills(config: GrpoSampleConfig, client, tmp_path: Path, last_run=lambda config: config) -> list[int]:
+    """The sampler as its own process, SIGKILLed at three points of the range, then run to its end
+    (with `last_run(config)`). Returns, per kill, how many committed records the file lacked then."""
     log = (tmp_path / "sampler.log").open("a")
 
-    def start() -> subprocess.Popen:
+    def start(config: GrpoSampleConfig) -> subprocess.Popen:
+        config_file = tmp_path / "sample.yaml"
+        config_file.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True)))
+        argv = [sys.executable, "-m", "flywheel.clients.cli", "sample", "grpo", "--config", str(config_file)]
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
 
     # kill after this many prompts committed (across runs), then this much later: a different phase of
     # the batch each time (requests in flight, a commit, a file write)
-    lacking = []  # per kill: committed records the file lacked
+    lacking = []
     for at_prompts, later_s in ((2, 0.0), (13, 0.11), (26, 0.19)):
-        proc = start()
+        proc = start(config)
         deadline = time.monotonic() + 30
-        while redis_client.xlen(STREAM) < at_prompts * N:
+        while client.xlen(STREAM) < at_prompts * N:
             assert proc.poll() is None, (tmp_path / "sampler.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "sampler made no progress"
             time.sleep(0.01)
         time.sleep(later_s)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(10) == -signal.SIGKILL
-        assert redis_client.xlen(STREAM) < PROMPTS * N  # killed mid-range, groups in flight
+        assert client.xlen(STREAM) < PROMPTS * N  # killed mid-range, groups in flight
         # right after the kill the file may lack the groups committed last (killed before writing them),
         # which the restart appends; it never holds a record the stream does not
-        in_stream = {r.id: r.to_json() for r in stream_records(redis_client)}
+        in_stream = {r.id: r.to_json() for r in stream_records(client)}
         assert all(in_stream.get(r.id) == r.to_json() for r in file_records(config.output))
         lacking.append(len(in_stream) - len(file_records(config.output)))
-    proc = start()
+    proc = start(last_run(config))
     assert proc.wait(60) == 0, (tmp_path / "sampler.log").read_text()[-3000:]
+    return lacking
 
-    records = check_agree(redis_client, config.output)
+
+def check_each_prompt_once(client, redis_url: str, path: Path, prompt_ids: list[str]) -> None:
+    """Every prompt produced its group exactly once in the stream (none lost, repeated or skipped), and
+    the JSONL file holds exactly the stream's records."""
+    records = check_agree(client, path)
     groups = defaultdict(list)
     for r in records:
         groups[r.group_id].append(r)
     assert all(len(g) == N for g in groups.values())
-    prompt_ids = Counter(g.split("#")[0] for g in groups)
-    # every prompt of the range produced its group exactly once: none lost, none repeated, none skipped
-    assert prompt_ids == Counter(f"chain_sum:0:{i}" for i in range(PROMPTS))
-    stats = RolloutQueue(url=redis_url, stream=STREAM).stats()
-    assert stats["produced"] == len(records) == PROMPTS * N
+    assert Counter(g.split("#")[0] for g in groups) == Counter(prompt_ids)
+    assert RolloutQueue(url=redis_url, stream=STREAM).stats()["produced"] == len(records) == len(prompt_ids) * N
+
+
+def test_sigkilled_sampler_restarts_lose_repeat_and_skip_nothing(endpoint, redis_client, redis_url, tmp_path):
+    config = sampler_config(endpoint, redis_url, tmp_path)
+    lacking = run_with_kills(config, redis_client, tmp_path)
+    check_each_prompt_once(redis_client, redis_url, config.output, [f"chain_sum:0:{i}" for i in range(PROMPTS)])
     # the last run resumed: it skipped the done prompts and redid the ones the kill caught in flight
     summary = json.loads(config.summary_path.read_text())
     print(f"records the file lacked after each kill: {lacking}; last run: {summary}")
     assert summary["resumed_done"] >= 26 and summary["redone_in_flight"] >= 1
     assert summary["prompts"] == PROMPTS - summary["resumed_done"]
+
+
+def test_sigkilled_capture_sampler_uses_each_capture_once(endpoint, redis_client, redis_url, tmp_path):
+    """From the production capture stream: a capture's ack is its done mark, in the commit's transaction;
+    the entries a killed sampler held are reclaimed (claim_idle_s) and redone by the next one."""
+    captures = PromptQueue(url=redis_url)
+    ids = [
+        captures.put(CapturedRequest(endpoint="chat", messages=[{"role": "user", "content": f"{i} + 1 = ?"}]))[0]
+        for i in range(PROMPTS)
+    ]
+    prompt_ids = [c.record.id for c in PromptQueue(url=redis_url, group="peek").get(count=PROMPTS, block_s=0.2)]
+    assert len(prompt_ids) == len(ids) == PROMPTS
+    config = sampler_config(endpoint, redis_url, tmp_path)
+    config.prompts = PromptSourceConfig(kind="capture", num_prompts=10_000)
+    config.queue.claim_idle_s = 2.0
+
+    def last_run(config: GrpoSampleConfig) -> GrpoSampleConfig:
+        left = captures.stats()["backlog"]  # captures not yet acked: what the last run must use, then exit
+        return config.model_copy(update={"prompts": PromptSourceConfig(kind="capture", num_prompts=left)})
+
+    run_with_kills(config, redis_client, tmp_path, last_run)
+    check_each_prompt_once(redis_client, redis_url, config.output, prompt_ids)
+    assert captures.stats()["backlog"] == 0 and captures.stats()["acked"] == PROMPTS
 
 
 def test_restart_appends_committed_records_the_file_lacks(endpoint, redis_client, redis_url, tmp_path):
