@@ -15,6 +15,10 @@ its counters, SADD done, HDEL inflight and HSET unwritten. Only then is the JSON
 of a prompt's commit or none of it; `reconcile` on start appends to the file whatever committed
 records it is missing (and cuts a torn last line), so the file and the stream always agree.
 
+One sampler per queue and prompt source at a time: a second one started on the same cursor would
+clear the first's in-flight marks and sample the same prompts. Power loss is not covered: the JSONL
+is flushed, not fsynced, per group (a SIGKILL loses nothing the OS already has).
+
 A capture source needs no done set: its prompt's done mark is the capture entry's XACK, in the
 same transaction (an acked entry is never delivered again; an unacked one is reclaimed and redone).
 """
