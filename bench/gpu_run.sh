@@ -60,14 +60,24 @@ step_rgw() {  # chain_sum's task and verifier; pycosat (imported by reasoning_gy
   python3 -c "import reasoning_gym, math_verify; d = reasoning_gym.create_dataset('chain_sum', size=2, seed=1); print(d[0]['question'][:80], d[0]['answer'])"
 }
 
-step_learn() {  # STEPS=60: GRPO on SmolLM2-135M's real weights through flywheel up, held-out eval per version
+step_learn() {  # STEPS=60 NAME=gpu LEARN_ARGS=...: GRPO on SmolLM2-135M's real weights through flywheel up
   . /tmp/fw-gpu/fw.sh
-  timeout 580 python3 bench/loop_learning.py --steps ${STEPS:-60} --eval-size ${EVAL_SIZE:-100} --run-dir /tmp/learn \
-    --out "$OUT/loop_learning_gpu.json" --serve.gpu-memory-utilization 0.3 --serve.max-num-seqs 256 \
+  local name=${NAME:-gpu}
+  timeout 580 python3 bench/loop_learning.py --steps ${STEPS:-60} --eval-size ${EVAL_SIZE:-100} --run-dir /tmp/learn-$name \
+    --out "$OUT/loop_learning_$name.json" --serve.gpu-memory-utilization 0.3 --serve.max-num-seqs 256 \
     --batch-size ${BATCH:-64} --sampler-concurrency 32 --push-every 1 --max-staleness 1 ${LEARN_ARGS:-} 2>&1 | tail -40
-  for f in /tmp/learn/logs/*.log; do tail -40 "$f" > "$OUT/learn_$(basename "$f")"; done
-  cp /tmp/learn/eval/history.jsonl "$OUT/learn_eval_history.jsonl" 2>/dev/null
-  ls /tmp/learn /tmp/learn/logs
+  for f in /tmp/learn-$name/logs/*.log; do tail -40 "$f" > "$OUT/learn_${name}_$(basename "$f")"; done
+  cp /tmp/learn-$name/eval/history.jsonl "$OUT/learn_${name}_eval_history.jsonl" 2>/dev/null
+  cp /tmp/learn-$name/train/metrics.jsonl "$OUT/learn_${name}_metrics.jsonl" 2>/dev/null
+  cp /tmp/learn-$name/report.html "$OUT/learn_${name}_report.html" 2>/dev/null
+}
+
+step_pushstaged() {  # the 0.6B push alone (no serving part): Flywheel's IPC push vs vLLM's own, same run
+  . /tmp/fw-gpu/fw.sh
+  timeout 560 python3 bench/gpu_serving.py --shape qwen3-0.6b --no-perf --work /tmp/gsp --results /tmp/fw-push \
+    2>&1 | grep -v "^INFO\|^(APIServer\|^(EngineCore" | tail -30
+  cp /tmp/fw-push/weight_push_gpu.json "$OUT/weight_push_gpu_staged.json" 2>/dev/null
+  tail -100 /tmp/gsp/flywheel/server.log > "$OUT/gsp_flywheel_server.log" 2>/dev/null
 }
 
 step_tests() {
