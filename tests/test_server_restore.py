@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import httpx
@@ -24,9 +25,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flywheel.clients.servers import start_server, vllm_lock
 from flywheel.server.weights.client import push_weights
+from flywheel.server.weights.protocol import CHECKPOINT_NOT_VISIBLE
 from flywheel.server.weights.served_record import ServedRecord, pin_checkpoint, read_record, unpin, write_record
 from flywheel.trainer.config import TrainConfig
 from flywheel.trainer.train import train
+from tests.test_push_retry import FlakyServer, Handler
 from tests.test_trainer_push import hf_logprobs
 
 PROMPT = "Once upon a time"
@@ -100,6 +103,50 @@ def kill(server) -> None:
 
 def commit(server, body: dict) -> httpx.Response:
     return httpx.post(server.url + "/flywheel/admin/weights/push", json=body, headers=server.admin_headers, timeout=60)
+
+
+class RemoteHandler(Handler):
+    """A server on another host: it cannot read the trainer's checkpoint folder, so it refuses a commit
+    that names one, with the message the real server sends (server/weights/protocol.py)."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        self.server.bodies.append(body)
+        if body.get("checkpoint"):
+            message = f"checkpoint {body['checkpoint']!r}: {CHECKPOINT_NOT_VISIBLE} (...)"
+            self._json(400, {"error": {"message": message, "type": "invalid_request_error", "code": 400}})
+            return
+        self.server.version = body["version"]
+        self._json(200, {"version": body["version"], "tensors": 1, "bytes": 8, "seconds": {"total": 0.0}})
+
+
+def test_the_trainer_names_its_checkpoint_and_pushes_without_it_to_a_server_that_cannot_read_it(tmp_path, tiny_model):
+    server = FlakyServer([])
+    server.RequestHandlerClass, server.bodies = RemoteHandler, []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}))
+    config = TrainConfig(
+        objective="sft",
+        model=str(tiny_model),
+        data=[str(data)],
+        run_dir=tmp_path / "run",
+        max_seq_len=64,
+        micro_batch_tokens=128,
+        batch_size=1,
+        max_steps=2,
+        save_every=0,
+        push_every=1,
+        push_url=f"http://127.0.0.1:{server.server_port}",
+        admin_token="t",
+    )
+    try:
+        assert train(config).pushed_version == 2
+    finally:
+        server.shutdown()
+    named = [(b["version"], b.get("checkpoint")) for b in server.bodies]
+    # the first push names step 1's checkpoint (absolute), is refused, goes again without; later ones skip it
+    assert named == [(1, str((config.run_dir / "checkpoints" / "step_000001").resolve())), (1, None), (2, None)]
 
 
 @pytest.mark.slow  # three vLLM starts (~1 min each on CPU, plus waiting for the one-server lock)
