@@ -6,6 +6,7 @@ version; the server is SIGKILLed and started again on the same data dir: it serv
 with the checkpoint's weights, even after the trainer's retention deleted the checkpoint folder. A
 version pushed without a checkpoint cannot come back: the next start keeps its number and refuses
 generation (503) until a push, and a push then serves.
+Before the fix the restarted server reported (and served) version 0, the base weights.
 """
 
 from __future__ import annotations
