@@ -229,15 +229,24 @@ class Loop:
         self.restore_served_version()
 
     def restore_served_version(self) -> None:
-        """A fresh server serves the starting checkpoint as version 0: on resume, push the trainer's
-        latest checkpoint as the version it had, so records and trainer count versions alike."""
+        """A server restarted on the loop's data dir comes back with the version it served
+        (server/weights/restore.py); one that does not have it (a new data dir, or a version it could
+        not restore) gets the trainer's latest checkpoint pushed as the version it had, so records and
+        trainer count versions alike."""
         found = latest_train_state(self.run_dir / "train")
         if found is None or found[1].pushed_version <= 0:
             return
+        from flywheel.server.status import fetch_status
         from flywheel.server.weights.client import push_weights
 
         folder, state = found
         version = state.pushed_version
+        served = fetch_status(self.server_url, self.admin_token)
+        if served.policy_version >= version and not served.not_serving:
+            print(f"flywheel up: resumed: the server restored version {served.policy_version} itself", flush=True)
+            return
+        if served.policy_version >= version:  # it knows the version but could not bring its weights back
+            version = served.policy_version + 1
         push_weights(
             self.server_url,
             folder,

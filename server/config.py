@@ -27,7 +27,10 @@ class ServeConfig(BaseModel):
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port")
     data_dir: Path = Field(
         default_factory=default_data_dir,
-        description="Folder for vLLM's compile cache, temp files, weight staging and the admin token",
+        description=(
+            "Folder for vLLM's compile cache, temp files, weight staging, the admin token and the last pushed "
+            "version (a server restarted on the same folder serves it again)"
+        ),
     )
     admin_token: str | None = Field(
         default=None,

@@ -40,6 +40,7 @@ async def status(request: Request) -> JSONResponse:
         last_update_at=policy.updated_at,
         updates=policy.history[-10:],
         failed_pushes=policy.failed_pushes,
+        not_serving=policy.broken,
         paused=await engine.is_paused(),
         **settings,
     )

@@ -2,7 +2,8 @@
 
 We do not re-implement the OpenAI API: we build vLLM's argument namespace from ServeConfig, let
 vLLM's launcher build its app and engine, and hook its `build_app` to mount our middleware and
-routes before it starts serving. vLLM owns signals and shutdown (SIGTERM/SIGINT stop uvicorn,
+routes before it starts serving, and hook its `init_app_state` to serve the last published version
+again before the first request (server/weights/restore.py). vLLM owns signals and shutdown (SIGTERM/SIGINT stop uvicorn,
 then the engine-core process), so nothing is left running.
 """
 
@@ -248,6 +249,16 @@ def run(config: ServeConfig) -> int:
         return app
 
     entry.build_app = build_app
+    vllm_init_app_state = entry.init_app_state
+
+    async def init_app_state(engine_client, state, args, supported_tasks=None):
+        await vllm_init_app_state(engine_client, state, args, supported_tasks)
+        from flywheel.server.weights.restore import restore_served_version
+
+        # before uvicorn serves the socket: nothing is answered on the base weights after a restart
+        await restore_served_version(state)
+
+    entry.init_app_state = init_app_state
     print(
         f"[flywheel serve] {served_name} on http://{config.host}:{config.port}/v1 "
         f"(admin token: {'given' if config.admin_token else config.data_dir / 'admin_token'})",

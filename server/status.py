@@ -64,6 +64,13 @@ class ServerStatus(BaseModel):
         default_factory=list, description="The last applied pushes (version, at, ...)"
     )
     failed_pushes: int = Field(default=0, description="Pushes refused or failed since start")
+    not_serving: str | None = Field(
+        default=None,
+        description=(
+            "Why generation is refused (503) until the next push: an update failed half-applied, or the version "
+            "served before a restart could not be restored. None while serving"
+        ),
+    )
     paused: bool = Field(default=False, description="Whether generation is paused")
     capture: CaptureStatus = Field(default_factory=CaptureStatus, description="Traffic-capture settings")
     weights: WeightsStatus = Field(default_factory=WeightsStatus, description="Weight-push settings")

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
 from flywheel.server.errors import UserError
 from flywheel.server.status import fetch_status
+from flywheel.server.weights.protocol import CHECKPOINT_NOT_VISIBLE
+from flywheel.server.weights.push_answer import PushFailed
+from flywheel.trainer.checkpoint import latest_train_state
 from flywheel.trainer.config import TrainConfig
 from flywheel.trainer.ranks import from_main_rank, is_main_rank
 
@@ -58,6 +62,8 @@ class WeightPusher:
         self.retries, self.backoff_s = config.push_retries, config.push_backoff_s
         self.requested_transport = config.push_transport
         self.transport: str | None = None  # resolved on the first push
+        self.run_dir = config.run_dir
+        self.server_sees_checkpoints = True  # until a server on another host refuses the checkpoint's path
 
     def close(self) -> None:
         if self.buckets is not None:
@@ -135,9 +141,9 @@ class WeightPusher:
         if self.buckets is None and self.transport == "shm":
             # the same layout every push: overwrite last push's files instead of writing new ones
             self.buckets = ShmBuckets()
-        return self._with_retries(
-            version,
-            lambda: push_weights(
+
+        def send(checkpoint: Path | None):
+            return lambda: push_weights(
                 self.url,
                 weights,
                 version=version,
@@ -145,8 +151,31 @@ class WeightPusher:
                 transport=self.transport,
                 source=source,
                 buckets=self.buckets,
-            ),
+                checkpoint=checkpoint,
+            )
+
+        checkpoint = self.checkpoint_of(step, version) if self.server_sees_checkpoints else None
+        try:
+            return self._with_retries(version, send(checkpoint))
+        except PushFailed as exc:
+            if checkpoint is None or CHECKPOINT_NOT_VISIBLE not in exc.message:
+                raise
+        self.server_sees_checkpoints = False
+        print(
+            f"flywheel train: the server cannot read the checkpoint folder {checkpoint} (another host?): pushing "
+            "without it; a restarted server will refuse traffic until the next push instead of serving this version",
+            file=sys.stderr,
+            flush=True,
         )
+        return self._with_retries(version, send(None))
+
+    def checkpoint_of(self, step: int, version: int) -> Path | None:
+        """The durable checkpoint holding this push's weights (written just before it, as `version`):
+        named in the push, it lets a restarted server serve this version again (server/weights/served_record.py)."""
+        found = latest_train_state(self.run_dir)
+        if found is None or found[1].step != step or found[1].pushed_version != version:
+            return None
+        return found[0].resolve()
 
     def _with_retries(self, version: int, send) -> dict:
         from flywheel.server.weights.client import PushFailed

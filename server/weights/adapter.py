@@ -10,7 +10,8 @@ files into its own data dir (vLLM may re-read an adapter from disk later), and u
 and the pause mode loads them in place under one stable name (--adapter-name, "policy"): requests
 naming that model get the new adapter, requests naming the base model keep the base weights. The
 prefix cache is reset (blocks computed under the old adapter keep the same LoRA id) and the version
-is published; the previous adapter's files are removed. A refused push leaves the previous adapter
+is recorded durably (a restarted server loads that copy again, server/weights/restore.py) and
+published; the previous adapter's files are removed. A refused push leaves the previous adapter
 serving. The base weights are never touched, so the version counts adapter pushes.
 """
 
@@ -30,7 +31,8 @@ from pydantic import BaseModel, Field
 
 from flywheel.server.routes import error, policy_of
 from flywheel.server.weights.protocol import ADMIN_PREFIX, MAX_VERSION, PushError, read_header
-from flywheel.server.weights.routes import paused, served_manifest
+from flywheel.server.weights.routes import paused, record_durably, served_manifest
+from flywheel.server.weights.served_record import ServedRecord, fsync_folder, read_record
 
 router = APIRouter()
 FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -129,7 +131,10 @@ async def push_adapter(body: AdapterPushRequest, request: Request):
         owned.mkdir(parents=True)
         for name in FILES:
             shutil.copyfile(Path(body.path) / name, owned / name)
-        timings = await _load(state, policy, config.adapter_name, owned, body.pause_mode)
+        await asyncio.to_thread(fsync_folder, owned)  # a restart loads this copy
+        timings = await load_adapter(state, policy, config.adapter_name, owned, body.pause_mode)
+        # the server's own copy is what a restart loads (server/weights/served_record.py)
+        record_durably(policy, config.data_dir, adapter_record(config.data_dir, body.version, owned, body.source))
         policy.publish(body.version, source=body.source, transport="adapter", **summary)
         for old in owned.parent.glob("v*"):
             if old != owned:
@@ -149,7 +154,21 @@ async def push_adapter(body: AdapterPushRequest, request: Request):
     )
 
 
-async def _load(state, policy, name: str, folder: Path, pause_mode: str) -> dict:
+def adapter_record(data_dir, version: int, folder: Path, source: str) -> ServedRecord:
+    """The record of an adapter push: the adapter, on the base weights the last full push left (if any)."""
+    try:
+        previous = read_record(data_dir)
+    except (OSError, ValueError):
+        previous = ServedRecord(version=version, kind="unrecoverable")  # the base weights are unknown
+    if previous is not None and previous.kind == "unrecoverable":
+        return ServedRecord(version=version, kind="unrecoverable", source=source)
+    base = previous.base if previous is not None and previous.kind == "adapter" else None
+    if previous is not None and previous.kind == "weights":
+        base = previous.folder
+    return ServedRecord(version=version, kind="adapter", folder=str(folder), base=base, source=source)
+
+
+async def load_adapter(state, policy, name: str, folder: Path, pause_mode: str) -> dict:
     from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
     t0 = time.perf_counter()

@@ -144,9 +144,13 @@ def push_weights(
     timeout: float = 600.0,
     sender=None,
     buckets=None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> dict:
     """Push a full set of weights as `version`; returns the server's summary (version, tensors, bytes, seconds).
 
+    checkpoint: a folder on the server's host whose *.safetensors hold exactly these weights (the
+        trainer's checkpoint of this version): a restarted server serves it as this version. A folder
+        pushed over shm is its own checkpoint. Without one the version does not survive a restart.
     sender: for transport="nccl", the NCCLSender that init_nccl() returned (the group is opened once).
     buckets: for shm pushes of a state dict, a `ShmBuckets` (shm_buckets.py) whose files are
         overwritten push after push instead of written anew (several times faster to write).
@@ -157,6 +161,8 @@ def push_weights(
         raise ValueError(f"unknown pause_mode {pause_mode!r}; choose keep, wait or abort")
     url = url.rstrip("/").removesuffix("/v1")
     headers = {"authorization": f"Bearer {admin_token}"}
+    if checkpoint is not None:
+        checkpoint = str(Path(checkpoint).resolve())
     if transport in GPU_TRANSPORTS:
         if not isinstance(weights, dict):
             raise ValueError(
@@ -167,7 +173,9 @@ def push_weights(
 
         t0 = time.perf_counter()
         with httpx.Client(timeout=timeout, headers=headers) as http:
-            result = push_gpu(http, url, _dedupe_tied(weights), version, transport, pause_mode, source, sender)
+            result = push_gpu(
+                http, url, _dedupe_tied(weights), version, transport, pause_mode, source, sender, checkpoint
+            )
         result["client_seconds"] = {"total": round(time.perf_counter() - t0, 4)}
         result["transport"] = transport
         return result
@@ -177,6 +185,8 @@ def push_weights(
         weights = Path(weights)
         if not any(weights.glob("*.safetensors")):
             raise FileNotFoundError(f"no safetensors files in {weights}")
+        if checkpoint is None and transport == "shm":  # the server reads these very files
+            checkpoint = str(weights.resolve())
     t0 = time.perf_counter()
     reuse = buckets is not None and transport == "shm" and isinstance(weights, dict)
     base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
@@ -217,6 +227,8 @@ def push_weights(
                     "source": source,
                     "buckets": uploaded,
                 }
+            if checkpoint is not None:
+                body["checkpoint"] = checkpoint
             t_sent = time.perf_counter()
             result = push_answer(http.post(f"{url}{ADMIN_PREFIX}/push", json=body))
     except BaseException:

@@ -124,6 +124,7 @@ def gpu_commit_body(
     pause_mode: str,
     source: str,
     ipc_handles: list[dict] | None = None,
+    checkpoint: str | None = None,
 ) -> dict:
     """The commit of a GPU push: the same PushRequest as shm/http, with `tensors` instead of buckets."""
     body = {
@@ -135,6 +136,8 @@ def gpu_commit_body(
     }
     if transport == "ipc":
         body["ipc_handles"] = ipc_handles
+    if checkpoint is not None:
+        body["checkpoint"] = checkpoint
     return body
 
 
@@ -147,6 +150,7 @@ def push_gpu(
     pause_mode: str,
     source: str,
     sender: NCCLSender | None,
+    checkpoint: str | None = None,
 ) -> dict:
     require_cuda(weights, transport)
     if transport == "nccl" and (sender is None or sender.group is None):
@@ -162,13 +166,13 @@ def push_gpu(
         result = push_answer(
             http.post(
                 f"{url}{ADMIN_PREFIX}/push",
-                json=gpu_commit_body(pairs, version, transport, pause_mode, source, handles),
+                json=gpu_commit_body(pairs, version, transport, pause_mode, source, handles, checkpoint),
             )
         )
         del pairs  # only now may the trainer's copies go
         torch.cuda.ipc_collect()
         return result
-    body = gpu_commit_body(pairs, version, transport, pause_mode, source)
+    body = gpu_commit_body(pairs, version, transport, pause_mode, source, checkpoint=checkpoint)
     with http.stream("POST", f"{url}{ADMIN_PREFIX}/push", json=body) as resp:
         if resp.status_code >= 400:
             resp.read()

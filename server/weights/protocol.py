@@ -18,6 +18,12 @@ Then POST /flywheel/admin/weights/push with a PushRequest (JSON) commits:
      the CPU kernels pre-packed, reset the prefix cache, publish the version, resume.
 Steps 1-2 fail with a 4xx and leave the old weights and version serving.
 
+`checkpoint` (optional, any transport): the absolute path of a folder on the server's host whose
+*.safetensors hold exactly the pushed weights (the trainer's durable checkpoint of that version).
+It is checked like the buckets (step 2) and pinned in the server's data dir, so a restarted server
+comes back serving this version (server/weights/served_record.py). A push without one is served
+until a restart, after which the server refuses traffic until the next push.
+
 GPU transports (vLLM's own NCCL and CUDA-IPC engines, see server/weights/gpu.py) carry no buckets:
 the commit names every tensor (`tensors`: names, torch dtype names, shapes) and, for ipc, one
 CUDA-IPC handle per tensor; the same checks (version, names/shapes/dtypes against the manifest,
@@ -53,6 +59,8 @@ MAX_VERSION = 2**53 - 1
 PUSH_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # ASCII only: the upload route and the commit accept the same ids
 # a worker's refusal of the pushed values themselves (NaN/Inf): the client's fault, answered 400
 BAD_VALUES = "refused values"
+# the refusal of a push's `checkpoint` the server cannot read (e.g. a trainer on another host)
+CHECKPOINT_NOT_VISIBLE = "not a folder of safetensors weights on the server's host"
 
 
 class PushError(Exception):
@@ -116,9 +124,20 @@ class PushRequest(BaseModel):
         default="keep", description="What in-flight requests do during the update"
     )
     source: str = Field(default="", description="Free text recorded in the version history (e.g. 'trainer step 40')")
+    checkpoint: str | None = Field(
+        default=None,
+        max_length=4096,
+        description=(
+            "Absolute path, on the server's host, of a checkpoint folder whose *.safetensors hold exactly these "
+            "weights: a restarted server serves it as this version. Without it the version does not survive a "
+            "restart (the server then refuses traffic until the next push)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _fields_of_transport(self):
+        if self.checkpoint is not None and not os.path.isabs(self.checkpoint):
+            raise ValueError("`checkpoint` must be an absolute path of a folder on the server's host")
         if self.transport in GPU_TRANSPORTS:
             if self.tensors is None or self.buckets:
                 raise ValueError(
@@ -183,6 +202,30 @@ def read_header(path: str | os.PathLike) -> dict[str, dict]:
     if 8 + n + end != size:
         raise refused
     return header
+
+
+def checkpoint_weight_files(folder: str) -> list[str]:
+    """The *.safetensors files of a push's `checkpoint` folder; PushError(400) when there are none.
+
+    One message for every refusal (absent, not a folder, unreadable, no weights), as for buckets: the
+    route does not tell which paths exist on the host. The files are then checked like buckets."""
+    path = Path(folder)
+    refused = PushError(
+        400,
+        f"checkpoint {folder!r}: {CHECKPOINT_NOT_VISIBLE} (a restarted server could not restore this version); "
+        "push without `checkpoint` to serve it until a restart only",
+    )
+    if not path.is_absolute():
+        raise refused
+    try:
+        if not stat.S_ISDIR(os.stat(path).st_mode):
+            raise refused
+        files = sorted(str(p) for p in path.glob("*.safetensors"))
+    except OSError:
+        raise refused from None
+    if not files:
+        raise refused
+    return files
 
 
 def checkpoint_manifest(model_dir: str | os.PathLike) -> dict[str, TensorMeta]:

@@ -37,10 +37,12 @@ from flywheel.server.weights.protocol import (
     PushError,
     PushRequest,
     checkpoint_manifest,
+    checkpoint_weight_files,
     tensor_list_entries,
     validate_buckets,
     validate_tensors,
 )
+from flywheel.server.weights.served_record import ServedRecord, pin_checkpoint, unpin, write_record
 
 router = APIRouter()
 
@@ -56,9 +58,13 @@ def staging_root(request: Request) -> Path:
 
 
 def served_manifest(request: Request):
-    state = request.app.state
+    return manifest_of(request.app.state)
+
+
+def manifest_of(state):
+    """(names, dtypes and shapes of the served checkpoint, whether lm_head is tied), read once."""
     if not hasattr(state, "flywheel_manifest"):
-        model_dir = Path(policy_of(request).model)
+        model_dir = Path(state.flywheel_policy.model)
         config = json.loads((model_dir / "config.json").read_text())
         state.flywheel_manifest = (checkpoint_manifest(model_dir), bool(config.get("tie_word_embeddings", False)))
     return state.flywheel_manifest
@@ -155,6 +161,8 @@ def _check_push(body: PushRequest, request: Request) -> tuple[dict, dict]:
     if body.transport not in config.weight_transports:
         raise PushError(400, f"transport {body.transport!r} is not enabled on this server ({config.weight_transports})")
     manifest, tied = served_manifest(request)
+    if body.checkpoint is not None:  # what a restart will load must be a whole set of weights of this model
+        validate_buckets(checkpoint_weight_files(body.checkpoint), manifest, tied)
     if body.tensors is not None:  # nccl / ipc
         summary = validate_tensors(tensor_list_entries(body.tensors), manifest, tied)
         if summary["bytes"] > config.max_push_bytes:
@@ -225,11 +233,30 @@ def _drop_staged(body: PushRequest, request: Request) -> None:
 
 async def _commit(request: Request, body: PushRequest, info: dict, summary: dict, t0: float, t_valid: float):
     policy = policy_of(request)
+    data_dir = request.app.state.flywheel_config.data_dir
+    pinned = None
     try:
-        timings = await _apply(request.app.state.engine_client, policy, body, info)
+        if body.checkpoint is not None:  # before the engine is touched: a restart must find these files
+            try:
+                files = checkpoint_weight_files(body.checkpoint)
+                pinned = await asyncio.to_thread(pin_checkpoint, data_dir, body.version, files)
+            except OSError as exc:
+                raise PushError(500, f"could not pin checkpoint {body.checkpoint!r} in the data dir: {exc}") from None
+        timings = await apply_weights(request.app.state.engine_client, policy, body.version, body.pause_mode, info)
+        record = ServedRecord(
+            version=body.version,
+            kind="weights" if pinned else "unrecoverable",
+            folder=str(pinned) if pinned else None,
+            checkpoint=body.checkpoint,
+            source=body.source,
+        )
+        record_durably(policy, data_dir, record)
         policy.publish(body.version, source=body.source, transport=body.transport, **summary)
+        await asyncio.to_thread(unpin, data_dir, pinned)  # the previous version's pin is no longer named
     except PushError as exc:
         policy.failed_pushes += 1
+        if pinned is not None and policy.version != body.version:
+            shutil.rmtree(pinned, ignore_errors=True)
         return error(exc.status, exc.message)
     finally:
         policy.update_lock.release()
@@ -239,6 +266,18 @@ async def _commit(request: Request, body: PushRequest, info: dict, summary: dict
         **summary,
         "seconds": {"validate": round(t_valid - t0, 4), **timings, "total": round(time.perf_counter() - t0, 4)},
     }
+
+
+def record_durably(policy, data_dir, record: ServedRecord) -> None:
+    """Write the served-version record before `record.version` is published (server/weights/served_record.py).
+
+    The weights are applied by then: if the record cannot be written, the server would serve weights a
+    restart cannot bring back, under the old version number; it stops serving instead (until a push)."""
+    try:
+        write_record(data_dir, record)
+    except OSError as exc:
+        policy.broken = f"version {record.version} was applied but could not be recorded in {data_dir}: {exc}"
+        raise PushError(500, policy.broken) from None
 
 
 @contextlib.asynccontextmanager
@@ -253,22 +292,23 @@ async def paused(engine, policy, mode: str):
             await engine.resume_generation()
 
 
-async def _apply(engine, policy, body: PushRequest, info: dict) -> dict:
+async def apply_weights(engine, policy, version: int, pause_mode: str, info: dict) -> dict:
+    """Apply a validated set of weights under a pause (update_info `info`); PushError when it fails."""
     t0 = time.perf_counter()
-    async with paused(engine, policy, body.pause_mode):
+    async with paused(engine, policy, pause_mode):
         t_paused = time.perf_counter()
         try:
             await engine.start_weight_update()
             await engine.update_weights(WeightTransferUpdateRequest(update_info=info))
-            await engine.finish_weight_update(str(body.version))
+            await engine.finish_weight_update(str(version))
             # stale KV computed by the old weights must not be reused for new prompts
             await engine.reset_prefix_cache(reset_running_requests=False)
         except Exception as exc:
             if OLD_WEIGHTS_KEPT in str(exc):
                 status = 400 if BAD_VALUES in str(exc) else 500
-                raise PushError(status, f"weight update to version {body.version} failed: {exc}") from None
+                raise PushError(status, f"weight update to version {version} failed: {exc}") from None
             # The reload had started: the weights may be half old, half new. Refuse to serve them.
-            policy.broken = f"weight update to version {body.version} failed while applying: {exc}"
+            policy.broken = f"weight update to version {version} failed while applying: {exc}"
             raise PushError(500, policy.broken) from None
     t_done = time.perf_counter()
     return {"pause": round(t_paused - t0, 4), "apply": round(t_done - t_paused, 4)}
