@@ -148,6 +148,27 @@ def test_middleware_refuses_unknown_roles_and_big_bodies_and_passes_the_salt():
     assert ok.status_code == 200 and seen == [{"model": "m", "prompt": "x", "cache_salt": "flywheel-v2"}]
 
 
+def test_deeply_nested_json_is_a_400_not_a_500():
+    """~1000 nested brackets overflow Python's JSON parser: the RecursionError used to escape the
+    middleware as a 500 on /v1/completions and /v1/chat/completions, and vLLM's /invocations (which
+    parses its body by hand) answered 500 too. Every OpenAI route refuses it before vLLM sees it."""
+    seen: list = []
+    app = middleware(seen, version=1)
+    deep = '{"model": "m", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            return [
+                await http.post(path, content=deep, headers={"content-type": "application/json"})
+                for path in ("/v1/completions", "/v1/chat/completions", "/invocations", "/tokenize")
+            ]
+
+    for r in asyncio.run(run()):
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        assert "too deeply" in r.json()["error"]["message"]
+    assert seen == []  # refused before vLLM
+
+
 def test_versions_since_lists_pushes_not_a_range():
     policy = PolicyState(model="m", served_model_name="m")
     policy.publish(3)
