@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flywheel.server.errors import openai_error_body
 from flywheel.server.policy import PolicyState
-from flywheel.server.request_body import BadRequest, EventStamper, rewrite_request
+from flywheel.server.request_body import SALTED_PATHS, BadRequest, EventStamper, rewrite_request
 from flywheel.server.status import VERSION_HEADER, VERSIONS_HEADER
 
 OPENAI_PREFIXES = (
@@ -48,7 +48,7 @@ OPENAI_PREFIXES = (
     "/score",
     "/rerank",
 )
-STAMPED_PATHS = ("/v1/completions", "/v1/chat/completions")
+STAMPED_PATHS = SALTED_PATHS  # the generation routes: their JSON answers get "policy_versions" too
 VERSION_HEADER_BYTES = VERSION_HEADER.encode()  # ASGI headers are bytes
 VERSIONS_HEADER_BYTES = VERSIONS_HEADER.encode()
 

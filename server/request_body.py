@@ -25,7 +25,9 @@ import json
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_SALT = 128  # vLLM's limit on cache_salt; '@', '/', '\\' and NUL are refused there
 SALT_PREFIX = "flywheel-v"
-SALTED_PATHS = ("/v1/completions", "/v1/chat/completions")
+# the generation routes whose requests are checked and salted (and whose answers the middleware stamps);
+# the batch route used to bypass both (unknown roles accepted, no salt)
+SALTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/chat/completions/batch")
 
 
 class BadRequest(ValueError):
@@ -34,16 +36,21 @@ class BadRequest(ValueError):
         self.message, self.param = message, param
 
 
-def check_chat_roles(body: dict) -> None:
-    messages = body.get("messages")
+def check_chat_roles(messages: object, where: str = "messages") -> None:
     if not isinstance(messages, list):
         return  # vLLM answers a missing or malformed `messages` with its own 400
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if isinstance(role, str) and role not in CHAT_ROLES:
-            raise BadRequest(
-                f"messages[{i}].role {role[:40]!r} is not one of {sorted(CHAT_ROLES)}", f"messages[{i}].role"
-            )
+            param = f"{where}[{i}].role"
+            raise BadRequest(f"{param} {role[:40]!r} is not one of {sorted(CHAT_ROLES)}", param)
+
+
+def check_batch_roles(conversations: object) -> None:
+    """/v1/chat/completions/batch: `messages` is a list of conversations, each checked like a chat."""
+    if isinstance(conversations, list):
+        for i, messages in enumerate(conversations):
+            check_chat_roles(messages, f"messages[{i}]")
 
 
 def salted(client_salt: object, version: int) -> object:
@@ -69,7 +76,9 @@ def rewrite_request(raw: bytes, path: str, version: int) -> bytes:
     if path not in SALTED_PATHS or not isinstance(body, dict):
         return raw
     if path == "/v1/chat/completions":
-        check_chat_roles(body)
+        check_chat_roles(body.get("messages"))
+    elif path == "/v1/chat/completions/batch":
+        check_batch_roles(body.get("messages"))
     body["cache_salt"] = salted(body.get("cache_salt"), version)
     return json.dumps(body, separators=(",", ":")).encode()
 
