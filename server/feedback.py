@@ -153,7 +153,7 @@ async def feedback(request: Request) -> JSONResponse:
         return error(404, "feedback is off on this server: it needs capture (--capture-redis-url)", "not_found_error")
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deeply, was a 500
         return error(400, "the body must be a JSON object")
     try:
         asked = FeedbackRequest.model_validate(body)

@@ -17,8 +17,9 @@ Versions (see shared/DESIGN.md; header names from server/status.py): every respo
 Non-streaming completion bodies get a top-level "policy_versions" list; each streamed event
 gets "policy_version" (the version serving when that chunk left the server), event by event.
 
-Request bodies on the OpenAI routes are read whole first, at most `max_request_bytes` (413 above);
-generation requests are checked and salted per policy version (server/request_body.py).
+Request bodies on the OpenAI routes are read whole first, at most `max_request_bytes` (413 above), and
+parsed once (JSON nested too deeply is a 400); generation requests are checked and salted per policy
+version (server/request_body.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flywheel.server.errors import openai_error_body
 from flywheel.server.policy import PolicyState
-from flywheel.server.request_body import BadRequest, EventStamper, rewrite_request
+from flywheel.server.request_body import SALTED_PATHS, BadRequest, EventStamper, rewrite_request
 from flywheel.server.status import VERSION_HEADER, VERSIONS_HEADER
 
 OPENAI_PREFIXES = (
@@ -47,7 +48,7 @@ OPENAI_PREFIXES = (
     "/score",
     "/rerank",
 )
-STAMPED_PATHS = ("/v1/completions", "/v1/chat/completions")
+STAMPED_PATHS = SALTED_PATHS  # the generation routes: their JSON answers get "policy_versions" too
 VERSION_HEADER_BYTES = VERSION_HEADER.encode()  # ASGI headers are bytes
 VERSIONS_HEADER_BYTES = VERSIONS_HEADER.encode()
 
@@ -168,13 +169,11 @@ class FlywheelMiddleware:
             chunks.append(chunk)
             if not message.get("more_body"):
                 break
-        body = b"".join(chunks)
-        if path in STAMPED_PATHS:
-            try:
-                body = rewrite_request(body, path, self.policy.version)
-            except BadRequest as exc:
-                await send_json_error(send, 400, exc.message, "invalid_request_error", exc.param)
-                return None
+        try:
+            body = rewrite_request(b"".join(chunks), path, self.policy.version)
+        except BadRequest as exc:
+            await send_json_error(send, 400, exc.message, "invalid_request_error", exc.param)
+            return None
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         sent = False

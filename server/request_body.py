@@ -1,6 +1,10 @@
-"""What the middleware does to the bodies of generation requests and their streamed answers.
+"""What the middleware does to request bodies on the OpenAI routes and to streamed answers.
 
-Requests (POST /v1/completions, /v1/chat/completions), read whole before vLLM sees them:
+Requests (every POST on the OpenAI routes), read whole before vLLM sees them:
+  - JSON nested too deeply for Python's parser is refused with a 400 (vLLM's /invocations and our
+    /v1/feedback answered it with a 500, the others with FastAPI's own 400); other bodies that are
+    not JSON go to vLLM untouched, which answers them;
+On the generation routes (SALTED_PATHS):
   - chat messages need a role the OpenAI API knows; vLLM accepts any string (a `wizard` got 200);
   - `cache_salt` gets the serving policy version appended, so KV blocks computed under one version
     are never a prefix-cache hit for a request that arrived under another: a push's prefix-cache
@@ -21,6 +25,9 @@ import json
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_SALT = 128  # vLLM's limit on cache_salt; '@', '/', '\\' and NUL are refused there
 SALT_PREFIX = "flywheel-v"
+# the generation routes whose requests are checked and salted (and whose answers the middleware stamps);
+# the batch route used to bypass both (unknown roles accepted, no salt)
+SALTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/chat/completions/batch")
 
 
 class BadRequest(ValueError):
@@ -29,16 +36,21 @@ class BadRequest(ValueError):
         self.message, self.param = message, param
 
 
-def check_chat_roles(body: dict) -> None:
-    messages = body.get("messages")
+def check_chat_roles(messages: object, where: str = "messages") -> None:
     if not isinstance(messages, list):
         return  # vLLM answers a missing or malformed `messages` with its own 400
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if isinstance(role, str) and role not in CHAT_ROLES:
-            raise BadRequest(
-                f"messages[{i}].role {role[:40]!r} is not one of {sorted(CHAT_ROLES)}", f"messages[{i}].role"
-            )
+            param = f"{where}[{i}].role"
+            raise BadRequest(f"{param} {role[:40]!r} is not one of {sorted(CHAT_ROLES)}", param)
+
+
+def check_batch_roles(conversations: object) -> None:
+    """/v1/chat/completions/batch: `messages` is a list of conversations, each checked like a chat."""
+    if isinstance(conversations, list):
+        for i, messages in enumerate(conversations):
+            check_chat_roles(messages, f"messages[{i}]")
 
 
 def salted(client_salt: object, version: int) -> object:
@@ -53,16 +65,20 @@ def salted(client_salt: object, version: int) -> object:
 
 
 def rewrite_request(raw: bytes, path: str, version: int) -> bytes:
-    """The body vLLM gets; raises BadRequest for what the OpenAI API refuses. A body that is not a
-    JSON object goes through untouched (vLLM reports it)."""
+    """The body vLLM gets for a POST to `path`; raises BadRequest for what the OpenAI API refuses.
+    A body that is not a JSON object, or not for a generation route, goes through untouched."""
     try:
         body = json.loads(raw)
     except ValueError:
-        return raw
-    if not isinstance(body, dict):
+        return raw  # vLLM reports it
+    except RecursionError:  # ~1000 nested brackets fit in a small body: not something to hand on
+        raise BadRequest("the request body nests JSON arrays/objects too deeply to parse") from None
+    if path not in SALTED_PATHS or not isinstance(body, dict):
         return raw
     if path == "/v1/chat/completions":
-        check_chat_roles(body)
+        check_chat_roles(body.get("messages"))
+    elif path == "/v1/chat/completions/batch":
+        check_batch_roles(body.get("messages"))
     body["cache_salt"] = salted(body.get("cache_salt"), version)
     return json.dumps(body, separators=(",", ":")).encode()
 

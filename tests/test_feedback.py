@@ -154,3 +154,28 @@ def test_feedback_lands_replaces_refuses_then_trains_grpo_and_dpo(
     assert fetch_status(srv.url).policy_version == 2
     after = client.chat.completions.with_raw_response.create(model=srv.model, messages=PROMPT, max_tokens=2)
     assert after.headers["x-flywheel-policy-version"] == "2"
+
+
+def test_feedback_route_refuses_json_nested_too_deeply(redis_url):
+    """The route parses its own body: ~1000 nested brackets raised RecursionError there, a 500 (the
+    middleware in front now refuses them too; this is the route alone)."""
+    import asyncio
+
+    from fastapi import FastAPI
+
+    from flywheel.server.feedback import FEEDBACK_PATH, FeedbackStore
+    from flywheel.server.feedback import router as feedback_router
+
+    app = FastAPI()
+    app.include_router(feedback_router)
+    app.state.flywheel_feedback = FeedbackStore(redis_url, "prompts", (1.0, 5.0))
+
+    async def post(content: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return await http.post(FEEDBACK_PATH, content=content, headers={"content-type": "application/json"})
+
+    r = asyncio.run(post('{"id": ' + "[" * 100_000 + "]" * 100_000 + "}"))
+    assert r.status_code == 400 and r.json()["error"]["message"] == "the body must be a JSON object"
+    r = asyncio.run(post('{"id": "x", "rating": 9}'))  # the route still answers real bodies
+    assert r.status_code == 422 and r.json()["error"]["param"] == "rating"

@@ -148,6 +148,51 @@ def test_middleware_refuses_unknown_roles_and_big_bodies_and_passes_the_salt():
     assert ok.status_code == 200 and seen == [{"model": "m", "prompt": "x", "cache_salt": "flywheel-v2"}]
 
 
+def test_batch_chat_is_role_checked_salted_and_stamped_like_chat():
+    """/v1/chat/completions/batch (a list of conversations) bypassed the rewriting of the other chat
+    routes: an unknown role went to vLLM (200) and no per-version cache_salt was added."""
+    seen: list = []
+    app = middleware(seen, version=5)
+    ok_chat = [{"role": "user", "content": "a"}]
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            wizard = await http.post(
+                "/v1/chat/completions/batch",
+                json={"model": "m", "messages": [ok_chat, [{"role": "user", "content": "b"}, {"role": "wizard"}]]},
+            )
+            ok = await http.post(
+                "/v1/chat/completions/batch", json={"model": "m", "messages": [ok_chat], "cache_salt": "t"}
+            )
+            return wizard, ok
+
+    wizard, ok = asyncio.run(run())
+    assert wizard.status_code == 400 and wizard.json()["error"]["param"] == "messages[1][1].role"
+    assert ok.status_code == 200 and ok.json()["policy_versions"] == [5]
+    assert seen == [{"model": "m", "messages": [ok_chat], "cache_salt": "t:flywheel-v5"}]
+
+
+def test_deeply_nested_json_is_a_400_not_a_500():
+    """~1000 nested brackets overflow Python's JSON parser: the RecursionError used to escape the
+    middleware as a 500 on /v1/completions and /v1/chat/completions, and vLLM's /invocations (which
+    parses its body by hand) answered 500 too. Every OpenAI route refuses it before vLLM sees it."""
+    seen: list = []
+    app = middleware(seen, version=1)
+    deep = '{"model": "m", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            return [
+                await http.post(path, content=deep, headers={"content-type": "application/json"})
+                for path in ("/v1/completions", "/v1/chat/completions", "/invocations", "/tokenize")
+            ]
+
+    for r in asyncio.run(run()):
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        assert "too deeply" in r.json()["error"]["message"]
+    assert seen == []  # refused before vLLM
+
+
 def test_versions_since_lists_pushes_not_a_range():
     policy = PolicyState(model="m", served_model_name="m")
     policy.publish(3)
@@ -166,6 +211,18 @@ def test_real_server_refuses_unknown_role_and_oversized_tokenize(server):
         json={"model": server.model, "messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 2},
     )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(
+        server.base_url + "/chat/completions/batch",
+        timeout=60,
+        json={"model": server.model, "messages": [[{"role": "wizard", "content": "hi"}]], "max_tokens": 2},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0][0].role"
+    r = httpx.post(
+        server.base_url + "/chat/completions/batch",
+        timeout=60,
+        json={"model": server.model, "messages": [[{"role": "user", "content": "hi"}]], "max_tokens": 2},
+    )
+    assert r.status_code == 200 and r.json()["policy_versions"] == [0], r.text  # salted, accepted by vLLM
     r = httpx.post(server.url + "/tokenize", timeout=60, json={"model": server.model, "prompt": "word " * 1_000_000})
     assert r.status_code == 413
     r = httpx.post(server.url + "/tokenize", timeout=60, json={"model": server.model, "prompt": "a few words"})
