@@ -129,7 +129,12 @@ def trainer_child(config: LoopConfig, config_file: Path, run_dir: Path, env: dic
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",  # a private rendezvous on a free loopback port
+        # a static rendezvous on a free loopback port (with --standalone, rank 0's process group tried to
+        # listen on the agent's own store port: EADDRINUSE)
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
         "--nproc_per_node",
         str(ranks),
         "-m",
