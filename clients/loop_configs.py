@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -68,6 +69,14 @@ class LoopConfig(BaseModel):
         default="redis-server", description="redis-server binary to start when --redis-url is not given"
     )
     backend: Literal["transformers", "megatron"] = Field(default="transformers", description="Trainer backend")
+    trainer_ranks: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Trainer processes; above 1 the trainer runs under torchrun (megatron only: world = TP x PP x DP). "
+            "Default: the fewest that train.parallel needs (1 unless it splits the model)"
+        ),
+    )
     sync: bool = Field(default=False, description="Generate, train, push, repeat (no overlap) instead of async")
     max_steps: int = Field(
         default=30, gt=0, description="Optimizer steps of the whole run; the loop ends by itself after them"
@@ -202,7 +211,29 @@ class LoopConfig(BaseModel):
             watch=True,
             poll_s=3.0,
         )
+        ranks = self.trainer_world_size()
+        if ranks > 1 and train.backend != "megatron":
+            raise UserError(
+                f"the trainer needs {ranks} ranks (trainer_ranks / train.parallel {train.parallel.model_dump()}): "
+                "use --backend megatron (the transformers backend trains in one process)"
+            )
         return self
+
+    def trainer_world_size(self) -> int:
+        """How many trainer ranks to launch: trainer_ranks, else the fewest train.parallel allows.
+
+        megatron's world is TP x PP x DP, and EP must divide TP x DP: with TP = t and EP = e the
+        fewest data-parallel replicas is e / gcd(e, t)."""
+        p = self.train.parallel
+        fewest = p.tensor * p.pipeline * (p.expert // math.gcd(p.expert, p.tensor))
+        if self.trainer_ranks is None:
+            return fewest
+        if self.trainer_ranks % (p.tensor * p.pipeline) or (self.trainer_ranks // p.pipeline) % p.expert:
+            raise UserError(
+                f"trainer_ranks {self.trainer_ranks} does not fit train.parallel {p.model_dump()} "
+                f"(world = TP x PP x DP, EP must divide TP x DP; the fewest is {fewest})"
+            )
+        return self.trainer_ranks
 
 
 def server_data_dir(run_dir: Path) -> Path:

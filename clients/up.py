@@ -4,6 +4,7 @@
     flywheel up --config configs/loop.yaml        # every component's settings in one file
     flywheel up --model tiny-qwen3 --max-steps 8  # any bundled model or HF folder
     flywheel up --sync                            # generate, train, push, repeat (for comparison)
+    flywheel up --backend megatron --train.parallel.tensor 2   # the trainer runs as 2 torchrun ranks
     flywheel report runs/loop                     # the HTML report, on demand
 
 Every component runs as its own child process of `python -m clients.cli` (process boundaries are
@@ -116,6 +117,34 @@ def cli_child(
 ) -> Child:
     argv = [sys.executable, "-m", "flywheel.clients.cli", *command, "--config", str(config_file)]
     return Child(name, argv, run_dir / "logs" / f"{name}.log", env)
+
+
+def trainer_child(config: LoopConfig, config_file: Path, run_dir: Path, env: dict[str, str]) -> Child:
+    """`flywheel train` as one process, or under torchrun when the trainer needs several ranks
+    (megatron TP/PP/EP/DP): torchrun starts the ranks and forwards SIGTERM to them; the whole
+    group is stopped as one child."""
+    ranks = config.trainer_world_size()
+    if ranks == 1:
+        return cli_child("trainer", ["train"], config_file, run_dir, env)
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        # a static rendezvous on a free loopback port (with --standalone, rank 0's process group tried to
+        # listen on the agent's own store port: EADDRINUSE)
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "--nproc_per_node",
+        str(ranks),
+        "-m",
+        "flywheel.clients.cli",
+        "train",
+        "--config",
+        str(config_file),
+    ]
+    return Child("trainer", argv, run_dir / "logs" / "trainer.log", env)
 
 
 class Stop(Exception):
@@ -269,7 +298,7 @@ class Loop:
             status.close()
 
     def _run_async(self, status: LoopStatus) -> int:
-        self.start("trainer", cli_child("trainer", ["train"], self.files["train"], self.run_dir, self.secret_env))
+        self.start("trainer", trainer_child(self.config, self.files["train"], self.run_dir, self.secret_env))
         self.start("sampler", cli_child("sampler", ["sample", "grpo"], self.files["sample"], self.run_dir))
         return self._watch(status, until="trainer")
 
@@ -287,7 +316,7 @@ class Loop:
             train = self._write_config(
                 "train_round", sync_train_config(self.configs["train"], self.config, found is not None)
             )
-            self.start("trainer", cli_child("trainer", ["train"], train, self.run_dir, self.secret_env))
+            self.start("trainer", trainer_child(self.config, train, self.run_dir, self.secret_env))
             if (rc := self._watch(status, until="trainer", finish=False)) != 0:
                 return rc
 

@@ -345,3 +345,54 @@ def test_sync_rounds_train_on_policy_data(tmp_path, tiny_model):
     for name in ("sampler", "trainer"):
         assert (run_dir / "logs" / f"{name}.log").read_text().count("\n==== ") == rounds
     assert_reward_rises(steps)
+
+
+def test_a_trainer_that_needs_several_ranks_runs_under_torchrun(tmp_path):
+    """The trainer's ranks follow train.parallel (or trainer_ranks); only megatron may have more than one."""
+    from flywheel.clients.loop_configs import LoopConfig
+    from flywheel.clients.up import trainer_child
+    from flywheel.server.errors import UserError
+
+    def argv(**values) -> list[str]:
+        return trainer_child(LoopConfig(**values), tmp_path / "train.yaml", tmp_path, {}).argv[1:]
+
+    plain = ["-m", "flywheel.clients.cli", "train", "--config", str(tmp_path / "train.yaml")]
+    assert argv() == plain and argv(backend="megatron") == plain
+
+    def ranks(**values) -> int | None:
+        got = argv(**values)
+        if got[:2] != ["-m", "torch.distributed.run"]:
+            return None
+        assert got[-len(plain) :] == plain and got[got.index("--master_addr") + 1] == "127.0.0.1"
+        return int(got[got.index("--nproc_per_node") + 1])
+
+    assert ranks(backend="megatron", train={"parallel": {"tensor": 2}}) == 2
+    assert ranks(backend="megatron", train={"parallel": {"expert": 2}}) == 2  # EP=2 needs DP=2
+    assert ranks(backend="megatron", trainer_ranks=4, train={"parallel": {"tensor": 2}}) == 4
+    with pytest.raises(UserError, match="use --backend megatron"):
+        LoopConfig(train={"parallel": {"tensor": 2}})
+    with pytest.raises(UserError, match="does not fit"):
+        LoopConfig(backend="megatron", trainer_ranks=3, train={"parallel": {"tensor": 2}})
+
+
+MEGATRON_STEPS = 4
+
+
+@pytest.mark.slow  # a server start plus two torchrun trainer ranks (~4 min)
+def test_loop_with_a_tp2_megatron_trainer_under_torchrun(tmp_path, tiny_model):
+    """`flywheel up --backend megatron` with TP=2: the trainer runs as two torchrun ranks, rank 0 reads the
+    queue and pushes, every push is served; the checkpoints record the layout the ranks trained with."""
+    train = {"max_seq_len": 64, "micro_batch_tokens": 512, "queue": {"claim_idle_s": 20}, "parallel": {"tensor": 2}}
+    config_path = loop_config(
+        tmp_path, tiny_model, eval=False, max_steps=MEGATRON_STEPS, backend="megatron", train=train
+    )
+    run_dir, log = tmp_path / "run", tmp_path / "up.log"
+    with vllm_lock():
+        run_to_the_end(config_path, log)
+    check_finished_run(run_dir, MEGATRON_STEPS)
+    trainer_log = (run_dir / "logs" / "trainer.log").read_text()
+    assert "torch.distributed.run --master_addr 127.0.0.1" in trainer_log and "--nproc_per_node 2" in trainer_log
+    latest = run_dir / "train" / "checkpoints" / (run_dir / "train" / "checkpoints" / "latest").read_text().strip()
+    layout = json.loads((latest / "trainer_state" / "layout.json").read_text())
+    assert layout["backend"] == "megatron" and layout["world_size"] == 2 and layout["tensor"] == 2
+    assert sorted(p.name for p in (latest / "trainer_state").glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]

@@ -46,7 +46,9 @@ def init_parallel(config: ParallelConfig | None = None, seed: int = 0) -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     world = dist.get_world_size()
     if world % (tp * pp):
-        raise UserError(f"world size {world} is not a multiple of TP*PP = {tp * pp}")
+        hint = " (launch the ranks with: torchrun --nproc_per_node N -m flywheel.clients.cli train ...)"
+        hint = hint if world == 1 else ""
+        raise UserError(f"world size {world} is not a multiple of TP*PP = {tp * pp}{hint}")
     if ep > 1 and (world // pp) % ep:
         raise UserError(f"parallel.expert={ep} must divide TP*DP = {world // pp}")
     if parallel_state.model_parallel_is_initialized():
