@@ -136,6 +136,17 @@ class LoopConfig(BaseModel):
     refresh_s: float = Field(
         default=2.0, gt=0, description="Seconds between status refreshes (also appended to run_dir/up/status.jsonl)"
     )
+    restarts: int = Field(
+        default=3,
+        ge=0,
+        description=(
+            "Times each component (redis, server, sampler, trainer, eval) is restarted in place after it exits "
+            "unexpectedly (crashed, killed), as compose's `restart: on-failure` does; the next one stops the loop"
+        ),
+    )
+    restart_backoff_s: float = Field(
+        default=2.0, ge=0, description="Delay before a component's first restart, doubled for each next one (<= 30 s)"
+    )
     startup_timeout_s: float = Field(
         default=900.0, gt=0, description="Give up when the server is not healthy after this long"
     )

@@ -17,6 +17,12 @@ run_dir again resumes (trainer --resume; the last checkpoint is pushed to the fr
 version it had, so rollouts and the trainer agree on version numbers; the sampler goes on with the
 same prompt sequence from its cursor in Redis: no prompt lost, repeated or skipped).
 
+A component that exits unexpectedly (crashed, killed) is restarted in place, `restarts` times at
+most per component, after `restart_backoff_s` doubled per restart (compose's `restart:` does the
+same): the trainer resumes from its last checkpoint, a restarted server gets the last checkpointed
+version pushed again, Redis comes back from its AOF on the same port. Each restart is a line in the
+log and in run_dir/up/restarts.jsonl; past the limit the loop stops as before.
+
 Async (default): the sampler generates with version v while the trainer trains on what is queued;
 the queue's backlog bound and the trainer's max_staleness bound how off-policy a step can be.
 Sync (--sync): rounds of [sampler makes exactly push_every steps of rollouts, exits] then
@@ -178,6 +184,7 @@ class Loop:
         self.configs = component_configs(config, self.run_dir, self.redis_url, self.server_port)
         self.files = {name: self._write_config(name, values) for name, values in self.configs.items()}
         self.children: dict[str, Child] = {}
+        self.restart_counts: dict[str, int] = {}
         self.secret_env = {
             "FLYWHEEL_SERVE_ADMIN_TOKEN": self.admin_token,
             "FLYWHEEL_TRAIN_ADMIN_TOKEN": self.admin_token,
@@ -266,24 +273,75 @@ class Loop:
         if found is None or found[1].pushed_version <= 0:
             return
         from flywheel.server.status import fetch_status
-        from flywheel.server.weights.client import push_weights
+        from flywheel.server.weights.client import PushFailed, push_weights
 
         folder, state = found
         version = state.pushed_version
         served = fetch_status(self.server_url, self.admin_token)
         if served.policy_version >= version and not served.not_serving:
             print(f"flywheel up: resumed: the server restored version {served.policy_version} itself", flush=True)
-            return
+            return  # it came back with it (or the trainer already pushed a newer one)
         if served.policy_version >= version:  # it knows the version but could not bring its weights back
             version = served.policy_version + 1
-        push_weights(
-            self.server_url,
-            folder,
-            version=version,
-            admin_token=self.admin_token,
-            source=f"flywheel up resume from {folder.name}",
-        )
+        try:
+            push_weights(
+                self.server_url,
+                folder,
+                version=version,
+                admin_token=self.admin_token,
+                source=f"flywheel up resume from {folder.name}",
+            )
+        except PushFailed:
+            if (now := self.served_version()) is not None and now >= version:
+                return  # a running trainer pushed a newer version first: ours is refused, rightly
+            raise
         print(f"flywheel up: resumed: pushed {folder.name} to the server as version {version}", flush=True)
+
+    def served_version(self) -> int | None:
+        import httpx
+
+        from flywheel.server.status import fetch_status
+
+        try:
+            return fetch_status(self.server_url, self.admin_token).policy_version
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    # ------------------------------------------------------------ restarts
+    def restart(self, name: str, rc: int) -> bool:
+        """Start again, in place, a component that exited unexpectedly; False once its restarts are used up."""
+        done = self.restart_counts.get(name, 0)
+        child = self.children[name]
+        if done >= self.config.restarts:
+            return False
+        self.restart_counts[name] = done + 1
+        delay = min(self.config.restart_backoff_s * 2**done, 30.0)
+        print(
+            f"flywheel up: {name} exited with {rc}; restart {done + 1}/{self.config.restarts} in {delay:.1f} s. "
+            f"Last lines of {child.log_path}:\n{child.log_tail(5)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        child.stop(timeout_s=10.0)  # what is left of its group: vLLM's engine outlives a killed API server
+        time.sleep(delay)
+        if name == "redis":
+            self.start_redis()  # same port, same AOF: every client reconnects to the same queue
+        elif name == "server":
+            self.start_server()  # and pushes the last checkpointed version unless it came back with it
+        else:
+            if name == "trainer":
+                self._resume_trainer(child)
+            self.start(name, child)
+        with (self.run_dir / "up" / "restarts.jsonl").open("a") as fh:
+            fh.write(json.dumps({"time": time.time(), "name": name, "rc": rc, "restart": done + 1}) + "\n")
+        return True
+
+    def _resume_trainer(self, child: Child) -> None:
+        """The restarted trainer resumes from its last checkpoint (its config said no resume before the first)."""
+        path = Path(child.argv[child.argv.index("--config") + 1])
+        values = yaml.safe_load(path.read_text())
+        values["resume"] = latest_train_state(self.run_dir / "train") is not None
+        path.write_text(yaml.safe_dump(values, sort_keys=False))
 
     # ------------------------------------------------------------ running
     def run(self) -> int:
@@ -321,7 +379,7 @@ class Loop:
                 return rc
 
     def _watch(self, status: LoopStatus, until: str, finish: bool = True) -> int:
-        """Refresh the view until `until` exits (0: done); any child failing stops the loop."""
+        """Refresh the view until `until` exits (0: done); a child failing is restarted, or stops the loop."""
         from rich.console import Console
         from rich.live import Live
 
@@ -352,7 +410,7 @@ class Loop:
                     )
                     if warning := starvation_warning(s):
                         print(f"[flywheel up] warning: {warning}", flush=True)
-                for name, child in self.children.items():
+                for name, child in list(self.children.items()):
                     rc = child.poll()
                     if rc is None:
                         continue
@@ -362,10 +420,11 @@ class Loop:
                     if rc == 0 and name == "sampler":  # a finite prompt file is used up: the trainer drains the queue
                         self.children.pop(name)
                         break
-                    if rc != 0 or name != until:
+                    if not self.restart(name, rc):
                         print(
-                            f"flywheel up: {name} exited with {rc}; stopping the loop. Last lines of "
-                            f"{child.log_path}:\n"
+                            f"flywheel up: {name} exited with {rc}"
+                            + (f" after {self.config.restarts} restarts" if self.config.restarts else "")
+                            + f"; stopping the loop. Last lines of {child.log_path}:\n"
                             f"{child.log_tail()}",
                             file=sys.stderr,
                             flush=True,
