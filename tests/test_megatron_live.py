@@ -119,6 +119,8 @@ def logprob_gap(a, b) -> float:
 
 def fill_queue(redis_url: str, model: Path) -> list[str]:
     records = sample_records(build_policy(PolicyConfig(model=str(model))), groups=4, group_size=4)  # 2 steps of 8
+    for i, r in enumerate(records):  # mixed rewards in every group (the MoE model never emits TARGET): a gradient
+        r.reward = float(i % 2)
     RolloutQueue(QueueConfig(url=redis_url)).put(records)
     return [r.id for r in records]
 
