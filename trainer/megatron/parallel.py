@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from flywheel.server.errors import UserError
-from flywheel.server.net import free_port
 from flywheel.trainer.megatron.cpu_patches import apply_patches
 
 if TYPE_CHECKING:
@@ -37,13 +36,18 @@ def init_parallel(config: ParallelConfig | None = None, seed: int = 0) -> None:
     tp, pp, ep = (1, 1, 1) if config is None else (config.tensor, config.pipeline, config.expert)
     apply_patches()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain python: a world of one on loopback
-            os.environ.update(
-                RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-            )
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" not in os.environ:
+            # plain python: a world of one, whose rendezvous is an in-process store, and no RANK/MASTER_*
+            # in os.environ: set there, they leaked into the processes this one starts (a test's trainer
+            # subprocess then bound its parent's MASTER_PORT: EADDRINUSE)
+            if torch.cuda.is_available():
+                torch.cuda.set_device(0)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend)
     world = dist.get_world_size()
     if world % (tp * pp):
         hint = " (launch the ranks with: torchrun --nproc_per_node N -m flywheel.clients.cli train ...)"
