@@ -124,8 +124,12 @@ def cli_child(
     return Child(name, argv, run_dir / "logs" / f"{name}.log", env)
 
 
-class Stop(Exception):
-    """SIGTERM (or SIGINT) arrived: stop the children, keep the state."""
+class Stop(BaseException):
+    """SIGTERM (or SIGINT) arrived: stop the children, keep the state.
+
+    A BaseException, as KeyboardInterrupt is: raised wherever the main thread is, it must not be
+    swallowed by an `except Exception` there (LoopStatus turns a failed read into missing values: a
+    SIGTERM that arrived during its Redis read was taken for a Redis error and the loop went on)."""
 
 
 def _raise_stop(signum, frame):
