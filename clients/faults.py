@@ -57,7 +57,7 @@ import httpx
 import yaml
 
 from flywheel.clients import process_group
-from flywheel.clients.tiny_reward import PROMPT_TEXT, SCORER
+from flywheel.clients.tiny_reward import PROMPT_TEXT
 from flywheel.server.net import free_port
 from flywheel.trainer.checkpoint import read_train_state
 
@@ -71,6 +71,10 @@ KINDS = (
 )
 COMPONENT = {kind: kind.split("_")[0] for kind in KINDS}
 MIN_BUSY, MAX_IDLE = 0.3, 0.1  # cores: a process computing a step / one blocked on a read
+# a reward with signal in every group, whatever the policy learns: with the learnable target-token reward
+# (clients/tiny_reward.py SCORER) the policy reached 0.97 by step 50, nearly every group came out uniform
+# and was dropped, and the trainer starved
+LOW_ID_SCORER = "flywheel.clients.tiny_reward:low_id_fraction"
 FINGERPRINT_PROMPT = "The quick brown fox"
 FINGERPRINT_TOKENS = 4
 LOGPROB_ATOL = 0.01  # served (vLLM on CPU, fp32) vs transformers fp32, as tests/test_trainer_push.py
@@ -92,7 +96,7 @@ def fault_loop_config(run_dir: Path, model: str | Path, prompts: Path, **extra: 
         "batch_size": 16,
         "lr": 3e-3,
         "max_tokens": 8,
-        "rewards": [{"name": SCORER}],
+        "rewards": [{"name": LOW_ID_SCORER}],
         "sampler_concurrency": 2,
         "eval": False,
         "report": False,
@@ -168,10 +172,12 @@ class FaultRun:
         self.save_every = int(config.get("push_every", 2))
         self.claim_idle_s = float(config["train"]["queue"]["claim_idle_s"])
         self._queue = None
+        self.restart_base: dict[str, int] = {}  # restarts already in run_dir/up/restarts.jsonl (a resumed run)
 
     # ------------------------------------------------------------ process
     def start(self, timeout_s: float = 900) -> None:
         self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.restart_base = {name: self.restarts(name) for name in set(COMPONENT.values())}
         # a fixed server port: the fingerprints and the status polls find a restarted server where it was
         self.config.setdefault("serve", {}).setdefault("port", free_port())
         path = self.run_dir.parent / f"{self.run_dir.name}-loop.yaml"
@@ -446,7 +452,7 @@ class FaultRun:
     def recover(self, kill: Kill, timeout_s: float = 600) -> None:
         """Until `flywheel up` restarted the killed component and the trainer logged a step past the kill."""
         name = COMPONENT[kill.kind]
-        before = sum(1 for k in self.kills if COMPONENT[k.kind] == name)
+        before = self.restart_base.get(name, 0) + sum(1 for k in self.kills if COMPONENT[k.kind] == name)
         self.wait(lambda: self.restarts(name) >= before, timeout_s, f"{name}'s restart")
         self.wait(
             lambda: any(r["step"] > kill.step for r in self.metrics_rows()[-50:]) and self.trainer_step() > kill.step,
