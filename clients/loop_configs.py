@@ -145,7 +145,11 @@ class LoopConfig(BaseModel):
         ),
     )
     restart_backoff_s: float = Field(
-        default=2.0, ge=0, description="Delay before a component's first restart, doubled for each next one (<= 30 s)"
+        default=2.0,
+        ge=0,
+        description=(
+            "Delay before a component's restart, doubled while it keeps dying within a minute of its start (<= 30 s)"
+        ),
     )
     startup_timeout_s: float = Field(
         default=900.0, gt=0, description="Give up when the server is not healthy after this long"

@@ -63,6 +63,7 @@ def prometheus_values(text: str, names: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+STATUS_REDIS_WAIT_S = 1.0  # a status read gives up on an unreachable Redis after this long (shown as missing)
 UNIFORM_STREAK_WARNING = 32  # groups in a row with all-equal rewards before the view warns
 
 
@@ -94,7 +95,11 @@ class LoopStatus:
     def __init__(self, run_dir: Path, server_url: str, queue: QueueConfig):
         self.run_dir = Path(run_dir)
         self.server_url = server_url.rstrip("/")
-        self.queue = RolloutQueue(queue, consumer="flywheel-up-status")
+        # never wait for Redis here: `flywheel up` samples this between checks of its children, and a
+        # status read retrying forever while Redis is down kept it from seeing Redis died and restarting it
+        self.queue = RolloutQueue(
+            queue.model_copy(update={"retry_for_s": STATUS_REDIS_WAIT_S}), consumer="flywheel-up-status"
+        )
         self.http = httpx.Client(timeout=3.0)
         self.started = time.time()
         self._last: dict[str, Any] | None = None

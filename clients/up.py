@@ -153,8 +153,15 @@ def trainer_child(config: LoopConfig, config_file: Path, run_dir: Path, env: dic
     return Child("trainer", argv, run_dir / "logs" / "trainer.log", env)
 
 
-class Stop(Exception):
-    """SIGTERM (or SIGINT) arrived: stop the children, keep the state."""
+RAN_WELL_S = 60.0  # a child that ran this long before it died restarts after the first delay again
+
+
+class Stop(BaseException):
+    """SIGTERM (or SIGINT) arrived: stop the children, keep the state.
+
+    A BaseException, as KeyboardInterrupt is: raised wherever the main thread is, it must not be
+    swallowed by an `except Exception` there (LoopStatus turns a failed read into missing values: a
+    SIGTERM that arrived during its Redis read was taken for a Redis error and the loop went on)."""
 
 
 def _raise_stop(signum, frame):
@@ -185,6 +192,8 @@ class Loop:
         self.files = {name: self._write_config(name, values) for name, values in self.configs.items()}
         self.children: dict[str, Child] = {}
         self.restart_counts: dict[str, int] = {}
+        self.backoff_steps: dict[str, int] = {}  # restarts in a row, each child dying within RAN_WELL_S
+        self.started_at: dict[str, float] = {}
         self.secret_env = {
             "FLYWHEEL_SERVE_ADMIN_TOKEN": self.admin_token,
             "FLYWHEEL_TRAIN_ADMIN_TOKEN": self.admin_token,
@@ -203,6 +212,7 @@ class Loop:
         (self.run_dir / "up" / "pids.json").write_text(json.dumps(pids))
 
     def start(self, name: str, child: Child) -> Child:
+        self.started_at[name] = time.monotonic()
         self.children[name] = child.start()
         self._record_pids()
         return child
@@ -315,7 +325,13 @@ class Loop:
         if done >= self.config.restarts:
             return False
         self.restart_counts[name] = done + 1
-        delay = min(self.config.restart_backoff_s * 2**done, 30.0)
+        # the delay doubles for a child that keeps dying soon after its start, and starts over for one that
+        # ran well before it died (as Docker's restart delay): a sampler that outlived several server
+        # restarts waited 30 s before every later restart
+        ran_s = time.monotonic() - self.started_at.get(name, 0.0)
+        level = 0 if ran_s > RAN_WELL_S else self.backoff_steps.get(name, 0)
+        self.backoff_steps[name] = level + 1
+        delay = min(self.config.restart_backoff_s * 2**level, 30.0)
         print(
             f"flywheel up: {name} exited with {rc}; restart {done + 1}/{self.config.restarts} in {delay:.1f} s. "
             f"Last lines of {child.log_path}:\n{child.log_tail(5)}",

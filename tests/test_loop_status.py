@@ -53,3 +53,34 @@ def test_groups_dropped_in_a_row_raise_a_warning_until_the_queue_grows(redis_cli
     finally:
         status.close()
         producer.close()
+
+
+def test_a_dead_redis_shows_as_missing_values_and_a_sigterm_during_the_read_still_stops_the_loop(tmp_path):
+    """`flywheel up` samples the status between checks of its children: a read that retried forever while
+    Redis was down (SIGKILLed) kept it from ever seeing that Redis had died and restarting it, and the
+    SIGTERM that should then have stopped it was swallowed by the read's `except Exception` (found by
+    tests/test_faults.py)."""
+    import signal
+    import threading
+    import time
+
+    import pytest
+
+    from flywheel.clients.up import Stop, _raise_stop
+    from flywheel.server.net import free_port
+
+    dead = QueueConfig(url=f"redis://127.0.0.1:{free_port()}/0", stream="status-dead")
+    status = LoopStatus(tmp_path, "http://127.0.0.1:9", dead)
+    previous = signal.signal(signal.SIGUSR1, _raise_stop)
+    try:
+        start = time.monotonic()
+        s = status.sample()
+        assert "produced" not in s and time.monotonic() - start < 10  # given up on, not waited for
+        timer = threading.Timer(0.3, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1))
+        timer.start()
+        with pytest.raises(Stop):
+            status.sample()  # the signal lands during the Redis read: it must come out as Stop
+        timer.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        status.close()
