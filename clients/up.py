@@ -247,13 +247,17 @@ class Loop:
         )
         print(f"flywheel up: resumed: pushed {folder.name} to the server as version {version}", flush=True)
 
+    def capture_stream(self) -> str | None:
+        """The stream the server captures production prompts into, with --production-prompts (else None)."""
+        return self.configs["serve"].capture_stream if self.config.production_prompts != "off" else None
+
     # ------------------------------------------------------------ running
     def run(self) -> int:
         self.start_redis()
         self.start_server()
         if self.config.eval:
             self.start("eval", cli_child("eval", ["eval"], self.files["eval"], self.run_dir))
-        status = LoopStatus(self.run_dir, self.server_url, self.configs["train"].queue)
+        status = LoopStatus(self.run_dir, self.server_url, self.configs["train"].queue, self.capture_stream())
         try:
             return self._run_sync(status) if self.config.sync else self._run_async(status)
         finally:
