@@ -175,8 +175,8 @@ def mixed_prompts(config: PromptSourceConfig, queue: QueueConfig, tasks: Iterato
     while True:
         item = None
         if production < config.production_fraction * (taken + 1):
-            for d in stream.get(count=1, block_s=0):
-                item = capture_item(stream, d)
+            while item is None and (got := stream.get(count=1, block_s=0)):
+                item = capture_item(stream, got[0])  # None for an unusable one (acked): try the next
         if item is None:
             item = next(tasks, None)
             if item is None:
