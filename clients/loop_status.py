@@ -254,6 +254,22 @@ def status_table(s: dict[str, Any], title: str, children: dict[str, str]) -> Tab
         ("last eval (version: score)", f"{_fmt(s.get('eval_version'))}: {_fmt(s.get('eval_score'))}"),
         ("elapsed", f"{s.get('elapsed_s', 0):.0f} s"),
     ]
+    if "production_captured" in s or "production_sampled" in s:  # --production-prompts
+        rows.insert(
+            -1,
+            (
+                "production prompts captured / sampled / scored",
+                f"{_fmt(s.get('production_captured'))} / {_fmt(s.get('production_sampled'))} / "
+                f"{_fmt(s.get('production_scored'))}",
+            ),
+        )
+        rows.insert(
+            -1,
+            (
+                "production completions kept / trained",
+                f"{_fmt(s.get('production_kept_rollouts'))} / {_fmt(s.get('production_trained'))}",
+            ),
+        )
     for name, value in rows:
         table.add_row(name, value)
     if warning := starvation_warning(s):
