@@ -244,3 +244,77 @@ def test_loop_config_points_capture_and_sampler_at_the_loop_redis(tmp_path, mode
     assert out["sample"].prompts.production_fraction == (0.25 if mode == "mix" else 0.0)
     off = component_configs(LoopConfig(run_dir=tmp_path, eval=False), tmp_path, "redis://127.0.0.1:7777/0", 8000)
     assert off["serve"].capture_redis_url is None and off["sample"].prompts.production_fraction == 0
+
+
+class _LengthJudge(BaseHTTPRequestHandler):
+    """A judge with signal on the fake endpoint's answers: the number of completion tokens."""
+
+    calls = 0
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        type(self).calls += 1
+        out = json.dumps({"value": float(len(body["context"].get("completion_token_ids") or []))}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_each_prompt_is_scored_by_its_own_reward_and_counted(redis_client, redis_url, tmp_path):
+    """A mixed run against a fake OpenAI endpoint: task prompts by the task's reward, a captured one
+    naming its answer by the verifier, the other captured ones by the judge; counted in the stats."""
+    import asyncio
+
+    from flywheel.sampler.config import GrpoSampleConfig
+    from flywheel.sampler.grpo import sample_grpo
+    from flywheel.sampler.queue import RolloutQueue
+    from flywheel.sampler.record import RolloutRecord
+    from flywheel.sampler.rewards import RewardSpec
+    from tests.test_sampler_kill import FakeOpenAI
+
+    fake = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    judge = ThreadingHTTPServer(("127.0.0.1", 0), _LengthJudge)
+    for server in (fake, judge):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    FakeOpenAI.delay_s, _LengthJudge.calls = 0.0, 0
+    captures = PromptQueue(QueueConfig(url=redis_url), stream="prompts")
+    for text, metadata in [("hello", None), ("what is 0?", {"answer": "0"}), ("hi there", None)]:
+        sampling = {"metadata": metadata} if metadata else {}
+        captures.put(CapturedRequest(endpoint="chat", messages=[{"role": "user", "content": text}], sampling=sampling))
+    config = GrpoSampleConfig(
+        endpoint={"base_url": f"http://127.0.0.1:{fake.server_address[1]}/v1", "model": "fake"},
+        prompts=PromptSourceConfig(kind="gym", num_prompts=4, production_fraction=0.5),
+        sampling={"n": 3, "max_tokens": 8},
+        rewards=[RewardSpec(name="length_penalty", options={"target": 1, "limit": 8})],
+        production_rewards=[RewardSpec(name="http", options={"url": f"http://127.0.0.1:{judge.server_address[1]}/"})],
+        queue=QueueConfig(url=redis_url),
+        drop_uniform_groups=False,
+        concurrency=1,
+        progress=False,
+    )
+    try:
+        asyncio.run(sample_grpo(config))
+    finally:
+        fake.shutdown()
+        judge.shutdown()
+    stats = RolloutQueue(config.queue).stats()
+    assert stats["production_sampled"] == stats["production_scored"] == 3
+    assert (stats["production_scored_verifier"], stats["production_scored_judge"]) == (1, 2)
+    assert stats["production_kept_rollouts"] == 9 and _LengthJudge.calls == 6
+    records = [RolloutRecord.from_bytes(f[b"r"]) for _, f in redis_client.xrange("rollouts")]
+    reward_of = {}
+    for r in records:
+        content = r.messages[-1]["content"]
+        reward_of.setdefault(content if r.group_id.startswith("capture:") else "task", set()).add(r.rewards[0].name)
+    assert reward_of == {
+        "hello": {"http"},
+        "hi there": {"http"},
+        "what is 0?": {"math_verify"},
+        "task": {"length_penalty"},
+    }
+    assert captures.stats()["pending"] == 0 and captures.stats()["acked"] == 3  # each capture's done mark: its ack
