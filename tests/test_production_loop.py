@@ -128,7 +128,8 @@ def test_production_prompts_are_captured_sampled_scored_trained_and_opt_out_neve
         "train": {"max_seq_len": 64, "micro_batch_tokens": 512, "min_lr_ratio": 1.0},
     }
     (tmp_path / "loop.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # the caller's PYTHONPATH first: where `flywheel` resolves for this test must be where it does for the loop
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p)}
     users = None
     try:
         with vllm_lock(), open(log, "a") as fh:
@@ -192,6 +193,8 @@ def test_production_prompts_are_captured_sampled_scored_trained_and_opt_out_neve
     # the version advanced once per step, on production prompts only
     assert final["policy_version"] == STEPS
     assert summary["production_captured"] >= summary["production_sampled"] >= summary["production_scored"] >= 2
+    # the users' requests only: not the opted-out one, nor the sampler's own (which opt out themselves)
+    assert summary["production_captured"] <= users.sent
     assert summary["production_scored_judge"] >= 2 and _Judge.calls >= 2 * GROUP
     assert summary["production_scored_verifier"] == 1  # the request that named its answer
     assert summary["production_trained"] == STEPS * BATCH  # every trained completion was a production prompt's
