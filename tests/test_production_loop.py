@@ -77,7 +77,8 @@ class Users(threading.Thread):
                 )
                 self.sent += 1
             except Exception as exc:  # noqa: BLE001 - recorded, asserted on below
-                self.errors.append(repr(exc))
+                if not self.stop.is_set():  # once stopped, the loop is shutting its server down
+                    self.errors.append(repr(exc))
             i += 1
             time.sleep(0.5)
 
@@ -170,6 +171,8 @@ def test_production_prompts_are_captured_sampled_scored_trained_and_opt_out_neve
             r = redis.Redis.from_url(yaml.safe_load((run_dir / "config" / "sample.yaml").read_text())["queue"]["url"])
             held = b""
             while proc.poll() is None:
+                if (run_dir / "up" / "final.json").is_file():
+                    users.stop.set()  # the loop is done and stops its server next
                 try:
                     held = redis_dump(r)  # the last look before the loop stops its Redis
                 except redis.RedisError:
