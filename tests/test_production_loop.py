@@ -171,14 +171,15 @@ def test_production_prompts_are_captured_sampled_scored_trained_and_opt_out_neve
             r = redis.Redis.from_url(yaml.safe_load((run_dir / "config" / "sample.yaml").read_text())["queue"]["url"])
             held = b""
             while proc.poll() is None:
-                if (run_dir / "up" / "final.json").is_file():
-                    users.stop.set()  # the loop is done and stops its server next
+                metrics = run_dir / "train" / "metrics.jsonl"
+                if metrics.is_file() and f'"step": {STEPS}' in metrics.read_text():
+                    users.stop.set()  # the last step is done: the loop stops its server soon
                 try:
                     held = redis_dump(r)  # the last look before the loop stops its Redis
                 except redis.RedisError:
                     break
                 assert time.time() < deadline + 300, log.read_text()[-4000:]
-                time.sleep(2)
+                time.sleep(0.5)
             assert proc.wait(60) == 0, log.read_text()[-4000:]
     finally:
         if users is not None:
