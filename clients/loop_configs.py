@@ -116,6 +116,24 @@ class LoopConfig(BaseModel):
         default_factory=lambda: [dict(r) for r in DEFAULT_REWARDS],
         description="Reward terms [{'name','weight','options'}] (default: last-number correctness + 0.2 format bonus)",
     )
+    production_prompts: Literal["off", "mix", "only"] = Field(
+        default="off",
+        description=(
+            "Train on production prompts: the server captures requests (opt-out per request: header "
+            "x-flywheel-capture: off) into the loop's Redis and the sampler takes prompts from that stream, "
+            "mixed with the task's (mix) or instead of them (only)"
+        ),
+    )
+    production_fraction: float = Field(
+        default=0.5, gt=0, le=1, description="With --production-prompts mix: about this share of prompts is captured"
+    )
+    production_rewards: list[dict[str, Any]] | None = Field(
+        default=None,
+        description=(
+            "Reward of production prompts without a reference answer, e.g. a judge [{'name': 'http', 'options': "
+            "{'url': ...}}] (default: --rewards); one whose request metadata gives 'answer' is scored by math_verify"
+        ),
+    )
     sampler_concurrency: int = Field(
         default=4, ge=1, description="Prompts the sampler keeps in flight (each one request for group_size samples)"
     )
@@ -198,6 +216,7 @@ class LoopConfig(BaseModel):
         backlog = self.max_backlog or 2 * self.batch_size * self.push_every
         given(self.serve, model=self.model, served_model_name=Path(self.model).name)
         given(self.sample, rewards=self.rewards, concurrency=self.sampler_concurrency, progress=False)
+        share_production_facts(self)  # first: it decides the prompts' kind
         given(self.sample.prompts, kind="gym", task=self.task, task_options=self.task_options, num_prompts=None)
         given(self.sample.sampling, n=self.group_size, temperature=self.temperature, max_tokens=self.max_tokens)
         given(self.sample.queue, max_backlog=backlog)
@@ -249,6 +268,28 @@ class LoopConfig(BaseModel):
                 f"(world = TP x PP x DP, EP must divide TP x DP; the fewest is {fewest})"
             )
         return self.trainer_ranks
+
+
+def share_production_facts(config: LoopConfig) -> None:
+    """--production-prompts: the sampler's prompts come from the capture stream (only) or partly (mix),
+    and production prompts get --production-rewards. (The server's capture is pointed at the loop's
+    Redis by `component_configs`: only a launch knows its URL.)"""
+    if config.production_prompts == "off":
+        return
+    prompts = config.sample.prompts
+    if config.production_prompts == "only":
+        if "kind" in prompts.model_fields_set and prompts.kind != "capture":
+            raise UserError(
+                f"--production-prompts only takes every prompt from the capture: sample.prompts.kind is {prompts.kind}"
+            )
+        given(prompts, kind="capture")
+    elif prompts.kind == "capture":
+        raise UserError("--production-prompts mix mixes captured prompts into a task's: sample.prompts.kind is capture")
+    else:
+        given(prompts, production_fraction=config.production_fraction)
+    given(prompts, capture_stream=config.serve.capture_stream)
+    if config.production_rewards is not None:
+        given(config.sample, production_rewards=config.production_rewards)
 
 
 def server_data_dir(run_dir: Path) -> Path:
@@ -303,6 +344,8 @@ def component_configs(config: LoopConfig, run_dir: Path, redis_url: str, server_
     serve = config.serve.model_copy(deep=True)
     serve.port = server_port  # the section's port when it set one, else a free one (Loop picks it)
     given(serve, data_dir=server_data_dir(run_dir))
+    if config.production_prompts != "off":
+        given(serve, capture_redis_url=redis_url)  # the sampler reads the captures from the loop's Redis
     name = serve.served_model_name
 
     sample = config.sample.model_copy(deep=True)

@@ -6,6 +6,9 @@
     the trainer      run_dir/train/metrics.jsonl (step, loss, reward_mean, staleness, tokens/s, pushed version,
                      learner/server mismatch and the fractions its correction truncated or masked)
     eval             run_dir/eval/history.jsonl (score per policy version)
+    production       with --production-prompts: captured (entries ever added to the capture stream), and
+                     the sampler's production_sampled / _scored (_verifier, _judge) / _kept_rollouts in the
+                     queue's stats; trained = the trainer's production_completions summed over its steps
 
 `LoopStatus.sample()` returns one flat dict; `flywheel up` draws it as a rich table, appends it to
 run_dir/up/status.jsonl (the report's throughput curves come from there) and the loop test reads it.
@@ -27,6 +30,7 @@ from typing import Any
 import httpx
 from rich.table import Table
 
+from flywheel.clients.report import PRODUCTION_COUNTERS, train_rows
 from flywheel.sampler.config import QueueConfig
 from flywheel.sampler.queue import RolloutQueue
 from flywheel.server.status import fetch_status
@@ -92,8 +96,9 @@ def starvation_warning(s: dict[str, Any]) -> str | None:
 class LoopStatus:
     """Polls the loop's components; keeps the previous sample to turn counters into rates."""
 
-    def __init__(self, run_dir: Path, server_url: str, queue: QueueConfig):
+    def __init__(self, run_dir: Path, server_url: str, queue: QueueConfig, capture_stream: str | None = None):
         self.run_dir = Path(run_dir)
+        self.capture_stream = capture_stream
         self.server_url = server_url.rstrip("/")
         # never wait for Redis here: `flywheel up` samples this between checks of its children, and a
         # status read retrying forever while Redis is down kept it from seeing Redis died and restarting it
@@ -137,6 +142,24 @@ class LoopStatus:
             "dropped_uniform_rollouts": s["dropped_uniform_rollouts"],
         }
 
+    def _production(self) -> dict[str, Any]:
+        if self.capture_stream is None:
+            return {}
+        out: dict[str, Any] = {}
+        try:
+            info = self.queue.redis.xinfo_stream(self.capture_stream)
+            out["production_captured"] = int(info.get("entries-added", info.get("length", 0)))
+        except Exception:  # no capture yet (no such stream), Redis down
+            pass
+        try:
+            stats = self.queue.stats()
+            for key in PRODUCTION_COUNTERS:
+                out[key] = stats.get(key, 0)
+        except Exception:
+            pass
+        out["production_trained"] = sum(r.get("production_completions", 0) for r in train_rows(self.run_dir))
+        return out
+
     def _trainer(self) -> dict[str, Any]:
         row = last_json_line(self.run_dir / "train" / "metrics.jsonl") or {}
         keys = (
@@ -169,7 +192,7 @@ class LoopStatus:
     def sample(self) -> dict[str, Any]:
         now = time.time()
         s: dict[str, Any] = {"time": now, "elapsed_s": round(now - self.started, 1)}
-        s |= self._server() | self._queue() | self._trainer() | self._eval()
+        s |= self._server() | self._queue() | self._trainer() | self._eval() | self._production()
         last = self._last
         if last is not None and now > last["time"]:
             dt = now - last["time"]
@@ -236,6 +259,22 @@ def status_table(s: dict[str, Any], title: str, children: dict[str, str]) -> Tab
         ("last eval (version: score)", f"{_fmt(s.get('eval_version'))}: {_fmt(s.get('eval_score'))}"),
         ("elapsed", f"{s.get('elapsed_s', 0):.0f} s"),
     ]
+    if "production_captured" in s or "production_sampled" in s:  # --production-prompts
+        rows.insert(
+            -1,
+            (
+                "production prompts captured / sampled / scored",
+                f"{_fmt(s.get('production_captured'))} / {_fmt(s.get('production_sampled'))} / "
+                f"{_fmt(s.get('production_scored'))}",
+            ),
+        )
+        rows.insert(
+            -1,
+            (
+                "production completions kept / trained",
+                f"{_fmt(s.get('production_kept_rollouts'))} / {_fmt(s.get('production_trained'))}",
+            ),
+        )
     for name, value in rows:
         table.add_row(name, value)
     if warning := starvation_warning(s):

@@ -35,6 +35,16 @@ class Config(BaseModel):
     output: Path | None = Field(default=None, description="HTML file to write (default: RUN_DIR/report.html)")
 
 
+# the sampler's counters of production prompts in the queue's stats (sampler/grpo.py)
+PRODUCTION_COUNTERS = (
+    "production_sampled",
+    "production_scored",
+    "production_scored_verifier",
+    "production_scored_judge",
+    "production_kept_rollouts",
+)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The rows of a file a running component appends to (a half-written last line is skipped); [] before it exists."""
     return read_json_lines(path, skip_bad=True) if path.is_file() else []
@@ -100,6 +110,12 @@ def loop_summary(run_dir: Path) -> dict[str, Any]:
     for key in ("dropped_overlong", "overlong_penalised", "dynamic_dropped_groups", "dynamic_dropped_rollouts"):
         if any(key in r for r in steps):
             out[key] = sum(r.get(key, 0) for r in steps)
+    # --production-prompts: captured, sampled, scored (by the verifier / the judge), kept, trained
+    for key in ("production_captured", *PRODUCTION_COUNTERS):
+        if key in final:
+            out[key] = final[key]
+    if any("production_completions" in r for r in steps) or "production_captured" in final:
+        out["production_trained"] = sum(r.get("production_completions", 0) for r in steps)
     history = sorted(read_jsonl(run_dir / "eval" / "history.jsonl"), key=lambda h: h.get("version", 0))
     if history:
         out["eval_first"] = {"version": history[0]["version"], "scores": history[0]["scores"]}

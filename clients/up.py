@@ -307,6 +307,10 @@ class Loop:
             raise
         print(f"flywheel up: resumed: pushed {folder.name} to the server as version {version}", flush=True)
 
+    def capture_stream(self) -> str | None:
+        """The stream the server captures production prompts into, with --production-prompts (else None)."""
+        return self.configs["serve"].capture_stream if self.config.production_prompts != "off" else None
+
     def served_version(self) -> int | None:
         import httpx
 
@@ -365,7 +369,7 @@ class Loop:
         self.start_server()
         if self.config.eval:
             self.start("eval", cli_child("eval", ["eval"], self.files["eval"], self.run_dir))
-        status = LoopStatus(self.run_dir, self.server_url, self.configs["train"].queue)
+        status = LoopStatus(self.run_dir, self.server_url, self.configs["train"].queue, self.capture_stream())
         try:
             return self._run_sync(status) if self.config.sync else self._run_async(status)
         finally:

@@ -19,6 +19,7 @@ from openai import AsyncOpenAI
 from flywheel.sampler.config import EndpointConfig, SamplingConfig
 from flywheel.sampler.prompts import PromptItem
 from flywheel.sampler.record import RolloutRecord
+from flywheel.server.capture import OPT_OUT_HEADER
 from flywheel.server.errors import UserError
 from flywheel.server.status import response_versions
 
@@ -38,6 +39,9 @@ class Endpoint:
             http_client=http,
             timeout=config.timeout_s,
             max_retries=2,
+            # the sampler's own requests are not production traffic: a capturing server (flywheel up
+            # --production-prompts) would otherwise feed the sampler its own prompts back
+            default_headers={OPT_OUT_HEADER: "off"},
         )
         self._model = config.model
 

@@ -85,6 +85,15 @@ class PromptSourceConfig(BaseModel):
     capture_group: str = Field(
         default="sampler", description="Consumer group the sampler reads the capture stream with"
     )
+    production_fraction: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description=(
+            "kind gym/jsonl: also take about this fraction of the prompts from the capture stream (production "
+            "prompts mixed with the task's; when none is waiting, a task prompt goes instead)"
+        ),
+    )
 
 
 class SampleConfig(BaseModel):
@@ -98,6 +107,18 @@ class SampleConfig(BaseModel):
         description=(
             "Reward terms [{'name','weight','options'}] (default: reasoning_gym for gym prompts, math_verify otherwise)"
         ),
+    )
+    production_rewards: list[RewardSpec] | None = Field(
+        default=None,
+        description=(
+            "Reward terms of captured production prompts without a reference answer, e.g. a judge "
+            "[{'name': 'http', 'options': {'url': ...}}] (None: --rewards); one whose request metadata gives "
+            "'answer' is scored by --production-verifier"
+        ),
+    )
+    production_verifier: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="math_verify")],
+        description="Reward terms of captured prompts whose request metadata gives a reference 'answer'",
     )
     queue: QueueConfig = Field(default_factory=QueueConfig, description="Redis queue the records go to")
     concurrency: int = Field(default=8, ge=1, description="Prompts in flight at once (each one request for n samples)")

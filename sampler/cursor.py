@@ -21,6 +21,8 @@ is flushed, not fsynced, per group (a SIGKILL loses nothing the OS already has).
 
 A capture source needs no done set: its prompt's done mark is the capture entry's XACK, in the
 same transaction (an acked entry is never delivered again; an unacked one is reclaimed and redone).
+A mixed source (a task's prompts plus captured ones, prompts.mixed_prompts) marks each prompt by
+its own kind: the task's in `done`, the captured ones by their ack.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class PromptCursor:
         )
         self.captures = (
             PromptQueue(queue.config, stream=source.capture_stream, group=source.capture_group)
-            if source.kind == "capture"
+            if source.kind == "capture" or source.production_fraction > 0
             else None
         )
         self.done: set[str] = set()
@@ -104,12 +106,12 @@ class PromptCursor:
         return key in self.done
 
     def start(self, item: PromptItem) -> None:
-        if self.captures is None:  # a capture in flight is its pending entry already
+        if not item.production:  # a capture in flight is its pending entry already
             self.queue.call("cursor", lambda: self.redis.hset(self.inflight_key, item.key, time.time()))
 
     def mark(self, item: PromptItem, lines: list[str]) -> SetMark:
         """The done mark of `item` for its commit, carrying the JSON lines of its kept records."""
-        return (AckMark if self.captures is not None else SetMark)(self, item.key, lines)
+        return (AckMark if item.production else SetMark)(self, item.key, lines)
 
     def written(self, item: PromptItem) -> None:
         """The item's committed lines are in the JSONL file (or there is no file)."""

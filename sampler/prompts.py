@@ -4,13 +4,19 @@ Every source yields PromptItems with a stable `id` (it becomes the records' grou
 resumed distill run uses to skip prompts already done):
     gym:     '<task>:<seed>:<index>'
     jsonl:   the line's "id" field, else '<file name>:<line number>'
-    capture: the capture's id
+    capture: 'capture:<the capture's id>' (PRODUCTION_PREFIX: the trainer counts production records by it)
 JSONL lines hold "messages" (chat) or "prompt" (text), plus optional "answer", "task", "id".
 
 Every item also has a `key`, its place in its source (gym: the index; jsonl: the line number;
 capture: the stream entry id), and `source_name` names the sequence itself (what defines it, hashed):
 the sampler's durable cursor (sampler/cursor.py) records prompts by (source_name, key), and a
 restart passes `skip` so the done ones are not even built again.
+
+Production prompts (`flywheel up --production-prompts`): kind=capture takes only captured requests;
+kind gym/jsonl with production_fraction > 0 mixes them in (`mixed_prompts`). A captured request may
+name its reference answer in the OpenAI request's `metadata` ({"answer": "5", "task": "chain_sum"},
+which the capture keeps with the other request fields): then the item has that answer and the
+sampler scores it with the verifier, else with the production reward (a judge).
 """
 
 from __future__ import annotations
@@ -38,6 +44,15 @@ class PromptItem:
     answer: Any = None
     task: str = ""
     done: Callable[[], None] | None = field(default=None, repr=False)  # capture source: acks the entry; call after use
+    production: bool = False  # a captured production request (its done mark is the entry's ack)
+
+
+PRODUCTION_PREFIX = "capture:"
+
+
+def is_production(group_id: str) -> bool:
+    """Whether a record's group came from a captured production prompt (its id starts with PRODUCTION_PREFIX)."""
+    return group_id.startswith(PRODUCTION_PREFIX)
 
 
 def _with_system(messages: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
@@ -120,26 +135,56 @@ def jsonl_prompts(config: PromptSourceConfig, skip: Callable[[str], bool] = _nev
         raise UserError(f"{exc.where}: not JSON: {exc.error}") from None
 
 
+def capture_item(stream: PromptQueue, d: Any) -> PromptItem | None:
+    """The prompt of one capture delivery; None (and acked) when it is not reusable as a prompt."""
+    c = d.record
+    if c.status != 200 or (c.messages is None and not isinstance(c.prompt, str)):
+        stream.ack([d])  # errors and token-id prompts are not reusable as prompts
+        return None
+    metadata = c.sampling.get("metadata") if isinstance(c.sampling.get("metadata"), dict) else {}
+    return PromptItem(
+        id=PRODUCTION_PREFIX + c.id,
+        messages=c.messages,
+        prompt=c.prompt if c.messages is None else None,
+        answer=metadata.get("answer"),
+        task=str(metadata.get("task") or "production"),
+        key=d.entry_id,
+        done=lambda d=d: stream.ack([d]),
+        production=True,
+    )
+
+
 def capture_prompts(config: PromptSourceConfig, queue: QueueConfig) -> Iterator[PromptItem]:
     """Captured production requests; the caller calls `item.done()` once the group is pushed (at-least-once)."""
     stream = PromptQueue(queue, stream=config.capture_stream, group=config.capture_group)
     count = 0
     while config.num_prompts is None or count < config.num_prompts:
         for d in stream.get(count=1, block_s=1.0):
-            c = d.record
-            if c.status != 200 or (c.messages is None and not isinstance(c.prompt, str)):
-                stream.ack([d])  # errors and token-id prompts are not reusable as prompts
-                continue
-            yield PromptItem(
-                id=c.id,
-                messages=c.messages,
-                prompt=c.prompt if c.messages is None else None,
-                answer=None,
-                task="production",
-                key=d.entry_id,
-                done=lambda d=d: stream.ack([d]),
-            )
-            count += 1
+            item = capture_item(stream, d)
+            if item is not None:
+                yield item
+                count += 1
+
+
+def mixed_prompts(config: PromptSourceConfig, queue: QueueConfig, tasks: Iterator[PromptItem]) -> Iterator[PromptItem]:
+    """The task's prompts with about `production_fraction` of captured ones interleaved: a captured
+    prompt is taken whenever the share so far is below the fraction and one is waiting (never waited
+    for: with no traffic the task's prompts go on). Ends with the task's prompts."""
+    stream = PromptQueue(queue, stream=config.capture_stream, group=config.capture_group)
+    taken = production = 0
+    while True:
+        item = None
+        if production < config.production_fraction * (taken + 1):
+            while item is None and (got := stream.get(count=1, block_s=0)):
+                item = capture_item(stream, got[0])  # None for an unusable one (acked): try the next
+        if item is None:
+            item = next(tasks, None)
+            if item is None:
+                return
+        else:
+            production += 1
+        taken += 1
+        yield item
 
 
 def iter_prompts(
@@ -147,9 +192,11 @@ def iter_prompts(
 ) -> Iterator[PromptItem]:
     """The source's prompts, without those whose key `skip` says is done (a capture entry, once done,
     is acked and never delivered again, so capture needs no skip)."""
+    if config.kind == "capture":
+        return capture_prompts(config, queue)
     if config.kind == "gym":
-        return gym_prompts(config, skip)
-    if config.kind == "jsonl":
+        tasks = gym_prompts(config, skip)
+    else:
         check_jsonl(config)  # now, not at the first prompt
-        return jsonl_prompts(config, skip)
-    return capture_prompts(config, queue)
+        tasks = jsonl_prompts(config, skip)
+    return mixed_prompts(config, queue, tasks) if config.production_fraction > 0 else tasks

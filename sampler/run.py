@@ -44,6 +44,37 @@ def build_scorer(config: SampleConfig) -> WeightedScorer:
         raise UserError(f"rewards: {exc}") from None
 
 
+class PromptScorers:
+    """The reward source of each prompt: the task's prompts by --rewards (their verifier); captured
+    production prompts by --production-verifier when their request named an answer, else by
+    --production-rewards (a judge endpoint: the `http` scorer), else by --rewards."""
+
+    def __init__(self, config: SampleConfig):
+        self.task = build_scorer(config)
+        self.verifier = self.judge = None
+        if config.prompts.kind == "capture" or config.prompts.production_fraction > 0:
+            self.verifier = scorer_of(config.production_verifier, "production_verifier")
+            self.judge = scorer_of(config.production_rewards, "production_rewards") or self.task
+
+    def source(self, item: PromptItem) -> str:
+        """'task', 'verifier' or 'judge': which reward scores this prompt."""
+        if not item.production:
+            return "task"
+        return "verifier" if item.answer is not None else "judge"
+
+    def for_item(self, item: PromptItem) -> WeightedScorer:
+        return {"task": self.task, "verifier": self.verifier, "judge": self.judge}[self.source(item)]
+
+
+def scorer_of(specs: list[RewardSpec] | None, what: str) -> WeightedScorer | None:
+    if not specs:
+        return None
+    try:
+        return WeightedScorer(specs)
+    except ValueError as exc:
+        raise UserError(f"{what}: {exc}") from None
+
+
 def score_record(scorer: WeightedScorer, record: RolloutRecord, item: PromptItem) -> RolloutRecord:
     rewards = scorer.score_all(
         record.completion,

@@ -17,6 +17,9 @@ completion finds its capture; a request that was not captured (rate, redact) has
 
 The middleware (`CaptureMiddleware`, pure ASGI, mounted by server/serve.py when
 `capture_redis_url` is set) never slows or breaks a response:
+- a user opts a request out with the header `x-flywheel-capture: off` (OPT_OUT_HEADER; the OpenAI
+  SDK: `extra_headers={"x-flywheel-capture": "off"}`): nothing of it is copied or written, not even
+  the feedback link (counted as `opted_out`);
 - the sampling decision (`rate`) is taken first; an uncaptured request passes straight through;
 - request and response bytes are only copied (bounded by `max_bytes`; beyond that the capture is
   abandoned), the messages go to the client unchanged and unwaited;
@@ -52,6 +55,14 @@ FIELD = b"r"
 PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 # cache_salt: a tenant's cache-isolation secret (and Flywheel's per-version salt), never captured
 _NOT_SAMPLING = ("messages", "prompt", "model", "stream", "cache_salt")
+OPT_OUT_HEADER = "x-flywheel-capture"
+_OPT_OUT_VALUES = (b"off", b"0", b"false", b"no")
+
+
+def opted_out(scope: Scope) -> bool:
+    """Whether the request says `x-flywheel-capture: off` (never captured, whatever the rate)."""
+    name = OPT_OUT_HEADER.encode()
+    return any(k.lower() == name and v.strip().lower() in _OPT_OUT_VALUES for k, v in scope.get("headers", []))
 
 
 class CaptureFormatError(ValueError):
@@ -239,6 +250,7 @@ class CaptureMiddleware:
         self.counters = {
             "captured": 0,
             "skipped": 0,
+            "opted_out": 0,
             "dropped_by_redact": 0,
             "too_large": 0,
             "errors": 0,
@@ -253,6 +265,10 @@ class CaptureMiddleware:
             return
         endpoint = PATHS.get(scope["path"].removeprefix(scope.get("root_path", "")))
         if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        if opted_out(scope):
+            self.counters["opted_out"] += 1
             await self.app(scope, receive, send)
             return
         if self.rate < 1.0 and random.random() >= self.rate:

@@ -177,3 +177,21 @@ def test_sampler_reads_prompts_stream_and_dead_letters_bad_entries(redis_client,
     assert len(reasons) == 2 and "not msgpack" in reasons[0] and "schema_version 7" in reasons[1]
     with pytest.raises(CaptureFormatError, match="schema_version"):
         CapturedRequest.from_bytes(msgpack.packb({"schema_version": 2, "endpoint": "chat"}))
+
+
+def test_a_request_opted_out_by_header_is_never_written(redis_client, redis_url):
+    app = CaptureMiddleware(openai_like_app, redis_url=redis_url, stream="prompts", link_ttl_s=60)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            secret = {**CHAT, "messages": [{"role": "user", "content": "my secret"}]}
+            quiet = await client.post("/v1/chat/completions", json=secret, headers={"X-Flywheel-Capture": "off"})
+            loud = await client.post("/v1/chat/completions", json=CHAT, headers={"x-flywheel-capture": "on"})
+        await app.drain()
+        return quiet, loud
+
+    quiet, loud = asyncio.run(go())
+    assert quiet.status_code == loud.status_code == 200 and quiet.json() == loud.json()  # answered alike
+    assert [e.messages for e in entries(redis_client)] == [CHAT["messages"]]
+    assert app.counters["opted_out"] == 1 and app.counters["captured"] == 1
+    assert not any(b"my secret" in (redis_client.dump(k) or b"") for k in redis_client.scan_iter())

@@ -27,7 +27,7 @@ import yaml
 from flywheel.sampler.config import EndpointConfig, GrpoSampleConfig, PromptSourceConfig, QueueConfig, SamplingConfig
 from flywheel.sampler.cursor import PromptCursor
 from flywheel.sampler.grpo import sample_grpo
-from flywheel.sampler.prompts import iter_prompts
+from flywheel.sampler.prompts import PRODUCTION_PREFIX, iter_prompts
 from flywheel.sampler.queue import PromptQueue, RolloutQueue
 from flywheel.sampler.record import RolloutRecord
 from flywheel.sampler.rewards import RewardSpec
@@ -209,7 +209,8 @@ def test_sigkilled_capture_sampler_uses_each_capture_once(endpoint, redis_client
         for i in range(PROMPTS)
     ]
     peek = PromptQueue(url=redis_url, group="peek").get(count=PROMPTS, block_s=0.2)
-    prompts = {c.record.id: c.record.messages[-1]["content"] for c in peek}
+    # a capture's prompt id (its records' group_id) is the capture id with PRODUCTION_PREFIX
+    prompts = {PRODUCTION_PREFIX + c.record.id: c.record.messages[-1]["content"] for c in peek}
     assert len(prompts) == len(ids) == PROMPTS
     config = sampler_config(endpoint, redis_url, tmp_path)
     config.prompts = PromptSourceConfig(kind="capture", num_prompts=10_000)

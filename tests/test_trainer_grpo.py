@@ -107,6 +107,27 @@ def test_stale_rollouts_are_dropped_and_counted(tmp_path, tiny_model):
     assert len(data.record_ids) == 5  # dropped records are used up too (acked with the step)
 
 
+def test_completions_of_captured_production_prompts_are_counted(tmp_path, tiny_model):
+    config = grpo_config(tmp_path, tiny_model, max_staleness=2)
+    records = [
+        RolloutRecord(
+            group_id=group,
+            prompt_token_ids=[1],
+            completion_token_ids=[2],
+            behavior_logprobs=[-1.0],
+            reward=float(i % 2),
+            policy_versions=[v],
+        )
+        for i, (group, v) in enumerate(
+            [("capture:c1#a", 5), ("capture:c1#a", 5), ("capture:c2#b", 1), ("capture:c2#b", 1), ("g:0:1#c", 5)]
+            + [("g:0:1#c", 5)]
+        )
+    ]
+    data = rollout_step(records, config, TrainState(pushed_version=5))
+    # the stale production group is not trained, so not counted; the task's group is not production
+    assert data.info["completions"] == 4 and data.info["production_completions"] == 2
+
+
 def test_grpo_raises_mean_reward_of_a_learnable_reward(tmp_path, tiny_model):
     config = grpo_config(tmp_path, tiny_model, lr=3e-3)
     policy = build_policy(config.policy_config())

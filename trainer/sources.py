@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flywheel.sampler.prompts import is_production
 from flywheel.sampler.record import RolloutRecord
 from flywheel.server.errors import UserError
 from flywheel.trainer.checkpoint import TrainState
@@ -62,6 +63,8 @@ def rollout_step(records: list[RolloutRecord], config: TrainConfig, state: Train
             **info,
             "zero_variance_groups": zero,
             "completions": len(sel.records),
+            # of them, completions of captured production prompts (the loop report's "trained")
+            "production_completions": sum(is_production(r.group_id) for r in sel.records),
             "staleness_max": max(staleness),
             "staleness_mean": sum(staleness) / len(staleness),
         },

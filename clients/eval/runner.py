@@ -24,6 +24,7 @@ import httpx
 from tqdm import tqdm
 
 from flywheel.clients.eval.datasets import EvalItem
+from flywheel.server.capture import OPT_OUT_HEADER
 from flywheel.server.status import response_version
 
 
@@ -182,7 +183,8 @@ async def loglikelihood(client: httpx.AsyncClient, sample: Sample, s: QuerySetti
 async def query_all(items: list[EvalItem], s: QuerySettings, desc: str = "eval") -> list[Sample]:
     samples = [Sample(item=it) for it in items]
     limit = asyncio.Semaphore(s.concurrency)
-    headers = {"Authorization": f"Bearer {s.api_key}"}
+    # held-out prompts must never become training prompts through a capturing server
+    headers = {"Authorization": f"Bearer {s.api_key}", OPT_OUT_HEADER: "off"}
     async with httpx.AsyncClient(
         base_url=s.base_url.rstrip("/"),
         headers=headers,
