@@ -94,6 +94,10 @@ def fault_loop_config(run_dir: Path, model: str | Path, prompts: Path, **extra: 
         "max_staleness": 2,
         "group_size": 4,
         "batch_size": 16,
+        # 3 batches, not the default 4: the batch-wait kill stops the sampler with a full backlog and needs
+        # the trainer to drain it to a non-checkpoint (odd) step; 4 batches from an even step always end
+        # on an even one (with a reward that drops no groups, the moment never came: the test timed out)
+        "max_backlog": 48,
         "lr": 3e-3,
         "max_tokens": 8,
         "rewards": [{"name": LOW_ID_SCORER}],
