@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flywheel.sampler.config import PromptSourceConfig, QueueConfig
-from flywheel.sampler.queue import PromptQueue
+from flywheel.sampler.queue import PromptQueue, SeenIds
 from flywheel.server.errors import UserError
 from flywheel.server.jsonl import JSONLineError, json_lines
 
@@ -155,11 +155,20 @@ def capture_item(stream: PromptQueue, d: Any) -> PromptItem | None:
 
 
 def capture_prompts(config: PromptSourceConfig, queue: QueueConfig) -> Iterator[PromptItem]:
-    """Captured production requests; the caller calls `item.done()` once the group is pushed (at-least-once)."""
+    """Captured production requests; the caller calls `item.done()` once the group is pushed (at-least-once).
+
+    An entry this process handed out is never handed out again: the queue's reclaim of idle entries
+    (claim_idle_s) also returns this process's own entries that are still being sampled (a slow
+    generation), which were then sampled twice. An entry a killed sampler held is reclaimed by the
+    next process, which never saw it."""
     stream = PromptQueue(queue, stream=config.capture_stream, group=config.capture_group)
+    handed = SeenIds()
     count = 0
     while config.num_prompts is None or count < config.num_prompts:
         for d in stream.get(count=1, block_s=1.0):
+            if d.entry_id in handed:
+                continue  # our own, still in flight (its ack comes with its group's commit)
+            handed.add(d.entry_id)
             item = capture_item(stream, d)
             if item is not None:
                 yield item

@@ -225,6 +225,23 @@ def test_sigkilled_capture_sampler_uses_each_capture_once(endpoint, redis_client
     assert captures.stats()["backlog"] == 0 and captures.stats()["acked"] == PROMPTS
 
 
+def test_a_capture_still_in_flight_is_not_handed_out_again_by_its_own_reclaim(redis_client, redis_url):
+    """A generation slower than claim_idle_s: the queue's reclaim returns this process's own pending
+    entry, which the capture source handed out again (sampled twice, seen in CI under load); now the
+    source skips it and hands out the next capture instead."""
+    captures = PromptQueue(url=redis_url)
+    for i in range(2):
+        captures.put(CapturedRequest(endpoint="chat", messages=[{"role": "user", "content": f"{i} + 1 = ?"}]))
+    source = iter_prompts(
+        PromptSourceConfig(kind="capture", num_prompts=2), QueueConfig(url=redis_url, claim_idle_s=0.2)
+    )
+    first = next(source)  # being sampled: not acked
+    time.sleep(0.5)  # longer than claim_idle_s: the entry is idle, reclaimable
+    second = next(source)
+    assert second.key != first.key
+    assert [m["content"] for m in (first.messages[-1], second.messages[-1])] == ["0 + 1 = ?", "1 + 1 = ?"]
+
+
 def test_restart_appends_committed_records_the_file_lacks(endpoint, redis_client, redis_url, tmp_path):
     """The state a kill between the commit and the JSONL write leaves (a committed group not in the
     file, the last group's line torn): the restarted sampler completes the file from the commit."""
