@@ -31,6 +31,7 @@ from flywheel.server.weights.served_record import ServedRecord, pin_checkpoint, 
 from flywheel.trainer.config import TrainConfig
 from flywheel.trainer.train import train
 from tests.test_push_retry import FlakyServer, Handler
+from tests.test_trainer import make_config
 from tests.test_trainer_push import hf_logprobs
 
 PROMPT = "Once upon a time"
@@ -127,16 +128,13 @@ def test_the_trainer_names_its_checkpoint_and_pushes_without_it_to_a_server_that
     threading.Thread(target=server.serve_forever, daemon=True).start()
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}))
-    config = TrainConfig(
+    config = make_config(
+        tmp_path,
+        tiny_model,
         objective="sft",
-        model=str(tiny_model),
         data=[str(data)],
-        run_dir=tmp_path / "run",
-        max_seq_len=64,
-        micro_batch_tokens=128,
         batch_size=1,
         max_steps=2,
-        save_every=0,
         push_every=1,
         push_url=f"http://127.0.0.1:{server.server_port}",
         admin_token="t",
