@@ -36,16 +36,19 @@ STEPS, BATCH, GROUP = 2, 16, 8
 SECRET = "optedoutsecret"  # in the opted-out user's prompt only
 
 
-class _Judge(BaseHTTPRequestHandler):
-    """The remote-judge reward: share of completion tokens equal to TARGET."""
+class _JudgeServer(BaseHTTPRequestHandler):
+    """A remote-judge reward (the `http` scorer's protocol): {"value": score(completion token ids)}."""
 
     calls = 0
+
+    @staticmethod
+    def score(ids: list[int]) -> float:
+        raise NotImplementedError
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         type(self).calls += 1
-        ids = body["context"].get("completion_token_ids") or []
-        out = json.dumps({"value": sum(t == TARGET for t in ids) / max(1, len(ids))}).encode()
+        out = json.dumps({"value": self.score(body["context"].get("completion_token_ids") or [])}).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(out)))
@@ -54,6 +57,16 @@ class _Judge(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+class _Judge(_JudgeServer):
+    """The remote-judge reward: share of completion tokens equal to TARGET."""
+
+    calls = 0
+
+    @staticmethod
+    def score(ids: list[int]) -> float:
+        return sum(t == TARGET for t in ids) / max(1, len(ids))
 
 
 class Users(threading.Thread):
@@ -253,23 +266,14 @@ def test_loop_config_points_capture_and_sampler_at_the_loop_redis(tmp_path, mode
     assert off["serve"].capture_redis_url is None and off["sample"].prompts.production_fraction == 0
 
 
-class _LengthJudge(BaseHTTPRequestHandler):
+class _LengthJudge(_JudgeServer):
     """A judge with signal on the fake endpoint's answers: the number of completion tokens."""
 
     calls = 0
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        type(self).calls += 1
-        out = json.dumps({"value": float(len(body["context"].get("completion_token_ids") or []))}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-
-    def log_message(self, *args):
-        pass
+    @staticmethod
+    def score(ids: list[int]) -> float:
+        return float(len(ids))
 
 
 def test_each_prompt_is_scored_by_its_own_reward_and_counted(redis_client, redis_url, tmp_path):
