@@ -126,8 +126,9 @@ def main() -> int:
             round(results["eval_after"] / results["eval_before"], 3) if results["eval_before"] else None
         )
         # issue 17 item 6's keys: held-out answer-format compliance and accuracy gain in points
-        results["format_before"] = format_compliance(history[0].get("run_dir"), format_pattern())
-        results["format_after"] = format_compliance(history[-1].get("run_dir"), format_pattern())
+        pattern = format_pattern()
+        results["format_before"] = format_compliance(history[0].get("run_dir"), pattern)
+        results["format_after"] = format_compliance(history[-1].get("run_dir"), pattern)
         results["accuracy_gain_points"] = round(100 * (results["eval_after"] - results["eval_before"]), 1)
     for key in (
         "reward_first_quarter",
